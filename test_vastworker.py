@@ -1,0 +1,1210 @@
+"""Tests for vastworker: the worker runs as a subprocess with `python3 -I -S` (no site-packages, so
+an accidental dependency fails here) and is driven over real sockets on 127.0.0.1."""
+
+import glob
+import http.client
+import importlib.util
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VASTWORKER = os.path.join(ROOT, "vastworker.py")
+JSON = {"Content-Type": "application/json"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Harness
+# ------------------------------------------------------------------------------------------------
+
+class Worker:
+    """A vastworker subprocess on a free loopback port, with its log collected as it is written."""
+
+    def __init__(self, backend, *args, python=sys.executable, env=None, port="0"):
+        command = [python, "-I", "-S", VASTWORKER, backend, "--host", "127.0.0.1"]
+        command += ["--port", port] if port is not None else []
+        self.proc = subprocess.Popen(command + list(args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),
+                                     cwd=ROOT)
+        self.lines = []
+        self.port = None
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            match = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def log(self):
+        return "\n".join(self.lines)
+
+    def wait_ready(self, timeout=15):
+        self._ready.wait(timeout)
+        if self.port is None:
+            self.stop()
+            raise AssertionError("worker did not start:\n" + self.log)
+        return self
+
+    def connect(self, timeout=10):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None):
+        """One request on a new connection: (status, headers dict, body bytes)."""
+        connection = self.connect()
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body)
+                headers = dict(JSON, **(headers or {}))
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def json(self, method, path, body=None, headers=None):
+        status, _, data = self.request(method, path, body, headers)
+        return status, json.loads(data)
+
+    def value(self):
+        status, data = self.json("GET", "/value")
+        assert status == 200
+        return data["value"]
+
+    def raw(self, data, timeout=5):
+        """Send raw bytes; everything the worker sends back until it closes (or timeout)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            return read_until_close(sock)
+
+    def wait_for_log(self, pattern, timeout=5):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if re.search(pattern, self.log):
+                return True
+            time.sleep(0.02)
+        raise AssertionError("%r not in the log:\n%s" % (pattern, self.log))
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        """Stop the worker; its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+
+def read_until_close(sock):
+    chunks = []
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    except socket.timeout:
+        chunks.append(b"<timeout>")
+    return b"".join(chunks)
+
+
+def status_of(raw):
+    match = re.match(rb"HTTP/1\.1 (\d{3}) ", raw)
+    assert match, raw[:200]
+    return int(match.group(1))
+
+
+def body_of(raw):
+    return raw.split(b"\r\n\r\n", 1)[1]
+
+
+@pytest.fixture
+def start_worker():
+    workers = []
+
+    def start(backend="helloworld", *args, **kwargs):
+        worker = Worker(backend, *args, **kwargs)
+        workers.append(worker)
+        return worker.wait_ready()
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+@pytest.fixture
+def hello(start_worker):
+    return start_worker("helloworld")
+
+
+@pytest.fixture
+def write_backend(tmp_path):
+    """Write a backend.py (dedented source) into a new directory; its path."""
+    count = [0]
+
+    def write(source, name=None):
+        count[0] += 1
+        directory = tmp_path / (name or "backend%d" % count[0])
+        directory.mkdir()
+        (directory / "backend.py").write_text(textwrap.dedent(source))
+        return str(directory)
+
+    return write
+
+
+def run_cli(*args, env=None, timeout=20):
+    """Run vastworker.py to completion: (exit code, combined output)."""
+    result = subprocess.run([sys.executable, "-I", "-S", VASTWORKER] + list(args), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                            env=dict(os.environ, **(env or {})))
+    return result.returncode, result.stdout.decode()
+
+
+# ------------------------------------------------------------------------------------------------
+# The hello-world guide
+# ------------------------------------------------------------------------------------------------
+
+def test_helloworld_flow(hello):
+    status, headers, body = hello.request("GET", "/value")
+    assert (status, headers["Content-Type"], body) == (200, "application/json", b'{"value":0}\n')
+    status, headers, body = hello.request("POST", "/increment", {"amount": 5})
+    assert (status, headers["Content-Type"], body) == (200, "text/html; charset=utf-8", b"Incremented")
+    assert hello.request("POST", "/increment", {"amount": 2.5})[0] == 200
+    assert hello.value() == 7.5
+
+
+def test_serving_line_names_url_and_endpoints(hello):
+    assert re.search(r"serving helloworld on http://127\.0\.0\.1:\d+ \(GET /value, POST /increment\)",
+                     hello.log)
+
+
+def test_access_log_line_per_request(hello):
+    hello.request("GET", "/value?x=1")
+    hello.wait_for_log(r"INFO 127\.0\.0\.1 GET /value\?x=1 200 12 \d+\.\dms")
+
+
+def test_quiet_turns_access_log_off(start_worker):
+    worker = start_worker("helloworld", "--log-level", "warning")
+    assert worker.request("GET", "/value")[0] == 200
+    time.sleep(0.2)
+    assert "127.0.0.1 GET /value" not in worker.log
+
+
+def test_helloworld_ships_as_the_guide_writes_it():
+    with open(os.path.join(ROOT, "backends", "helloworld", "backend.py")) as file:
+        source = file.read()
+    assert 'backend.count += request.json["amount"]' in source
+    assert 'return {"value" : backend.count}' in source
+
+
+# ------------------------------------------------------------------------------------------------
+# Python versions and zero dependencies
+# ------------------------------------------------------------------------------------------------
+
+def interpreters():
+    """Every CPython 3.8-3.13 that pyenv has here (none on a machine without pyenv)."""
+    found = {}
+    for path in sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3"))):
+        match = re.search(r"/3\.(\d+)\.", path)
+        if match and 8 <= int(match.group(1)) <= 13:
+            found.setdefault("3." + match.group(1), path)
+    return found
+
+
+@pytest.mark.parametrize("version", sorted(interpreters()) or [None])
+def test_helloworld_under_each_python(start_worker, version):
+    if version is None:
+        pytest.skip("no pyenv interpreters 3.8-3.13 on this machine")
+    worker = start_worker("helloworld", python=interpreters()[version])
+    assert worker.request("POST", "/increment", {"amount": 3})[:1] == (200,)
+    assert worker.request("POST", "/increment", {"amount": 1e999})[0] == 400
+    assert worker.value() == 3
+    assert worker.stop() == 0
+
+
+def test_old_python_is_refused_clearly():
+    old = glob.glob(os.path.expanduser("~/.pyenv/versions/3.7.*/bin/python3"))
+    if not old:
+        pytest.skip("no Python 3.7 here")
+    result = subprocess.run([old[0], "-I", "-S", VASTWORKER, "helloworld"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=20)
+    assert result.returncode == 1
+    assert b"vastworker needs Python 3.8 or newer; this is Python 3.7" in result.stdout
+
+
+def test_backend_gets_our_flask_and_the_same_vastworker(start_worker, write_backend):
+    backend = write_backend("""
+        import sys, flask, vastworker
+        from flask import abort, Response, request, jsonify, make_response, stream_with_context
+
+        class Backend:
+            pass
+
+        def modules(backend, request):
+            return {"flask_is_ours": flask.abort is vastworker.abort,
+                    "one_vastworker": vastworker is sys.modules["__main__"],
+                    "werkzeug_loaded": "werkzeug" in sys.modules}
+
+        flask_dict = {"GET": {"modules": modules}}
+    """)
+    worker = start_worker(backend)
+    assert worker.json("GET", "/modules") == (200, {"flask_is_ours": True, "one_vastworker": True,
+                                                    "werkzeug_loaded": False})
+
+
+def test_missing_flask_name_fails_at_import_saying_so(write_backend):
+    backend = write_backend("""
+        from flask import Blueprint
+    """)
+    code, output = run_cli(backend)
+    assert code == 1
+    assert "flask.Blueprint is not provided by vastworker" in output
+    assert len(output.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line and start-up failures
+# ------------------------------------------------------------------------------------------------
+
+def test_help_explains_options_and_environment():
+    code, output = run_cli("--help")
+    assert code == 0
+    for word in ("--host", "--port", "--max-body", "--timeout", "--queue-time", "--grace",
+                 "--log-level", "--quiet", "WORKER_PORT", "AUTH_PORT", "CONTAINER_ID",
+                 "MASTER_TOKEN", "REPORT_ADDR", "allow_parallel_requests"):
+        assert word in output
+
+
+@pytest.mark.parametrize("source, message", [
+    ("import no_such_module_here\n", r"ModuleNotFoundError: No module named 'no_such_module_here' \(at backend.py line 1\)"),
+    ("x = (\n", r"failed to import: SyntaxError"),
+    ("flask_dict = {'GET': {'v': print}}\n", r"defines no Backend class"),
+    ("class Backend: pass\n", r"defines no flask_dict"),
+    ("class Backend: pass\nflask_dict = [1]\n", r"flask_dict is a list, not a dict"),
+    ("class Backend: pass\nflask_dict = {'PATCH': {'v': print}}\n", r"method 'PATCH' is not one of"),
+    ("class Backend: pass\nflask_dict = {'GET': {'/v': print}}\n", r"endpoint '/v' must be a name"),
+    ("class Backend: pass\nflask_dict = {'GET': {'v': 5}}\n", r"\['v'\] is not a function"),
+    ("class Backend: pass\nflask_dict = {'GET': {}}\n", r"serves no endpoints"),
+    ("class Backend:\n    def __init__(self):\n        raise RuntimeError('no GPU')\nflask_dict = {'GET': {'v': print}}\n",
+     r"Backend\(\) failed: RuntimeError: no GPU \(at backend.py line 3\)"),
+])
+def test_broken_backend_fails_with_one_clear_line(write_backend, source, message):
+    code, output = run_cli(write_backend(source))
+    assert code == 1
+    assert len(output.strip().splitlines()) == 1, output
+    assert re.search(message, output), output
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nosuchbackend", r"no backend 'nosuchbackend' in .*backends \(available: .*helloworld"),
+    ("../../etc", r"has no backend.py"),
+    ("hello world", r"is not a backend name"),
+])
+def test_missing_backend_fails_clearly(spec, message):
+    code, output = run_cli(spec)
+    assert code == 1 and re.search(message, output), output
+
+
+def test_port_from_environment_and_bad_port():
+    code, output = run_cli("helloworld", "--port", "99999")
+    assert code == 1 and "--port='99999' is not a port number" in output
+    code, output = run_cli("helloworld", env={"WORKER_PORT": "abc"})
+    assert code == 1 and "$WORKER_PORT='abc' is not a port number" in output
+
+
+def test_port_in_use_is_reported(hello):
+    code, output = run_cli("helloworld", "--host", "127.0.0.1", "--port", str(hello.port))
+    assert code == 1
+    assert "port %d is already in use" % hello.port in output
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("variables", [{"AUTH_PORT": "{free}"},
+                                       {"WORKER_PORT": "{free}", "AUTH_PORT": "{other}"}])
+def test_port_from_worker_port_then_auth_port(start_worker, variables):
+    free, other = free_port(), free_port()
+    env = {"WORKER_PORT": "", "AUTH_PORT": ""}
+    env.update({name: value.format(free=free, other=other) for name, value in variables.items()})
+    worker = start_worker("helloworld", env=env, port=None)
+    assert worker.port == free
+
+
+def test_backend_constructor_gets_the_arguments_it_accepts(start_worker, write_backend):
+    backend = write_backend("""
+        class Backend:
+            def __init__(self, container_id, master_token, control_server_url=None, send_data=False):
+                self.seen = [container_id, master_token, control_server_url, send_data]
+
+        class Plain:
+            def __init__(self):
+                self.seen = "plain"
+
+        def seen(backend, request):
+            return {"seen": backend.seen}
+
+        flask_dict = {"GET": {"seen": seen}}
+    """)
+    env = {"CONTAINER_ID": "123", "MASTER_TOKEN": "tok", "REPORT_ADDR": "http://127.0.0.1:9"}
+    worker = start_worker(backend, env=env)
+    assert worker.json("GET", "/seen") == (200, {"seen": ["123", "tok", "http://127.0.0.1:9", True]})
+    plain = write_backend("""
+        class Backend:
+            def __init__(self):
+                self.seen = "plain"
+
+        flask_dict = {"GET": {"seen": lambda backend, request: {"seen": backend.seen}}}
+    """)
+    assert start_worker(plain, env=env).json("GET", "/seen") == (200, {"seen": "plain"})
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch
+# ------------------------------------------------------------------------------------------------
+
+def test_routing_rules(start_worker, write_backend):
+    backend = write_backend("""
+        class Backend:
+            pass
+
+        def name(backend, request):
+            return {"path": request.path, "endpoint": request.view_args["endpoint"]}
+
+        flask_dict = {"GET": {"value": name, "sdapi/v1/txt2img": name, "a b": name, "café": name},
+                      "PUT": {"value": name}, "DELETE": {"value": name}}
+    """)
+    worker = start_worker(backend)
+    assert worker.json("GET", "/value?x=1") == (200, {"path": "/value", "endpoint": "value"})
+    assert worker.json("GET", "/sdapi/v1/txt2img")[0] == 200
+    assert worker.json("GET", "/sdapi%2Fv1%2Ftxt2img")[0] == 200
+    assert worker.json("GET", "/val%75e")[0] == 200
+    assert worker.json("GET", "/a%20b")[0] == 200
+    assert worker.json("GET", "/caf%C3%A9")[0] == 200
+    assert worker.json("PUT", "/value")[0] == 200
+    assert worker.json("DELETE", "/value")[0] == 200
+    for path in ("/value/", "/VALUE", "/./value", "/x/../value", "/caf%E9", "/%zz", "/sdapi//v1/txt2img"):
+        status, body = worker.json("GET", path)
+        assert status == 404 and body["error"] == "Not Found", path
+    assert worker.json("POST", "/value")[0] == 404  # registered for GET only: 404, not 405
+    for method in ("GET", "POST", "OPTIONS", "PATCH"):
+        assert worker.json(method, "/")[0] == 404
+    assert status_of(worker.raw(b"GET //value HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200
+    assert status_of(worker.raw(b"get /value HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200
+
+
+def test_head_options_and_other_methods(hello):
+    status, headers, body = hello.request("HEAD", "/value")
+    assert status == 404 and body == b"" and int(headers["Content-Length"]) > 0
+    status, headers, body = hello.request("OPTIONS", "/anything")
+    assert (status, headers["Allow"], headers["Content-Length"], body) == (
+        200, "DELETE, GET, HEAD, OPTIONS, POST, PUT", "0", b"")
+    for method in ("PATCH", "TRACE", "FOO"):
+        status, headers, body = hello.request(method, "/value")
+        assert status == 405 and headers["Allow"] == "DELETE, GET, HEAD, OPTIONS, POST, PUT"
+        assert json.loads(body)["error"] == "Method Not Allowed"
+
+
+def test_head_does_not_run_get_but_a_head_handler_runs(start_worker, write_backend):
+    backend = write_backend("""
+        class Backend:
+            def __init__(self):
+                self.calls = 0
+
+        def value(backend, request):
+            backend.calls += 1
+            return {"calls": backend.calls}
+
+        def head(backend, request):
+            return "twelve bytes"
+
+        flask_dict = {"GET": {"value": value, "probe": value}, "HEAD": {"probe": head}}
+    """)
+    worker = start_worker(backend)
+    assert worker.request("HEAD", "/value")[0] == 404
+    status, headers, body = worker.request("HEAD", "/probe")
+    assert (status, headers["Content-Length"], body) == (200, "12", b"")
+    assert worker.json("GET", "/value") == (200, {"calls": 1})
+
+
+# ------------------------------------------------------------------------------------------------
+# The Flask surface: a backend that exercises it, checked on our worker and against Flask itself
+# ------------------------------------------------------------------------------------------------
+
+SURFACE_BACKEND = """
+import dataclasses, datetime, decimal, uuid
+import flask
+from flask import abort, Response, request as current_request, jsonify, make_response, stream_with_context
+
+class Backend:
+    def __init__(self):
+        self.count = 0
+
+def echo(backend, request):
+    text = request.get_data(as_text=True)  # before form: Flask empties the body once form is parsed
+    return {
+        "method": request.method, "path": request.path, "full_path": request.full_path,
+        "url": request.url, "base_url": request.base_url, "host": request.host,
+        "host_url": request.host_url, "query_string": request.query_string.decode(),
+        "args": request.args.to_dict(flat=False), "n_int": request.args.get("n", type=int),
+        "n_ints": request.args.getlist("n", type=int), "absent": request.args.get("absent"),
+        "bad_int": request.args.get("bad", 7, type=int), "args_len": len(request.args),
+        "form": request.form.to_dict(flat=False), "values": request.values.to_dict(flat=False),
+        "content_type": request.content_type, "mimetype": request.mimetype,
+        "mimetype_params": request.mimetype_params, "is_json": request.is_json,
+        "content_length": request.content_length, "data": request.data.decode("latin-1"),
+        "text": text, "cookies": request.cookies.to_dict(),
+        "custom": request.headers.get("X-Custom"), "custom_lower": request.headers.get("x-custom"),
+        "header_default": request.headers.get("X-Absent", "dflt"),
+        "header_int": request.headers.get("X-Number", type=int),
+        "header_in": "x-custom" in request.headers, "underscore": request.headers.get("X-Under_Score"),
+        "header_names": sorted(name for name, value in request.headers
+                               if name.startswith("X-")),
+        "json_silent": request.get_json(silent=True),
+        "json_force": request.get_json(force=True, silent=True),
+        "remote_addr": request.remote_addr, "proxy_path": current_request.path,
+        "proxy_json_silent": current_request.get_json(silent=True),
+    }
+
+def json_endpoint(backend, request):
+    data = request.json
+    return {"is_dict": isinstance(data, dict), "is_list": isinstance(data, list), "json": data}
+
+def gen():
+    yield b"data:1"
+    yield ""
+    yield "\\n"
+    yield b""
+    yield "caf\\u00e9"
+
+def boom():
+    raise ValueError("boom")
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: str
+
+RETURNS = {
+    "str": lambda: "Incremented", "empty": lambda: "", "unicode": lambda: "caf\\u00e9",
+    "bytes": lambda: b"\\x89PNG\\r\\n", "bytearray": lambda: bytearray(b"ab"),
+    "dict": lambda: {"value": 3, "b": 1, "a": [1, 2.5, None, True], "u": "\\u00e9"},
+    "emptydict": lambda: {}, "emptylist": lambda: [],
+    "list": lambda: [1, "two", {"three": 3}], "intkeys": lambda: {1: "a", 2: "b"},
+    "mixedkeys": lambda: {1: "a", "b": 2}, "created": lambda: ("Created", 201),
+    "dict202": lambda: ({"ok": True}, 202), "status_str": lambda: ("x", "299 CUSTOM"),
+    "status_404_str": lambda: ("x", "404"),
+    "headers_dict": lambda: ("x", {"X-A": "1", "Content-Type": "text/plain"}),
+    "headers_list": lambda: ("x", [("X-A", "1"), ("X-A", "2")]),
+    "tuple3": lambda: ("x", 201, {"X-A": "1"}), "response_tuple": lambda: (Response("r"), 203),
+    "response_headers": lambda: (Response("r"), {"X-B": "2"}),
+    "bad_tuple": lambda: ("x",), "long_tuple": lambda: ("x", 200, {}, 1), "none_tuple": lambda: (None, 200),
+    "response": lambda: Response("x"), "r204": lambda: Response(status=204),
+    "png": lambda: Response(b"..", mimetype="image/png"),
+    "ctype": lambda: Response("x", content_type="text/plain"),
+    "xml": lambda: Response("<a/>", mimetype="application/xml"),
+    "sequence": lambda: Response(["a", b"b"]),
+    "sse": lambda: Response(gen(), mimetype="text/event-stream"),
+    "stream_response": lambda: Response(stream_with_context(gen())),
+    "jsonify": lambda: jsonify({"b": 1, "a": 2}), "jsonify_kw": lambda: jsonify(b=1, a=2),
+    "jsonify_args": lambda: jsonify(1, 2, 3), "jsonify_none": lambda: jsonify(),
+    "jsonify_201": lambda: (jsonify(x=1), 201), "make_response": lambda: make_response("x", 201),
+    "make_response_dict": lambda: make_response({"a": 1}),
+    "gen": gen, "iter": lambda: iter(["a", "b"]),
+    "none": lambda: None, "int": lambda: 200, "float": lambda: 1.5, "bool": lambda: True,
+    "set": lambda: {1}, "set_in_dict": lambda: {"s": {1, 2}},
+    "rich": lambda: {"dt": datetime.datetime(2024, 1, 2, 3, 4, 5), "d": datetime.date(2024, 1, 2),
+                     "dec": decimal.Decimal("1.10"), "u": uuid.UUID(int=1), "dc": Point(1, "z")},
+    "abort400": lambda: abort(400), "abort404": lambda: abort(404), "abort503": lambda: abort(503),
+    "abort_desc": lambda: abort(400, "amount missing"),
+    "abort_response": lambda: abort(Response("nope", 418)),
+    "abort_jsonify": lambda: abort(jsonify(error="x")),
+    "abort401_response": lambda: abort(401, response=Response("custom 401 body", 401)),
+    "abort201": lambda: abort(201), "abort_none": lambda: abort(None), "abort_str": lambda: abort("404"),
+    "raise": boom,
+    "args_missing": lambda: flask.request.args["missing"],
+    "form_missing": lambda: flask.request.form["missing"],
+    "header_missing": lambda: flask.request.headers["X-Missing"],
+    # where we are stricter than Flask (decisions.md 5-7)
+    "nan": lambda: {"value": float("nan")}, "abort520": lambda: abort(520),
+    "abort499": lambda: abort(499), "json_missing": lambda: flask.request.json["missing"],
+}
+
+def returns(backend, request):
+    return RETURNS[request.args["kind"]]()
+
+def increment(backend, request):
+    backend.count += request.json["amount"]
+    return "Incremented"
+
+def value(backend, request):
+    return {"value": backend.count}
+
+flask_dict = {
+    "GET": {"echo": echo, "returns": returns, "value": value, "json": json_endpoint},
+    "POST": {"echo": echo, "returns": returns, "increment": increment, "json": json_endpoint},
+    "PUT": {"echo": echo}, "DELETE": {"echo": echo},
+}
+"""
+
+# Requests as (method, path, headers, body), each answered the same by Flask and by us.
+SURFACE_REQUESTS = [
+    ("GET", "/echo?n=1&n=2&bad=x&s=a%20b&p=a+b%2Bc&e=&k", {"X-Custom": "hello", "X-Number": "42"}, None),
+    ("GET", "/echo", {"X-Custom": "a"}, None),
+    ("POST", "/echo?n=x&n=2", {"Content-Type": "application/json"}, b'{"amount": 5, "nested": {"a": [1, 2]}}'),
+    ("POST", "/echo", {"Content-Type": "application/json; charset=utf-8"}, b'{"a": 1}'),
+    ("POST", "/echo", {"Content-Type": "APPLICATION/JSON"}, b'[1, 2]'),
+    ("POST", "/echo", {"Content-Type": "application/problem+json"}, b'"s"'),
+    ("POST", "/echo", {"Content-Type": "application/jsonx"}, b'{"a": 1}'),
+    ("POST", "/echo", {"Content-Type": "text/plain"}, b'{"amount": 5}'),
+    ("POST", "/echo", {}, b'{"amount": 5}'),
+    ("POST", "/echo?q=1", {"Content-Type": "application/x-www-form-urlencoded"}, b"a=1&a=2&b=x+y%21"),
+    ("POST", "/echo", {"Content-Type": "multipart/form-data; boundary=XyZ"},
+     b'--XyZ\r\nContent-Disposition: form-data; name="field"\r\n\r\nvalue one\r\n--XyZ\r\n'
+     b'Content-Disposition: form-data; name="up"; filename="a.txt"\r\nContent-Type: text/plain\r\n\r\n'
+     b'file body\r\n--XyZ--\r\n'),
+    ("POST", "/echo", {"Content-Type": "multipart/form-data"}, b"no boundary"),
+    ("POST", "/echo", {"Content-Type": "application/json"}, b"caf\xe9 \xff"),
+    ("PUT", "/echo", {"Content-Type": "text/plain"}, b"put body"),
+    ("DELETE", "/echo", {}, None),
+    ("POST", "/json", {"Content-Type": "application/json"}, b'{"a": 1, "a": 2}'),
+    ("POST", "/json", {"Content-Type": "application/json"}, b'  [1, {"b": null}]  '),
+    ("POST", "/json", {"Content-Type": "application/json"}, b'5'),
+    ("POST", "/json", {"Content-Type": "application/json"}, b'{"a": 1} x'),
+    ("POST", "/json", {"Content-Type": "application/json"}, b'{"amount": '),
+    ("POST", "/json", {"Content-Type": "application/json"}, b''),
+    ("POST", "/json", {"Content-Type": "application/json"}, "\ufeff{\"a\": 1}".encode("utf-8")),
+    ("POST", "/json", {"Content-Type": "application/json"}, '{"a": "\u00e9"}'.encode("utf-16-le")),
+    ("POST", "/json", {"Content-Type": "application/json"}, b'{"a": "\xff"}'),
+    ("POST", "/json", {"Content-Type": "text/plain"}, b'{"a": 1}'),
+    ("GET", "/json", {}, None),
+    ("GET", "/json", {"Content-Type": "application/json"}, b'{"a": 1}'),
+    ("POST", "/json", {"Content-Type": "application/json"}, b"1" * 5000),
+    ("POST", "/increment", {"Content-Type": "application/json"}, b'{"amount": 5}'),
+    ("POST", "/increment", {"Content-Type": "application/json"}, b'{"amount": true}'),
+    ("POST", "/increment", {"Content-Type": "application/json"}, b'{"amount": "5"}'),
+    ("POST", "/increment", {"Content-Type": "application/json"}, b'{"amount": null}'),
+    ("POST", "/increment", {"Content-Type": "text/plain"}, b'{"amount": 5}'),
+    ("GET", "/value", {}, None),
+    ("GET", "/increment", {}, None),
+    ("GET", "/nothing", {}, None),
+] + [("GET", "/returns?kind=" + kind, {}, None) for kind in (
+    "str empty unicode bytes bytearray dict emptydict emptylist list intkeys mixedkeys created dict202 "
+    "status_str status_404_str headers_dict headers_list tuple3 response_tuple response_headers bad_tuple "
+    "long_tuple none_tuple response r204 png ctype xml sequence sse stream_response jsonify jsonify_kw "
+    "jsonify_args jsonify_none jsonify_201 make_response make_response_dict gen iter none int float bool "
+    "set set_in_dict rich abort400 abort404 abort503 abort_desc abort_response abort_jsonify "
+    "abort401_response abort201 abort_none abort_str raise args_missing form_missing header_missing").split()]
+
+# Where decisions.md makes us stricter than Flask: (path, JSON body) -> (Flask's status, ours)
+STRICTER = {
+    ("/returns?kind=nan", b"{}"): (200, 500),  # Flask sends invalid JSON: {"value":NaN}
+    ("/returns?kind=abort520", b"{}"): (500, 520),  # any 400-599 code passes through
+    ("/returns?kind=abort499", b"{}"): (500, 499),
+    ("/returns?kind=json_missing", b"{}"): (500, 400),  # a missing field is the client's fault
+    ("/increment", b'{"amount": NaN}'): (200, 400),  # strict JSON in
+    ("/increment", b'{"amount": 1e400}'): (200, 400),
+    ("/increment", b'[1]'): (500, 400),  # an array where an object is expected
+    ("/increment", b'null'): (500, 400),
+    ("/increment", b'{}'): (500, 400),  # a missing field
+}
+
+
+def difference(expected, ours):
+    """The two answers, reduced to their differing keys when both are JSON objects."""
+    try:
+        left, right = json.loads(expected[2]), json.loads(ours[2])
+        keys = [key for key in set(left) | set(right) if left.get(key, "<absent>") != right.get(key, "<absent>")]
+        return (expected[:2] + ({key: left.get(key, "<absent>") for key in keys},),
+                ours[:2] + ({key: right.get(key, "<absent>") for key in keys},))
+    except (ValueError, TypeError, AttributeError):
+        return expected, ours
+
+
+def our_answer(worker, method, path, headers, body):
+    status, response_headers, data = worker.request(method, path, body, dict(headers, Host="example.test"))
+    return status, response_headers.get("Content-Type"), data, response_headers
+
+
+@pytest.fixture(scope="module")
+def surface_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("surface")
+    (directory / "backend.py").write_text(SURFACE_BACKEND)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def surface(surface_dir):
+    worker = Worker(surface_dir).wait_ready()
+    yield worker
+    worker.stop()
+
+
+def test_surface_answers_like_flask(surface, surface_dir):
+    """Each request is answered by Flask 3.1 (the original's host, ten lines below) and by us:
+    same status, content type and body; error bodies differ on purpose (decisions.md 8)."""
+    flask = pytest.importorskip("flask")
+    spec = importlib.util.spec_from_file_location("surface_backend_under_flask",
+                                                  os.path.join(surface_dir, "backend.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    backend = module.Backend()
+    app = flask.Flask("reference")
+
+    @app.route("/<path:endpoint>", methods=["GET", "POST", "PUT", "DELETE"])
+    def handler(endpoint):
+        if endpoint not in module.flask_dict.get(flask.request.method, {}):
+            flask.abort(404)
+        return module.flask_dict[flask.request.method][endpoint](backend, flask.request)
+
+    client = app.test_client()
+    mismatches = []
+    for method, path, headers, body in SURFACE_REQUESTS:
+        reference = client.open(path, method=method, headers=headers, data=body,
+                                base_url="http://example.test")
+        expected = (reference.status_code, reference.headers.get("Content-Type"), reference.data)
+        ours = our_answer(surface, method, path, headers, body)[:3]
+        if expected[0] >= 400 and expected[2].startswith(b"<!doctype html>"):
+            same = ours[0] == expected[0] and ours[1] == "application/json"  # error pages differ
+        else:
+            same = ours == expected
+        if not same:
+            mismatches.append("%s %s %r\n  flask: %s\n  ours:  %s" % ((method, path, body) + difference(expected, ours)))
+    assert not mismatches, "\n".join(mismatches)
+    for (path, body), (flask_status, our_status) in STRICTER.items():
+        assert client.post(path, headers=JSON, data=body).status_code == flask_status, path
+        assert our_answer(surface, "POST", path, JSON, body)[0] == our_status, path
+
+
+def test_surface_details_on_the_wire(surface):
+    """What the differential test cannot see through Flask's test client."""
+    conn = surface.connect()
+    conn.request("GET", "/returns?kind=headers_list")
+    response = conn.getresponse()
+    assert [v for k, v in response.getheaders() if k == "X-A"] == ["1", "2"]
+    conn.close()
+    raw = surface.raw(b"GET /returns?kind=status_str HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 299 CUSTOM\r\n")
+    raw = surface.raw(b"GET /returns?kind=r204 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 204 No Content\r\n") and b"Content-Length" not in raw
+    assert raw.endswith(b"\r\n\r\n")
+    # errors are short JSON in our own words
+    assert json.loads(our_answer(surface, "GET", "/returns?kind=abort_desc", {}, None)[2]) == {
+        "error": "Bad Request", "detail": "amount missing"}
+    assert json.loads(our_answer(surface, "GET", "/returns?kind=abort520", {}, None)[2])["error"] == "Unknown Error"
+    assert json.loads(our_answer(surface, "POST", "/returns?kind=json_missing", JSON, b"{}")[2]) == {
+        "error": "Bad Request", "detail": "missing JSON field 'missing'"}
+    assert json.loads(our_answer(surface, "GET", "/returns?kind=args_missing", {}, None)[2]) == {
+        "error": "Bad Request", "detail": "missing query parameter 'missing'"}
+    for kind in ("raise", "nan", "none"):
+        status, _, body, _ = our_answer(surface, "GET", "/returns?kind=" + kind, {}, None)
+        assert status == 500 and b"boom" not in body and b"Traceback" not in body
+    assert "ValueError: boom" in surface.log and "Traceback" in surface.log
+    assert re.search(r"GET /returns: the handler returned None; return a str", surface.log)
+    assert "could not be sent as JSON: Out of range float values" in surface.log
+    # the request proxy and the handler's request are the same request; JSON bodies are dicts
+    status, data = surface.json("POST", "/echo", {"x": 1})
+    assert data["proxy_path"] == "/echo" and data["proxy_json_silent"] == {"x": 1}
+    status, content_type, body, _ = our_answer(surface, "GET", "/echo", {"X-Custom": "a", "X-Custom-2": "b"}, None)
+    assert json.loads(body)["header_names"] == ["X-Custom", "X-Custom-2"]
+
+
+def test_repeated_request_headers_are_joined(surface):
+    raw = surface.raw(b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Custom: a\r\nX-Custom: b\r\n"
+                      b"Cookie: sid=1\r\nCookie: theme=dark\r\nConnection: close\r\n\r\n")
+    data = json.loads(body_of(raw))
+    assert data["custom"] == "a, b"
+    assert data["cookies"] == {"sid": "1", "theme": "dark"}
+
+
+def test_streaming_on_the_wire(surface):
+    raw = surface.raw(b"GET /returns?kind=gen HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding: chunked" in head and b"Content-Length" not in head
+    assert body == b"6\r\ndata:1\r\n1\r\n\n\r\n5\r\ncaf\xc3\xa9\r\n0\r\n\r\n"  # empty items skipped
+    raw = surface.raw(b"GET /returns?kind=gen HTTP/1.0\r\nHost: x\r\n\r\n")
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert body == b"data:1\ncaf\xc3\xa9"  # HTTP/1.0: close-delimited
+
+
+def test_stream_failure_and_disconnect(start_worker, write_backend):
+    backend = write_backend("""
+        import threading, time
+        closed = threading.Event()
+
+        class Backend:
+            pass
+
+        def failing(backend, request):
+            def generate():
+                yield "first"
+                raise RuntimeError("mid-stream failure")
+            return generate()
+
+        def endless(backend, request):
+            def generate():
+                try:
+                    while True:
+                        yield "x" * 65536
+                        time.sleep(0.001)
+                finally:
+                    closed.set()
+            return generate()
+
+        def was_closed(backend, request):
+            return {"closed": closed.wait(5)}
+
+        flask_dict = {"GET": {"failing": failing, "endless": endless, "closed": was_closed}}
+    """)
+    worker = start_worker(backend)
+    raw = worker.raw(b"GET /failing HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert raw.endswith(b"5\r\nfirst\r\n")  # cut off: no final 0-size chunk
+    assert "mid-stream failure" in worker.log
+    with socket.create_connection(("127.0.0.1", worker.port)) as sock:
+        sock.sendall(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.recv(100000)
+    assert worker.json("GET", "/closed") == (200, {"closed": True})
+    assert worker.request("GET", "/closed")[0] == 200
+
+
+def test_streamed_body_is_sent_after_the_lock_is_released(start_worker, write_backend):
+    backend = write_backend("""
+        import threading
+        release = threading.Event()
+
+        class Backend:
+            pass
+
+        def slow_stream(backend, request):
+            def generate():
+                yield "start "
+                release.wait(10)
+                yield "end"
+            return generate()
+
+        def other(backend, request):
+            release.set()
+            return "other"
+
+        flask_dict = {"GET": {"slow": slow_stream, "other": other}}
+    """)
+    worker = start_worker(backend, "--queue-time", "5")
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status, _, body = worker.request("GET", "/other")  # served while the stream is pending
+        assert (status, body) == (200, b"other")
+        assert read_until_close(sock).endswith(b"6\r\nstart \r\n3\r\nend\r\n0\r\n\r\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# The lock
+# ------------------------------------------------------------------------------------------------
+
+def hammer(worker, clients, requests, path="/increment", body=b'{"amount": 1}'):
+    """`clients` threads, each sending `requests` POSTs on one keep-alive connection; statuses."""
+    statuses = []
+    lock = threading.Lock()
+
+    def client():
+        connection = worker.connect(timeout=30)
+        mine = []
+        for _ in range(requests):
+            connection.request("POST", path, body=body, headers=JSON)
+            response = connection.getresponse()
+            response.read()
+            mine.append(response.status)
+        connection.close()
+        with lock:
+            statuses.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return statuses
+
+
+def test_32_clients_100_increments_each_is_exact(hello):
+    statuses = hammer(hello, 32, 100)
+    assert statuses == [200] * 3200
+    assert hello.value() == 3200
+
+
+RACY_BACKEND = """
+import threading, time
+{parallel}
+
+class Backend:
+    def __init__(self):
+        self.count = 0
+        self.active = 0
+        self.most_active = 0
+
+def increment(backend, request):
+    backend.active += 1
+    backend.most_active = max(backend.most_active, backend.active)
+    count = backend.count
+    time.sleep(0.002)  # a read-modify-write with a window: unsafe without the lock
+    backend.count = count + 1
+    backend.active -= 1
+    return "ok"
+
+def value(backend, request):
+    return {{"value": backend.count, "most_active": backend.most_active}}
+
+flask_dict = {{"POST": {{"increment": increment}}, "GET": {{"value": value}}}}
+"""
+
+
+def test_lock_serialises_handlers_and_opting_out_runs_them_in_parallel(start_worker, write_backend):
+    locked = start_worker(write_backend(RACY_BACKEND.format(parallel="")))
+    assert hammer(locked, 8, 10) == [200] * 80
+    assert locked.json("GET", "/value") == (200, {"value": 80, "most_active": 1})
+    parallel = start_worker(write_backend(RACY_BACKEND.format(parallel="allow_parallel_requests = True")))
+    assert "handlers run in parallel" in parallel.log
+    assert hammer(parallel, 8, 10) == [200] * 80
+    status, data = parallel.json("GET", "/value")
+    assert data["most_active"] > 1 and data["value"] < 80  # what the lock prevents
+
+
+def test_waiting_for_the_lock_is_bounded(start_worker, write_backend):
+    backend = write_backend("""
+        import time
+
+        class Backend:
+            pass
+
+        def slow(backend, request):
+            time.sleep(1.5)
+            return "slow"
+
+        flask_dict = {"GET": {"slow": slow, "fast": lambda backend, request: "fast"}}
+    """)
+    worker = start_worker(backend, "--queue-time", "0.3")
+    first = threading.Thread(target=worker.request, args=("GET", "/slow"))
+    first.start()
+    time.sleep(0.3)
+    status, headers, body = worker.request("GET", "/fast")
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert json.loads(body)["error"] == "Too Many Requests"
+    first.join()
+    assert worker.request("GET", "/fast")[0] == 200
+
+
+def test_handler_exceptions_leave_worker_and_lock_healthy(start_worker, write_backend):
+    backend = write_backend("""
+        class Backend:
+            def __init__(self):
+                self.count = 0
+
+        def fail(backend, request):
+            raise KeyError("internal")
+
+        def leave(backend, request):
+            raise SystemExit(3)
+
+        def count(backend, request):
+            backend.count += 1
+            return {"count": backend.count}
+
+        flask_dict = {"GET": {"fail": fail, "exit": leave, "count": count}}
+    """)
+    worker = start_worker(backend)
+    for path in ("/fail", "/exit", "/fail"):
+        status, data = worker.json("GET", path)
+        assert status == 500 and data["error"] == "Internal Server Error"
+        assert "internal" not in json.dumps(data)
+    assert worker.json("GET", "/count") == (200, {"count": 1})
+    assert "GET /fail: the handler raised KeyError" in worker.log and "Traceback" in worker.log
+    assert worker.proc.poll() is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear 4xx JSON error, the worker stays up, the counter never changes
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, status, detail", [
+    (b'{"amount": ', 400, "invalid JSON"),
+    (b'', 400, "empty"),
+    (b'{"amount": NaN}', 400, "non-finite number NaN"),
+    (b'{"amount": Infinity}', 400, "non-finite number Infinity"),
+    (b'{"amount": -Infinity}', 400, "non-finite number -Infinity"),
+    (b'{"amount": 1e999}', 400, "too large"),
+    (b'{"amount": "\xff\xfe"}', 400, "not valid UTF-8"),
+    (b'[' * 200000 + b']' * 200000, 400, "nested too deeply"),
+    (b'[1, 2]', 400, "got an array"),
+    (b'null', 400, "null"),
+    (b'{"other": 1}', 400, "missing JSON field 'amount'"),
+    (b'{"amount": ' + b'9' * 5000 + b'}', 400, "invalid JSON"),
+], ids=["truncated", "empty", "nan", "infinity", "-infinity", "1e999", "utf8", "deep", "list", "null",
+        "missing", "5000-digits"])
+def test_bad_json_is_a_clear_400(hello, body, status, detail):
+    got, data = hello.json("POST", "/increment", body, JSON)
+    assert got == status and detail in data["detail"], data
+    assert hello.value() == 0
+
+
+def test_string_amount_is_the_handlers_own_500_and_state_is_unchanged(hello):
+    assert hello.request("POST", "/increment", {"amount": 2})[0] == 200
+    status, data = hello.json("POST", "/increment", {"amount": "5"})
+    assert status == 500 and data["error"] == "Internal Server Error"
+    assert hello.value() == 2
+
+
+def test_wrong_content_type_is_415(hello):
+    status, data = hello.json("POST", "/increment", b'{"amount": 1}', {"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in data["detail"]
+
+
+def test_huge_content_length_is_413_at_once(hello):
+    with socket.create_connection(("127.0.0.1", hello.port), timeout=5) as sock:
+        sock.sendall(b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 10000000000\r\n\r\n")
+        raw = read_until_close(sock)  # the worker answers and closes without reading a body
+    assert status_of(raw) == 413 and b"Connection: close" in raw
+    assert "limit is 67108864" in json.loads(body_of(raw))["detail"]
+    assert hello.value() == 0
+
+
+def test_body_limit_is_configurable_and_covers_chunked_bodies(start_worker):
+    worker = start_worker("helloworld", "--max-body", "1K")
+    assert worker.request("POST", "/increment", b'{"amount": 1, "pad": "%s"}' % (b"x" * 900), JSON)[0] == 200
+    assert worker.request("POST", "/increment", b'{"amount": 1, "pad": "%s"}' % (b"x" * 1100), JSON)[0] == 413
+    chunk = b"x" * 600
+    raw = worker.raw(b"POST /increment HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: application/json\r\n\r\n258\r\n" + chunk + b"\r\n258\r\n" + chunk + b"\r\n0\r\n\r\n")
+    assert status_of(raw) == 413
+    assert worker.value() == 1
+
+
+@pytest.mark.parametrize("length", [b"-5", b"abc", b"1e3", b"5, 6", b"+5"])
+def test_invalid_content_length_is_400(hello, length):
+    raw = hello.raw(b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + length + b"\r\n\r\n{\"amount\": 1}")
+    assert status_of(raw) == 400 and b"Connection: close" in raw
+    assert "Content-Length" in json.loads(body_of(raw))["detail"]
+    assert hello.value() == 0
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),  # a TLS hello
+    (b"GET /value\r\n\r\n", 400),  # HTTP/0.9
+    (b"GET /value HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET /value HTTP/1.1\r\nBad Header\r\n\r\n", 400),
+    (b"GET /value HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", 400),
+    (b"GET /value HTTP/1.1\r\nX-Long: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET /value HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(300)) + b"\r\n", 431),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"POST /increment HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"POST /increment HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", 400),
+    (b"POST /increment HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    (b"POST /increment HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n", 400),
+], ids=["garbage", "tls", "http09", "http2", "no-colon", "folded", "70k-header", "300-headers",
+        "70k-line", "gzip", "te-and-cl", "bad-chunk-size", "long-chunk"])
+def test_malformed_requests_get_a_json_error_and_close(hello, request_bytes, status):
+    raw = hello.raw(request_bytes)
+    assert status_of(raw) == status, raw[:300]
+    assert b"Content-Type: application/json" in raw and b"Connection: close" in raw
+    assert json.loads(body_of(raw))["detail"]
+    assert hello.value() == 0
+
+
+def test_stuck_connections_do_not_block_others(start_worker):
+    worker = start_worker("helloworld", "--timeout", "2")
+    stuck = []
+    for _ in range(40):
+        sock = socket.create_connection(("127.0.0.1", worker.port))
+        sock.sendall(b"POST /increment HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        stuck.append(sock)
+    try:
+        started = time.monotonic()
+        assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
+        assert worker.value() == 1
+        assert time.monotonic() - started < 5  # not waiting for the stuck ones (2 s timeout)
+        for sock in stuck:  # then each is answered 408 and closed after the timeout
+            sock.settimeout(10)
+            assert status_of(read_until_close(sock)) == 408
+    finally:
+        for sock in stuck:
+            sock.close()
+
+
+def test_idle_keep_alive_connection_is_closed_after_the_timeout(start_worker):
+    worker = start_worker("helloworld", "--timeout", "0.5")
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+        sock.sendall(b"GET /value HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        raw = read_until_close(sock)
+    assert status_of(raw) == 200 and raw.endswith(b'{"value":0}\n')
+    assert time.monotonic() - started < 8
+
+
+# ------------------------------------------------------------------------------------------------
+# HTTP framing: keep-alive, pipelining, chunked bodies, 100-continue, HTTP/1.0
+# ------------------------------------------------------------------------------------------------
+
+def test_keep_alive_reuses_the_connection(hello):
+    connection = hello.connect()
+    connection.request("POST", "/increment", body='{"amount": 1}', headers=JSON)
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("Connection") is None
+    response.read()
+    first_socket = connection.sock
+    connection.request("GET", "/value")
+    response = connection.getresponse()
+    assert response.read() == b'{"value":1}\n'
+    assert connection.sock is first_socket
+    connection.close()
+
+
+def test_pipelined_requests_are_all_answered_in_order(hello):
+    one = b'POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{"amount": 1}'
+    raw = hello.raw(one * 3 + b"GET /value HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw.count(b"HTTP/1.1 200 OK") == 4
+    assert raw.endswith(b'{"value":3}\n')
+
+
+def test_chunked_request_body(hello):
+    raw = hello.raw(b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n5;ext=1\r\n{\"amo\r\n8\r\nunt\": 4}\r\n0\r\nX-Trailer: t\r\n\r\n"
+                    b"GET /value HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw.count(b"HTTP/1.1 200 OK") == 2 and raw.endswith(b'{"value":4}\n')
+
+
+def test_expect_100_continue(hello):
+    with socket.create_connection(("127.0.0.1", hello.port), timeout=5) as sock:
+        sock.sendall(b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 13\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n")
+        assert sock.recv(1000) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b'{"amount": 1}')
+        raw = read_until_close(sock)
+    assert status_of(raw) == 200 and b"100 Continue" not in raw
+    with socket.create_connection(("127.0.0.1", hello.port), timeout=5) as sock:
+        sock.sendall(b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n"
+                     b"Expect: 100-continue\r\n\r\n")
+        assert status_of(read_until_close(sock)) == 413  # refused before the body is sent
+
+
+def test_http10_client(hello):
+    raw = hello.raw(b"GET /value HTTP/1.0\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 12" in raw
+    assert b"Connection: close" in raw and raw.endswith(b'{"value":0}\n')
+    with socket.create_connection(("127.0.0.1", hello.port), timeout=5) as sock:
+        sock.sendall(b"GET /value HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        time.sleep(0.2)
+        first = sock.recv(1000)
+        assert b"Connection: keep-alive" in first
+        sock.sendall(b"GET /value HTTP/1.0\r\n\r\n")
+        assert status_of(read_until_close(sock)) == 200
+
+
+def test_post_without_length_closes_the_connection(hello):
+    raw = hello.raw(b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n"
+                    b'{"amount": 1}')
+    assert status_of(raw) == 400 and raw.count(b"HTTP/1.1") == 1 and b"Connection: close" in raw
+    assert hello.value() == 0
+
+
+def test_absolute_form_target(surface):
+    raw = surface.raw(b"GET http://example.com:9999/echo?a=1 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n")
+    data = json.loads(body_of(raw))
+    assert data["host"] == "example.com:9999" and data["path"] == "/echo" and data["args"] == {"a": ["1"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Shutdown
+# ------------------------------------------------------------------------------------------------
+
+SHUTDOWN_BACKEND = """
+import threading, time
+
+class Backend:
+    def __init__(self):
+        def report_forever():  # like the autoscaler guide's reporting loop: not a daemon
+            while True:
+                time.sleep(0.1)
+        threading.Thread(target=report_forever).start()
+
+def slow(backend, request):
+    time.sleep(1.0)
+    return "finished"
+
+flask_dict = {"GET": {"slow": slow, "fast": lambda backend, request: "fast"}}
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_in_flight_requests_and_exits_0(start_worker, write_backend, sig):
+    worker = start_worker(write_backend(SHUTDOWN_BACKEND))
+    results = []
+    slow = threading.Thread(target=lambda: results.append(worker.request("GET", "/slow")))
+    slow.start()
+    time.sleep(0.3)
+    worker.proc.send_signal(sig)
+    slow.join(10)
+    assert results and results[0][0] == 200 and results[0][2] == b"finished"
+    assert results[0][1].get("Connection") == "close"
+    assert worker.proc.wait(10) == 0
+    assert "waiting up to 10 s for 1 request(s) in flight" in worker.log
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", worker.port), timeout=2).close()
+
+
+def test_grace_bounds_the_wait(start_worker, write_backend):
+    worker = start_worker(write_backend(SHUTDOWN_BACKEND.replace("1.0", "30")), "--grace", "0.5")
+    outcome = []
+
+    def slow_request():
+        try:
+            outcome.append(worker.request("GET", "/slow"))
+        except http.client.RemoteDisconnected as exc:
+            outcome.append(exc)
+
+    client = threading.Thread(target=slow_request)
+    client.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(10) == 0
+    assert time.monotonic() - started < 8
+    assert "stopping with 1 request(s) unfinished" in worker.log
+    client.join(10)
+    assert isinstance(outcome[0], http.client.RemoteDisconnected)  # cut off after the grace time
+
+
+# ------------------------------------------------------------------------------------------------
+# Documentation and CI stay true
+# ------------------------------------------------------------------------------------------------
+
+def test_ci_runs_the_readme_test_command():
+    with open(os.path.join(ROOT, "README.md")) as file:
+        readme = file.read()
+    with open(os.path.join(ROOT, ".ci", "run")) as file:
+        ci = file.read()
+    command = "python3 -m pytest -q test_vastworker.py"
+    assert command in readme and command in ci

@@ -1,0 +1,1820 @@
+#!/usr/bin/env python3
+"""vastworker: serve a Vast.ai pyworker-style backend on the Python standard library alone.
+
+A backend is a directory holding ``backend.py``: a ``Backend`` class that keeps the state, handler
+functions ``handler(backend, request)`` and a ``flask_dict`` mapping methods and endpoint names to
+handlers.  ``python3 vastworker.py NAME`` serves ``backends/NAME``; handlers written for the original
+Flask worker run unchanged because this file provides the ``flask`` module they import.
+
+Sections: configuration; Flask compatibility (request, response, abort, the ``flask`` module);
+dispatch; the HTTP server; command line.
+"""
+
+import sys
+
+if sys.version_info < (3, 8):  # keep this file parseable by old interpreters so they can say this
+    sys.exit("vastworker needs Python 3.8 or newer; this is Python %d.%d" % sys.version_info[:2])
+
+import argparse
+import collections
+import email.parser
+import email.utils
+import errno
+import http
+import http.server
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import signal
+import socket
+import socketserver
+import threading
+import time
+import traceback
+import types
+from urllib.parse import parse_qsl, unquote_to_bytes
+
+__version__ = "0.1.0"
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+# ------------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BACKENDS_DIR = os.path.join(HERE, "backends")
+DEFAULT_PORT = 3000
+SERVED_METHODS = ("DELETE", "GET", "HEAD", "POST", "PUT")  # the ones flask_dict may name
+ALLOW_HEADER = "DELETE, GET, HEAD, OPTIONS, POST, PUT"  # fixed order: deterministic for clients
+MAX_HEAD_BYTES = 65536  # request line plus headers
+MAX_HEADER_COUNT = 100
+MAX_FORM_BYTES = 500000  # Flask's MAX_FORM_MEMORY_SIZE
+MAX_FORM_PARTS = 1000
+STATUS_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
+
+ENVIRONMENT_HELP = """\
+environment variables:
+  WORKER_PORT, AUTH_PORT  port to listen on when --port is not given (in that order; else 3000)
+  CONTAINER_ID            instance id, passed to Backend(container_id=...)
+  MASTER_TOKEN            shared secret, passed to Backend(master_token=...)
+  REPORT_ADDR             autoscaler address, passed to Backend(control_server_url=...);
+                          Backend(send_data=...) is true when it is set
+
+backends:
+  BACKEND is a directory name under backends/ next to this file (e.g. helloworld), or a path
+  to any directory holding a backend.py.  backend.py defines Backend, its handlers and
+  flask_dict = {"POST": {"increment": increment_handler}, "GET": {"value": value_handler}}.
+  Handler calls are serialised by a lock; a backend whose handlers do their own locking sets
+  allow_parallel_requests = True in backend.py.
+"""
+
+
+class Log:
+    """Timestamped lines on stderr.  Plain writes, not the logging module: the access log is on the
+    hot path and one formatted write per request is all it should cost."""
+
+    LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+    level = 20
+
+    @classmethod
+    def write(cls, level, message, always=False):
+        """always: a line that is written at any level (the one that says the worker is up)."""
+        if always or cls.LEVELS[level] >= cls.level:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            sys.stderr.write("%s %s %s\n" % (stamp, level.upper(), message))
+            sys.stderr.flush()  # Python 3.8 buffers a piped stderr: a log must be live
+
+    @classmethod
+    def exception(cls, message):
+        """An error with the traceback of the exception being handled."""
+        cls.write("error", message + "\n" + traceback.format_exc().rstrip())
+
+
+# ------------------------------------------------------------------------------------------------
+# Flask compatibility: errors and abort
+# ------------------------------------------------------------------------------------------------
+
+class HTTPError(Exception):
+    """Ends a handler with an HTTP error; raised by abort().  Carries the attributes Werkzeug's
+    HTTPException has (code, name, description) so code written against Flask can read them."""
+
+    def __init__(self, code, description=None, response=None):
+        super().__init__(code, description)
+        self.code = code
+        self.description = description
+        self.response = response
+
+    @property
+    def name(self):
+        return STATUS_PHRASES.get(self.code, "Unknown Error")
+
+    def get_response(self):
+        if self.response is not None:
+            return to_response(self.response)
+        return error_response(self.code, self.description)
+
+
+class BadRequestKeyError(KeyError):
+    """A lookup of a field the client did not send: a KeyError (as in Flask) that answers 400."""
+
+    code = 400
+
+    def __init__(self, key, description):
+        super().__init__(key)
+        self.description = description
+
+
+def abort(status, description=None, response=None):
+    """flask.abort: raise an HTTP error.  Any code from 400 to 599 is accepted (Flask only knows 31
+    of them), so a proxy backend can pass an upstream status through; abort(response) sends it."""
+    if isinstance(status, int) and not isinstance(status, bool):
+        if 400 <= status <= 599:
+            raise HTTPError(status, description, response)
+        raise LookupError("abort() needs an HTTP error code from 400 to 599, got %d" % status)
+    if is_response(status):
+        raise HTTPError(status.status_code, response=status)
+    raise LookupError("abort() needs an HTTP error code or a Response, got %r" % (status,))
+
+
+DEFAULT_DETAILS = {
+    400: "the request could not be understood",
+    401: "the request needs valid credentials",
+    403: "the request is not allowed",
+    404: "nothing is served at this path",
+    413: "the request body is too large",
+    415: "the request's Content-Type is not supported",
+    429: "too many requests; retry later",
+    500: "the handler failed; the worker's log has the details",
+    503: "the worker cannot take this request now; retry later",
+}
+
+
+def error_response(code, detail=None):
+    """Our error body: short JSON in our own words, never a traceback."""
+    if detail is None:
+        detail = DEFAULT_DETAILS.get(code, STATUS_PHRASES.get(code, "error"))
+    elif not isinstance(detail, (str, int, float, list, dict)):
+        detail = str(detail)
+    body = {"error": STATUS_PHRASES.get(code, "Unknown Error"), "detail": detail}
+    try:
+        text = json.dumps(body, ensure_ascii=True, allow_nan=False)
+    except ValueError:
+        body["detail"] = str(detail)
+        text = json.dumps(body, ensure_ascii=True)
+    return Response(text + "\n", code, mimetype="application/json")
+
+
+# ------------------------------------------------------------------------------------------------
+# Flask compatibility: request
+# ------------------------------------------------------------------------------------------------
+
+class lazy:
+    """A property computed on first use and then stored on the instance: most requests read only
+    one or two of the many request attributes, so none is computed before it is asked for."""
+
+    def __init__(self, compute):
+        self.compute = compute
+        self.name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)
+        return value
+
+
+def _converted_one(value, type, default):
+    """value passed through type(); the default when type() rejects it (Werkzeug's get)."""
+    if type is None:
+        return value
+    try:
+        return type(value)
+    except (ValueError, TypeError):
+        return default
+
+
+def _converted(values, type):
+    """Values passed through type(); the ones it rejects are dropped (Werkzeug's getlist)."""
+    if type is None:
+        return list(values)
+    out = []
+    for value in values:
+        try:
+            out.append(type(value))
+        except (ValueError, TypeError):
+            pass
+    return out
+
+
+class MultiDict:
+    """A read-only multi-valued mapping (Werkzeug's ImmutableMultiDict) for args, form, values,
+    files and cookies: item access gives the first value; a missing key is a 400."""
+
+    def __init__(self, pairs=(), what="field"):
+        self._lists = {}
+        for key, value in pairs:
+            self._lists.setdefault(key, []).append(value)
+        self._what = what
+
+    def __getitem__(self, key):
+        if key in self._lists:
+            return self._lists[key][0]
+        raise BadRequestKeyError(key, "missing %s %r" % (self._what, key))
+
+    def get(self, key, default=None, type=None):
+        if key not in self._lists:
+            return default
+        return _converted_one(self._lists[key][0], type, default)
+
+    def getlist(self, key, type=None):
+        return _converted(self._lists.get(key, ()), type)
+
+    def __contains__(self, key):
+        return key in self._lists
+
+    def __iter__(self):
+        return iter(self._lists)
+
+    def __len__(self):
+        return len(self._lists)
+
+    def keys(self):
+        return self._lists.keys()
+
+    def values(self):
+        return [values[0] for values in self._lists.values()]
+
+    def items(self, multi=False):
+        if multi:
+            return [(key, value) for key, values in self._lists.items() for value in values]
+        return [(key, values[0]) for key, values in self._lists.items()]
+
+    def lists(self):
+        return [(key, list(values)) for key, values in self._lists.items()]
+
+    def to_dict(self, flat=True):
+        if flat:
+            return {key: values[0] for key, values in self._lists.items()}
+        return {key: list(values) for key, values in self._lists.items()}
+
+    def __eq__(self, other):
+        if isinstance(other, MultiDict):
+            return self._lists == other._lists
+        if isinstance(other, dict):
+            return self.to_dict() == other
+        return NotImplemented
+
+    def __repr__(self):
+        return "MultiDict(%r)" % (self.items(multi=True),)
+
+
+class Headers:
+    """Case-insensitive HTTP headers kept in order, with repeated names allowed (Werkzeug's
+    Headers, reduced).  Iterating gives (name, value) pairs, as Flask's headers do."""
+
+    def __init__(self, items=None):
+        self._items = []
+        if items:
+            self.extend(items)
+
+    @staticmethod
+    def _pairs(items):
+        if isinstance(items, Headers):
+            return list(items._items)
+        if hasattr(items, "items"):
+            return list(items.items())
+        return list(items)
+
+    @staticmethod
+    def _checked(name, value):
+        name, value = str(name), str(value)
+        if "\n" in name or "\r" in name or "\n" in value or "\r" in value or ":" in name:
+            raise ValueError("invalid response header %r: %r" % (name, value))
+        return name, value
+
+    def get(self, key, default=None, type=None):
+        lower = key.lower()
+        for name, value in self._items:
+            if name.lower() == lower:
+                return _converted_one(value, type, default)
+        return default
+
+    def getlist(self, key, type=None):
+        lower = key.lower()
+        return _converted((v for k, v in self._items if k.lower() == lower), type)
+
+    get_all = getlist
+
+    def __getitem__(self, key):
+        value = self.get(key)
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key):
+        lower = key.lower()
+        return any(name.lower() == lower for name, _ in self._items)
+
+    def __iter__(self):
+        return iter(list(self._items))
+
+    def __len__(self):
+        return len(self._items)
+
+    def keys(self):
+        return [name for name, _ in self._items]
+
+    def values(self):
+        return [value for _, value in self._items]
+
+    def items(self):
+        return list(self._items)
+
+    def to_dict(self):
+        out = {}
+        for name, value in self._items:
+            out.setdefault(name, value)
+        return out
+
+    def add(self, name, value):
+        self._items.append(self._checked(name, value))
+
+    def extend(self, items):
+        for name, value in self._pairs(items):
+            self.add(name, value)
+
+    def remove(self, key):
+        lower = key.lower()
+        self._items = [(k, v) for k, v in self._items if k.lower() != lower]
+
+    __delitem__ = remove
+
+    def set(self, name, value):
+        self.remove(name)
+        self.add(name, value)
+
+    __setitem__ = set
+
+    def setdefault(self, name, value):
+        if name not in self:
+            self.add(name, value)
+        return self[name]
+
+    def update(self, items):
+        """Replace the named headers with the new values (all of them, when a name repeats)."""
+        pairs = self._pairs(items)
+        for name in {str(name).lower() for name, _ in pairs}:
+            self.remove(name)
+        for name, value in pairs:
+            self.add(name, value)
+
+    def __repr__(self):
+        return "Headers(%r)" % (self._items,)
+
+
+class JSONObject(dict):
+    """A JSON object from the request: a real dict whose missing keys are the client's fault."""
+
+    __slots__ = ()
+
+    def __missing__(self, key):
+        raise BadRequestKeyError(key, "missing JSON field %r" % (key,))
+
+
+class JSONArray(list):
+    """A top-level JSON array from the request: a real list that answers 400, not 500, when a
+    handler expecting an object looks up a field in it."""
+
+    __slots__ = ()
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            raise BadRequestKeyError(index, "expected a JSON object with field %r, got an array" % (index,))
+        return list.__getitem__(self, index)
+
+    def __getattr__(self, name):
+        if name in ("keys", "items", "values", "get"):
+            raise HTTPError(400, "expected a JSON object, got an array")
+        raise AttributeError(name)
+
+
+class StrictJSONError(ValueError):
+    pass
+
+
+def _reject_constant(name):
+    raise StrictJSONError("non-finite number %s is not allowed" % name)
+
+
+def _finite_float(text):
+    value = float(text)
+    if math.isinf(value):
+        raise StrictJSONError("number %s is too large" % text[:40])
+    return value
+
+
+def parse_request_json(body):
+    """Strict JSON (decisions.md 5): NaN, Infinity, overflowing numbers, invalid UTF-8 and nesting
+    too deep to parse are client errors, and so is a body that is just null."""
+    try:
+        value = json.loads(body, object_pairs_hook=JSONObject, parse_float=_finite_float,
+                           parse_constant=_reject_constant)
+    except StrictJSONError as exc:
+        raise HTTPError(400, "invalid JSON: %s" % exc)
+    except UnicodeDecodeError:
+        raise HTTPError(400, "invalid JSON: the body is not valid UTF-8")
+    except RecursionError:
+        raise HTTPError(400, "invalid JSON: nested too deeply")
+    except ValueError as exc:
+        if not body.strip():
+            raise HTTPError(400, "the request body is empty; expected JSON")
+        raise HTTPError(400, "invalid JSON: %s" % exc)
+    if value is None:
+        raise HTTPError(400, "the JSON body is null; expected a value")
+    if type(value) is list:
+        value = JSONArray(value)
+    return value
+
+
+class FileStorage:
+    """An uploaded file from a multipart form (Werkzeug's FileStorage, reduced)."""
+
+    def __init__(self, data, filename, name, content_type):
+        self.stream = io.BytesIO(data)
+        self.filename = filename
+        self.name = name
+        self.content_type = content_type
+        self.mimetype = (content_type or "").split(";")[0].strip().lower()
+
+    def read(self, size=-1):
+        return self.stream.read(size)
+
+    def save(self, destination):
+        data = self.stream.getvalue()
+        if hasattr(destination, "write"):
+            destination.write(data)
+        else:
+            with open(destination, "wb") as file:
+                file.write(data)
+
+    def __repr__(self):
+        return "<FileStorage %r (%r)>" % (self.filename, self.content_type)
+
+
+def parse_content_type(value):
+    """'Text/HTML; charset=utf-8' -> ('text/html', {'charset': 'utf-8'})."""
+    mimetype, _, rest = value.partition(";")
+    params = {}
+    for part in rest.split(";"):
+        key, sep, val = part.partition("=")
+        if sep:
+            params[key.strip().lower()] = val.strip().strip('"')
+    return mimetype.strip().lower(), params
+
+
+class Request:
+    """The request a handler receives, with Flask's attributes and behaviour (flask-compat.md).
+    It is a plain object, valid for as long as anyone holds it, including a streaming generator."""
+
+    def __init__(self, method, target, path, query_string, version, headers, client_address,
+                 server_address, content_length=None, body=b"", scheme="http", host=None):
+        self.method = method
+        self.target = target  # the raw request target, e.g. '/value?x=1'
+        self.path = path  # percent-decoded
+        self.query_string = query_string  # bytes, as sent
+        self.protocol = version
+        self.headers = headers
+        self.remote_addr = client_address[0]
+        self.remote_port = client_address[1]
+        self.server_address = server_address
+        self.content_length = content_length
+        self._body = body
+        self.scheme = scheme
+        self._absolute_host = host
+        self._cached_json = (_MISSING, _MISSING)
+
+    # -- body ------------------------------------------------------------------------------
+    def get_data(self, cache=True, as_text=False, parse_form_data=False):
+        body = self._body
+        if not cache:
+            self._body = b""
+        return body.decode("utf-8", "replace") if as_text else body
+
+    @property
+    def data(self):
+        """The raw body, always (Flask empties it once the form has been parsed from it)."""
+        return self._body
+
+    def get_json(self, force=False, silent=False, cache=True):
+        cached = self._cached_json[silent]
+        if cache and cached is not _MISSING:
+            return cached
+        if not (force or self.is_json):
+            if silent:
+                return None
+            raise HTTPError(415, "request.json needs Content-Type: application/json "
+                                 "(got %s)" % (self.content_type or "no Content-Type"))
+        try:
+            value = parse_request_json(self.get_data(cache=cache))
+        except HTTPError:
+            if not silent:
+                raise
+            if cache:
+                self._cached_json = (self._cached_json[0], None)
+            return None
+        if cache:
+            self._cached_json = (value, value)
+        return value
+
+    @property
+    def json(self):
+        return self.get_json()
+
+    @lazy
+    def stream(self):
+        return io.BytesIO(self._body)
+
+    # -- content type ----------------------------------------------------------------------
+    @property
+    def content_type(self):
+        return self.headers.get("Content-Type")
+
+    @lazy
+    def _parsed_content_type(self):
+        return parse_content_type(self.content_type or "")
+
+    @property
+    def mimetype(self):
+        return self._parsed_content_type[0]
+
+    @property
+    def mimetype_params(self):
+        return dict(self._parsed_content_type[1])
+
+    @property
+    def is_json(self):
+        mimetype = self.mimetype
+        return mimetype == "application/json" or (
+            mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+    # -- query, form, cookies --------------------------------------------------------------
+    @lazy
+    def args(self):
+        query = self.query_string.decode("latin-1")
+        return MultiDict(parse_qsl(query, keep_blank_values=True, encoding="utf-8",
+                                   errors="replace"), "query parameter")
+
+    @lazy
+    def _form_and_files(self):
+        mimetype = self.mimetype
+        if mimetype == "application/x-www-form-urlencoded":
+            if len(self._body) > MAX_FORM_BYTES:
+                raise HTTPError(413, "form data over %d bytes" % MAX_FORM_BYTES)
+            pairs = parse_qsl(self._body.decode("latin-1"), keep_blank_values=True,
+                              encoding="utf-8", errors="replace")
+            return MultiDict(pairs, "form field"), MultiDict((), "file")
+        if mimetype == "multipart/form-data":
+            return parse_multipart(self.content_type, self._body)
+        return MultiDict((), "form field"), MultiDict((), "file")
+
+    @property
+    def form(self):
+        return self._form_and_files[0]
+
+    @property
+    def files(self):
+        return self._form_and_files[1]
+
+    @lazy
+    def values(self):
+        """Query and form values together; for GET, the query alone (Flask 2.0 and later)."""
+        pairs = self.args.items(multi=True)
+        if self.method != "GET":
+            pairs += self.form.items(multi=True)
+        return MultiDict(pairs, "field")
+
+    @lazy
+    def cookies(self):
+        pairs = []
+        for header in self.headers.getlist("Cookie"):
+            for part in header.split(";"):
+                name, sep, value = part.partition("=")
+                name, value = name.strip(), value.strip()
+                if sep and name:
+                    if len(value) >= 2 and value[0] == value[-1] == '"':
+                        value = value[1:-1]
+                    pairs.append((name, value))
+        return MultiDict(pairs, "cookie")
+
+    # -- addresses ---------------------------------------------------------------------------
+    @lazy
+    def host(self):
+        if self._absolute_host:
+            return self._absolute_host
+        host = self.headers.get("Host")
+        if host:
+            return host
+        address, port = self.server_address[:2]
+        return "%s:%d" % (address, port)
+
+    @property
+    def full_path(self):
+        return self.path + "?" + self.query_string.decode("latin-1")
+
+    @property
+    def host_url(self):
+        return "%s://%s/" % (self.scheme, self.host)
+
+    url_root = host_url
+
+    @property
+    def base_url(self):
+        return "%s://%s%s" % (self.scheme, self.host, self.target.partition("?")[0])
+
+    @property
+    def url(self):
+        query = self.query_string.decode("latin-1")
+        return self.base_url + ("?" + query if query else "")
+
+    @property
+    def access_route(self):
+        forwarded = self.headers.get("X-Forwarded-For")
+        if forwarded:
+            return [address.strip() for address in forwarded.split(",")]
+        return [self.remote_addr]
+
+    @property
+    def view_args(self):
+        return {"endpoint": self.path[1:]}
+
+    @lazy
+    def environ(self):
+        """A WSGI-style environ for code that reads one."""
+        environ = {
+            "REQUEST_METHOD": self.method, "SCRIPT_NAME": "", "PATH_INFO": self.path,
+            "QUERY_STRING": self.query_string.decode("latin-1"), "REQUEST_URI": self.target,
+            "RAW_URI": self.target, "SERVER_PROTOCOL": self.protocol,
+            "SERVER_NAME": str(self.server_address[0]), "SERVER_PORT": str(self.server_address[1]),
+            "REMOTE_ADDR": self.remote_addr, "REMOTE_PORT": str(self.remote_port),
+            "wsgi.url_scheme": self.scheme, "wsgi.input": io.BytesIO(self._body),
+            "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+            "wsgi.run_once": False, "wsgi.version": (1, 0),
+        }
+        if self.content_type is not None:
+            environ["CONTENT_TYPE"] = self.content_type
+        if self.content_length is not None:
+            environ["CONTENT_LENGTH"] = str(self.content_length)
+        for name, value in self.headers.items():
+            key = name.upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                environ["HTTP_" + key] = value
+        return environ
+
+    def __repr__(self):
+        return "<Request %s %r>" % (self.method, self.target)
+
+
+_MISSING = object()
+
+
+def parse_multipart(content_type, body):
+    """multipart/form-data into (form, files).  Malformed input gives empty results, as in Flask."""
+    form, files = [], []
+    message = email.parser.BytesParser().parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if message.is_multipart():
+        parts = message.get_payload()
+        if len(parts) > MAX_FORM_PARTS:
+            raise HTTPError(413, "more than %d form parts" % MAX_FORM_PARTS)
+        for part in parts:
+            name = part.get_param("name", header="content-disposition")
+            if name is None:
+                continue
+            data = part.get_payload(decode=True) or b""
+            filename = part.get_filename()
+            if filename is not None:
+                files.append((name, FileStorage(data, filename, name, part.get("Content-Type"))))
+            elif len(data) > MAX_FORM_BYTES:
+                raise HTTPError(413, "form field %r over %d bytes" % (name, MAX_FORM_BYTES))
+            else:
+                charset = part.get_content_charset() or "utf-8"
+                form.append((name, data.decode(charset, "replace")))
+    return MultiDict(form, "form field"), MultiDict(files, "file")
+
+
+_current = threading.local()
+
+
+class RequestProxy:
+    """flask.request: the request the current thread is handling (the object handlers receive)."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def _get():
+        request = getattr(_current, "request", None)
+        if request is None:
+            raise RuntimeError("flask.request was used outside of a request")
+        return request
+
+    def __getattr__(self, name):
+        return getattr(self._get(), name)
+
+    def __bool__(self):
+        return getattr(_current, "request", None) is not None
+
+    def __repr__(self):
+        return repr(getattr(_current, "request", None))
+
+
+# ------------------------------------------------------------------------------------------------
+# Flask compatibility: response
+# ------------------------------------------------------------------------------------------------
+
+CHARSET_MIMETYPES = frozenset(("application/ecmascript", "application/javascript",
+                               "application/sql", "application/xml", "application/xml-dtd",
+                               "application/xml-external-parsed-entity"))
+
+
+def content_type_for(mimetype):
+    """Werkzeug's rule: text types (and a few others) get '; charset=utf-8'."""
+    if mimetype.startswith("text/") or mimetype in CHARSET_MIMETYPES or mimetype.endswith("+xml"):
+        return mimetype + "; charset=utf-8"
+    return mimetype
+
+
+def is_response(value):
+    """Ours or Werkzeug's (duck-typed): something with a status code, headers and a body."""
+    return isinstance(value, Response) or (
+        hasattr(value, "status_code") and hasattr(value, "headers")
+        and (hasattr(value, "iter_encoded") or hasattr(value, "response")))
+
+
+class Response:
+    """flask.Response: a status, headers and a body that is either bytes or an iterable streamed
+    to the client chunk by chunk."""
+
+    default_mimetype = "text/html"
+
+    def __init__(self, response=None, status=None, headers=None, mimetype=None,
+                 content_type=None, direct_passthrough=False):
+        self.headers = Headers(headers)
+        if content_type is None:
+            if mimetype is None and "Content-Type" not in self.headers:
+                mimetype = self.default_mimetype
+            if mimetype is not None:
+                content_type = content_type_for(mimetype)
+        if content_type is not None:
+            self.headers["Content-Type"] = content_type
+        self.status = 200 if status is None else status
+        self._body = b""
+        self._stream = None
+        if isinstance(response, (str, bytes, bytearray)):
+            self.set_data(response)
+        elif response is not None:
+            self._set_iterable(response)
+
+    def _set_iterable(self, iterable):
+        if isinstance(iterable, (list, tuple)):
+            self._body = b"".join(item.encode() if isinstance(item, str) else bytes(item)
+                                  for item in iterable)
+        else:
+            self._stream = iterable
+
+    @property
+    def status(self):
+        return "%d %s" % (self.status_code, self._phrase)
+
+    @status.setter
+    def status(self, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            code, phrase = value, None
+        elif isinstance(value, str) and value.strip()[:3].isdigit():
+            code, phrase = int(value.strip()[:3]), value.strip()[3:].strip() or None
+        else:
+            raise TypeError("a status must be an int or a string like '201 Created', got %r" % (value,))
+        if not 100 <= code <= 999:
+            raise ValueError("status code %d is not a three-digit HTTP status" % code)
+        self.status_code = code
+        self._phrase = phrase or STATUS_PHRASES.get(code, "Unknown")
+
+    @property
+    def status_code(self):
+        return self._status_code
+
+    @status_code.setter
+    def status_code(self, code):
+        self._status_code = code
+        self._phrase = STATUS_PHRASES.get(code, "Unknown")
+
+    @property
+    def is_streamed(self):
+        return self._stream is not None
+
+    def get_data(self, as_text=False):
+        if self._stream is not None:  # reading a stream consumes it: keep what was read
+            self._set_iterable(list(self._stream))
+            self._stream = None
+        return self._body.decode("utf-8", "replace") if as_text else self._body
+
+    def set_data(self, value):
+        self._body = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        self._stream = None
+
+    data = property(get_data, set_data)
+
+    @property
+    def content_type(self):
+        return self.headers.get("Content-Type")
+
+    @content_type.setter
+    def content_type(self, value):
+        self.headers["Content-Type"] = value
+
+    @property
+    def mimetype(self):
+        value = self.content_type
+        return parse_content_type(value)[0] if value else None
+
+    @mimetype.setter
+    def mimetype(self, value):
+        self.headers["Content-Type"] = content_type_for(value)
+
+    @property
+    def json(self):
+        return json.loads(self.get_data()) if self.mimetype == "application/json" else None
+
+    def __repr__(self):
+        return "<Response %s%s>" % (self.status, " streamed" if self.is_streamed else "")
+
+
+def _json_default(value):
+    """What Flask's JSON provider converts beyond plain JSON types."""
+    datetime = sys.modules.get("datetime")
+    if datetime is not None and isinstance(value, datetime.date):
+        if not isinstance(value, datetime.datetime):
+            value = datetime.datetime(value.year, value.month, value.day)
+        if value.tzinfo is not None:
+            value = value.astimezone(datetime.timezone.utc)
+        return email.utils.format_datetime(value.replace(tzinfo=datetime.timezone.utc), usegmt=True)
+    for module_name, class_name in (("decimal", "Decimal"), ("uuid", "UUID")):
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(value, getattr(module, class_name)):
+            return str(value)
+    dataclasses = sys.modules.get("dataclasses")
+    if dataclasses is not None and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if hasattr(value, "__html__"):
+        return str(value.__html__())
+    raise TypeError("Object of type %s is not JSON serializable" % type(value).__name__)
+
+
+_json_encoder = json.JSONEncoder(separators=(",", ":"), sort_keys=True, ensure_ascii=True,
+                                 allow_nan=False, default=_json_default)
+
+
+def json_body(value):
+    """Flask's JSON output (compact, sorted keys, ASCII, a trailing newline), but never NaN."""
+    return _json_encoder.encode(value) + "\n"
+
+
+def jsonify(*args, **kwargs):
+    if args and kwargs:
+        raise TypeError("jsonify() takes positional or keyword arguments, not both")
+    value = kwargs if kwargs else (args[0] if len(args) == 1 else (list(args) if args else None))
+    return Response(json_body(value), mimetype="application/json")
+
+
+class BadReturnValue(TypeError):
+    """A handler returned something that is not a response; the message says what to return."""
+
+
+def to_response(value):
+    """Convert what a handler returned into a Response, as Flask does (flask-compat.md §2)."""
+    if isinstance(value, Response):
+        return value
+    if isinstance(value, (str, bytes, bytearray)):
+        return Response(value)
+    if isinstance(value, (dict, list)):
+        try:
+            return Response(json_body(value), mimetype="application/json")
+        except (TypeError, ValueError) as exc:
+            raise BadReturnValue("the handler's result could not be sent as JSON: %s" % exc)
+    if isinstance(value, tuple):
+        return _tuple_response(value)
+    if is_response(value):
+        return _foreign_response(value)
+    if value is None:
+        raise BadReturnValue("the handler returned None; return a str, bytes, dict, list, "
+                             "tuple, Response or iterator")
+    if hasattr(value, "__next__") and hasattr(value, "__iter__"):
+        return Response(value)
+    raise BadReturnValue("the handler returned a %s; return a str, bytes, dict, list, tuple, "
+                         "Response or iterator" % type(value).__name__)
+
+
+def _tuple_response(value):
+    if len(value) == 3:
+        body, status, headers = value
+    elif len(value) == 2:
+        body, second = value
+        if isinstance(second, (Headers, dict, tuple, list)):
+            status, headers = None, second
+        else:
+            status, headers = second, None
+    else:
+        raise BadReturnValue("a returned tuple must be (body, status, headers), (body, status) "
+                             "or (body, headers); got %d items" % len(value))
+    if isinstance(body, tuple):
+        raise BadReturnValue("a returned tuple may not hold another tuple as its body")
+    response = to_response(body)
+    try:
+        if status is not None:
+            response.status = status
+        if headers:
+            response.headers.update(headers)
+    except (TypeError, ValueError) as exc:
+        raise BadReturnValue(str(exc))
+    return response
+
+
+def _foreign_response(value):
+    """A Werkzeug response object built by the handler itself: copy it into ours."""
+    body = value.iter_encoded() if hasattr(value, "iter_encoded") else value.response
+    response = Response(body, value.status_code, list(value.headers.items()))
+    return response
+
+
+def make_response(*args):
+    if not args:
+        return Response()
+    return to_response(args[0] if len(args) == 1 else args)
+
+
+def stream_with_context(generator_or_function):
+    """Identity: our request stays valid while a stream is sent, so no context needs keeping."""
+    return generator_or_function
+
+
+# ------------------------------------------------------------------------------------------------
+# Flask compatibility: the flask module
+# ------------------------------------------------------------------------------------------------
+
+FLASK_EXPORTS = {
+    "abort": abort, "Response": Response, "request": RequestProxy(), "jsonify": jsonify,
+    "make_response": make_response, "stream_with_context": stream_with_context,
+}
+
+
+def make_flask_module():
+    """The `flask` that backends import: ours whether or not Flask is installed, so behaviour never
+    depends on the machine.  A name it lacks fails at import time, saying so."""
+    module = types.ModuleType("flask", "vastworker's standard-library stand-in for Flask")
+    module.__dict__.update(FLASK_EXPORTS)
+
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ImportError("flask.%s is not provided by vastworker (it provides %s)"
+                          % (name, ", ".join(sorted(FLASK_EXPORTS))))
+
+    module.__getattr__ = __getattr__
+    return module
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch
+# ------------------------------------------------------------------------------------------------
+
+class QueueLock:
+    """The lock that guards the Backend: first come, first served, with a bounded wait, so a
+    request that cannot get its turn in time is refused rather than piling up threads."""
+
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters = collections.deque()
+
+    def acquire(self, timeout):
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiters.append(turn)
+        if turn.acquire(timeout=timeout):
+            return True
+        with self._mutex:
+            try:
+                self._waiters.remove(turn)
+            except ValueError:  # handed the lock just as the wait ended: it is ours
+                return True
+            return False
+
+    def release(self):
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()  # hand over directly, in arrival order
+            else:
+                self._held = False
+
+
+class BackendApp:
+    """One backend being served: its Backend instance, its flask_dict routes and the lock.  Turns a
+    Request into a Response; never raises."""
+
+    def __init__(self, backend, routes, parallel=False, queue_time=30.0):
+        self.backend = backend
+        self.routes = routes
+        self.lock = None if parallel else QueueLock()
+        self.queue_time = queue_time
+
+    def respond(self, request):
+        method, path = request.method, request.path
+        if path == "/":
+            return error_response(404, "nothing is served at /; endpoints are named paths")
+        if method == "OPTIONS":
+            response = Response()
+            response.headers["Allow"] = ALLOW_HEADER
+            return response
+        if method not in SERVED_METHODS:
+            response = error_response(405, "method %s is not served" % method)
+            response.headers["Allow"] = ALLOW_HEADER
+            return response
+        handler = self.routes.get(method, {}).get(path[1:])
+        if handler is None:
+            return error_response(404, "no %s handler for %r" % (method, path[1:]))
+        return self.call(handler, request)
+
+    def call(self, handler, request):
+        _current.request = request
+        try:
+            if self.lock is None:
+                return to_response(handler(self.backend, request))
+            if not self.lock.acquire(self.queue_time):
+                response = error_response(429, "the backend was busy for more than %g s; retry"
+                                          % self.queue_time)
+                response.headers["Retry-After"] = "1"
+                return response
+            try:  # converted under the lock: the result may be live backend state
+                return to_response(handler(self.backend, request))
+            finally:
+                self.lock.release()
+        except HTTPError as exc:
+            return exc.get_response()
+        except BadRequestKeyError as exc:
+            return error_response(400, exc.description)
+        except BadReturnValue as exc:
+            Log.write("error", "%s %s: %s" % (request.method, request.path, exc))
+            return error_response(500)
+        except BaseException as exc:
+            code = getattr(exc, "code", None)
+            if isinstance(code, int) and 400 <= code <= 599 and hasattr(exc, "description"):
+                return error_response(code, exc.description)  # a Werkzeug HTTPException
+            Log.exception("%s %s: the handler raised %s" % (request.method, request.path,
+                                                           type(exc).__name__))
+            return error_response(500)
+
+    @staticmethod
+    def finish():
+        """The response has been sent: forget the current request."""
+        _current.request = None
+
+
+# ------------------------------------------------------------------------------------------------
+# The HTTP server
+# ------------------------------------------------------------------------------------------------
+
+class ClientError(Exception):
+    """The client broke the protocol: answer with this status and close the connection."""
+
+    def __init__(self, code, detail):
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+
+
+class ConnectionClosed(Exception):
+    """The client went away before sending a whole request."""
+
+
+_HEAD_END = re.compile(rb"\n\r?\n")
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
+_HEX = re.compile(rb"^[0-9a-fA-F]{1,16}$")
+
+
+class SocketReader:
+    """Buffered reads from a client socket.  The request head must arrive within a deadline and
+    every read has an inactivity timeout, so slow or stuck clients cannot hold a thread for ever."""
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.timeout = timeout
+        self.buffer = bytearray()
+
+    def _fill(self, timeout):
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(262144)
+        if not data:
+            raise ConnectionClosed()
+        self.buffer += data
+
+    def read_head(self):
+        """The request line and headers (without the blank line), or None when the connection
+        ends or stays idle between requests."""
+        buffer = self.buffer
+        deadline = None
+        while True:
+            start = 0
+            while start < len(buffer) and buffer[start] in b"\r\n":  # blank lines before a request
+                start += 1
+            if start:
+                del buffer[:start]
+            if buffer:
+                match = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)
+                if match:
+                    head = bytes(buffer[:match.start()])
+                    del buffer[:match.end()]
+                    return head
+                if len(buffer) > MAX_HEAD_BYTES:
+                    if b"\n" not in buffer[:MAX_HEAD_BYTES]:
+                        raise ClientError(414, "the request line is longer than %d bytes" % MAX_HEAD_BYTES)
+                    raise ClientError(431, "the request headers are larger than %d bytes" % MAX_HEAD_BYTES)
+                if deadline is None:
+                    deadline = time.monotonic() + self.timeout
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ClientError(408, "the request headers took longer than %g s" % self.timeout)
+                try:
+                    self._fill(remaining)
+                except socket.timeout:
+                    raise ClientError(408, "the request headers took longer than %g s" % self.timeout)
+            else:
+                try:
+                    self._fill(self.timeout)
+                except (socket.timeout, ConnectionClosed):
+                    return None
+
+    def read_exact(self, size):
+        buffer = self.buffer
+        while len(buffer) < size:
+            self._fill(self.timeout)
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+    def read_line(self, limit):
+        buffer = self.buffer
+        while True:
+            end = buffer.find(b"\n", 0, limit + 1)
+            if end >= 0:
+                line = bytes(buffer[:end + 1])
+                del buffer[:end + 1]
+                return line
+            if len(buffer) > limit:
+                raise ClientError(400, "a chunk-size line is longer than %d bytes" % limit)
+            self._fill(self.timeout)
+
+    def read_chunked(self, max_body):
+        """A chunked request body, decoded; over max_body is a 413 as soon as it is known."""
+        parts, total = [], 0
+        while True:
+            line = self.read_line(1024).split(b";", 1)[0].strip()
+            if not _HEX.match(line):
+                raise ClientError(400, "invalid chunk size %r" % line[:20].decode("latin-1"))
+            size = int(line, 16)
+            if size == 0:
+                break
+            total += size
+            if total > max_body:
+                raise ClientError(413, "the request body is larger than %d bytes" % max_body)
+            parts.append(self.read_exact(size))
+            if self.read_exact(2) != b"\r\n":
+                raise ClientError(400, "a chunk is longer than its size says")
+        for _ in range(MAX_HEADER_COUNT + 1):  # trailer fields, ignored
+            if not self.read_line(MAX_HEAD_BYTES).strip():
+                return b"".join(parts)
+        raise ClientError(431, "too many trailer fields")
+
+
+def decode_path(raw):
+    """Percent-decode a request path as UTF-8, invalid bytes becoming U+FFFD (Werkzeug's rule)."""
+    if b"%" not in raw:
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            pass
+    return unquote_to_bytes(raw).decode("utf-8", "replace")
+
+
+class RequestHead:
+    """The parsed request line and headers, with the framing facts the server needs."""
+
+    def __init__(self, head):
+        lines = head.split(b"\n")
+        request_line = lines[0].rstrip(b"\r").decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3:
+            raise ClientError(400, "malformed request line %r" % request_line[:100])
+        method, target, version = parts
+        if not _TOKEN.match(method):
+            raise ClientError(400, "malformed request method %r" % method[:20])
+        version_match = _VERSION.match(version)
+        if not version_match:
+            raise ClientError(400, "malformed HTTP version %r" % version[:20])
+        if version_match.group(1) != "1":
+            raise ClientError(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        self.method = method.upper()
+        self.version = version
+        self.http11 = version != "HTTP/1.0"
+        if len(lines) - 1 > MAX_HEADER_COUNT:
+            raise ClientError(431, "more than %d request headers" % MAX_HEADER_COUNT)
+        self.absolute_host = None
+        raw_target = lines[0].rstrip(b"\r").split(b" ")[1]
+        if raw_target[:7].lower() == b"http://" or raw_target[:8].lower() == b"https://":
+            authority, slash, rest = raw_target.split(b"//", 1)[1].partition(b"/")
+            self.absolute_host = authority.decode("latin-1")
+            raw_target = slash + rest or b"/"
+        raw_path, _, self.query_string = raw_target.partition(b"?")
+        if raw_path.startswith(b"//"):  # Werkzeug reads '//x' as '/x'
+            raw_path = b"/" + raw_path.lstrip(b"/")
+        self.target = raw_target.decode("latin-1")
+        self.path = decode_path(raw_path)
+
+        fields = {}  # lower-case name -> [values]
+        pairs = []
+        for line in lines[1:]:
+            line = line.rstrip(b"\r")
+            if b"\r" in line or b"\0" in line:
+                raise ClientError(400, "a header line holds a stray CR or NUL byte")
+            if line[:1] in (b" ", b"\t"):
+                raise ClientError(400, "folded header lines are not accepted")
+            name, colon, value = line.partition(b":")
+            name = name.decode("latin-1")
+            if not colon or not _TOKEN.match(name):
+                raise ClientError(400, "malformed header line %r" % line[:100].decode("latin-1"))
+            value = value.strip(b" \t").decode("latin-1")
+            lower = name.lower()
+            fields.setdefault(lower, []).append(value)
+            if "_" not in name:  # dropped, as Werkzeug does, against header spoofing via proxies
+                pairs.append((name, lower, value))
+        self.fields = fields
+        headers = Headers()
+        seen = {}
+        for name, lower, value in pairs:  # repeated headers are joined, as in Flask
+            if lower in seen:
+                index = seen[lower]
+                glue = "; " if lower == "cookie" else ", "
+                headers._items[index] = (headers._items[index][0], headers._items[index][1] + glue + value)
+            else:
+                seen[lower] = len(headers._items)
+                headers._items.append((name.title(), value))
+        self.headers = headers
+        self.connection = {token.strip().lower() for value in fields.get("connection", ())
+                           for token in value.split(",")}
+        self.content_length = self._content_length()
+        self.chunked = self._chunked()
+
+    def _content_length(self):
+        values = self.fields.get("content-length")
+        if not values:
+            return None
+        numbers = {value.strip() for joined in values for value in joined.split(",")}
+        if len(numbers) != 1:
+            raise ClientError(400, "conflicting Content-Length headers")
+        number = numbers.pop()
+        if not number.isdigit() or not number.isascii():
+            raise ClientError(400, "invalid Content-Length %r" % number[:30])
+        return int(number)
+
+    def _chunked(self):
+        values = self.fields.get("transfer-encoding")
+        if not values:
+            return False
+        codings = [coding.strip().lower() for value in values for coding in value.split(",")]
+        if codings != ["chunked"]:
+            raise ClientError(501, "only the chunked transfer coding is accepted, got %r"
+                              % ", ".join(codings)[:60])
+        if self.content_length is not None:
+            raise ClientError(400, "Content-Length and Transfer-Encoding together are ambiguous")
+        return True
+
+    @property
+    def keep_alive(self):
+        if "close" in self.connection:
+            return False
+        return self.http11 or "keep-alive" in self.connection
+
+
+_date_cache = (0, "")
+
+
+def http_date():
+    """The Date header, formatted once a second rather than once a request."""
+    global _date_cache
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+HOP_BY_HOP = frozenset(("connection", "content-length", "keep-alive", "transfer-encoding"))
+SERVER_HEADER = "vastworker/" + __version__
+
+
+class ConnectionHandler(socketserver.BaseRequestHandler):
+    """One client connection: HTTP/1.1 requests, kept alive while the framing is certain.
+    (http.server's own request handler is not used: its parser is slower, reads a header line at
+    a time with no overall deadline, and does not decode chunked bodies.)"""
+
+    def setup(self):
+        self.sock = self.request
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = SocketReader(self.sock, self.server.timeout)
+
+    def handle(self):
+        try:
+            while self.handle_one():
+                pass
+        except (ConnectionClosed, OSError):
+            pass
+
+    def handle_one(self):
+        """Serve one request; True when the connection may carry another."""
+        try:
+            head = self.reader.read_head()
+        except ClientError as exc:
+            self.send_error(exc)
+            return False
+        if head is None:
+            return False
+        server = self.server
+        started = time.perf_counter()
+        server.request_started()
+        try:
+            return self.serve(head, started)
+        finally:
+            server.request_finished()
+
+    def serve(self, head, started):
+        server = self.server
+        try:
+            parsed = RequestHead(head)
+            body, framing_known = self.read_body(parsed)
+        except ClientError as exc:
+            self.send_error(exc, started=started)
+            return False
+        except socket.timeout:
+            self.send_error(ClientError(408, "the request body stopped arriving"), started=started)
+            return False
+        request = Request(parsed.method, parsed.target, parsed.path, parsed.query_string,
+                          parsed.version, parsed.headers, self.client_address,
+                          server.server_address, parsed.content_length, body,
+                          host=parsed.absolute_host)
+        response = server.app.respond(request)
+        keep_alive = parsed.keep_alive and framing_known and not server.stopping
+        try:
+            return self.send(request, response, parsed.http11, keep_alive, started)
+        finally:
+            server.app.finish()
+
+    def read_body(self, parsed):
+        """The request body, and whether the connection's framing is still certain after it."""
+        max_body = self.server.max_body
+        length = parsed.content_length
+        if length is not None and length > max_body:
+            raise ClientError(413, "the request body is %d bytes; the limit is %d" % (length, max_body))
+        if (length or parsed.chunked) and parsed.http11 and \
+                "100-continue" in (value.lower() for value in parsed.fields.get("expect", ())):
+            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if parsed.chunked:
+            return self.reader.read_chunked(max_body), True
+        if length:
+            return self.reader.read_exact(length), True
+        # No length: the body is empty, but a POST or PUT without one may have sent bytes anyway
+        return b"", length is not None or parsed.method not in ("POST", "PUT", "PATCH")
+
+    def send(self, request, response, http11, keep_alive, started):
+        """Write the response; True when the connection stays open."""
+        status = response.status_code
+        stream = response._stream
+        head_only = request.method == "HEAD" or status in (204, 304) or status < 200
+        lines = ["HTTP/1.1 %s\r\n" % response.status]
+        for name, value in response.headers._items:
+            if name.lower() not in HOP_BY_HOP:
+                lines.append("%s: %s\r\n" % (name, value))
+        if "Date" not in response.headers:
+            lines.append("Date: %s\r\n" % http_date())
+        if "Server" not in response.headers:
+            lines.append("Server: %s\r\n" % SERVER_HEADER)
+        chunked = False
+        if stream is None:
+            body = response._body
+            if status not in (204, 304) and status >= 200:
+                lines.append("Content-Length: %d\r\n" % len(body))
+        else:
+            body = b""
+            if not head_only:
+                if http11:
+                    chunked = True
+                    lines.append("Transfer-Encoding: chunked\r\n")
+                else:
+                    keep_alive = False  # an HTTP/1.0 client reads the stream until we close
+        if not keep_alive:
+            lines.append("Connection: close\r\n")
+        elif not http11:
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        try:
+            data = "".join(lines).encode("latin-1")
+        except UnicodeEncodeError:
+            Log.write("error", "%s %s: a response header is not Latin-1 text" % (request.method, request.path))
+            return self.send(request, error_response(500), http11, keep_alive, started)
+        if head_only:
+            self.sock.sendall(data)
+            size = 0
+            if stream is not None and hasattr(stream, "close"):
+                stream.close()
+        elif stream is None:
+            self.sock.sendall(data + body if len(body) < 65536 else data)
+            if len(body) >= 65536:
+                self.sock.sendall(body)
+            size = len(body)
+        else:
+            self.sock.sendall(data)
+            size = self.send_stream(request, stream, chunked)
+            if size is None:
+                self.log_access(request.method, request.target, status, "aborted", started)
+                return False
+        self.log_access(request.method, request.target, status, size, started)
+        return keep_alive
+
+    def send_stream(self, request, stream, chunked):
+        """Send a streamed body item by item (empty items skipped: they would end a chunked body).
+        Returns the bytes sent, or None when the stream failed and the connection must close."""
+        size = 0
+        try:
+            for item in stream:
+                if not item:
+                    continue
+                if isinstance(item, str):
+                    item = item.encode("utf-8")
+                elif not isinstance(item, (bytes, bytearray, memoryview)):
+                    raise TypeError("a streamed response yielded a %s, not str or bytes"
+                                    % type(item).__name__)
+                self.sock.sendall(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+                size += len(item)
+            if chunked:
+                self.sock.sendall(b"0\r\n\r\n")
+            return size
+        except OSError:
+            Log.write("debug", "%s %s: the client left during the stream" % (request.method, request.path))
+            return None
+        except BaseException:
+            Log.exception("%s %s: the stream failed after %d bytes" % (request.method, request.path, size))
+            return None
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    Log.exception("%s %s: closing the stream failed" % (request.method, request.path))
+
+    def send_error(self, error, started=None):
+        """Answer a protocol error and close: the rest of the connection cannot be trusted."""
+        response = error_response(error.code, error.detail)
+        body = response._body
+        data = ("HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                "Date: %s\r\nServer: %s\r\nConnection: close\r\n\r\n"
+                % (response.status, len(body), http_date(), SERVER_HEADER)).encode("latin-1") + body
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
+        self.log_access("-", "-", error.code, len(body), started, " (%s)" % error.detail)
+
+    def log_access(self, method, target, status, size, started, note=""):
+        if Log.level <= 20:
+            took = "" if started is None else " %.1fms" % ((time.perf_counter() - started) * 1000)
+            Log.write("info", "%s %s %s %s %s%s%s" % (self.client_address[0], method, target,
+                                                      status, size, took, note))
+
+
+class WorkerServer(http.server.ThreadingHTTPServer):
+    """The listening socket: a thread per connection, a deep accept backlog (the default of 5
+    drops connections under load), and a count of requests in flight for a graceful stop."""
+
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self, address, app, timeout=30.0, max_body=64 * 1024 * 1024):
+        self.app = app
+        self.timeout = timeout
+        self.max_body = max_body
+        self.stopping = False
+        self._active = 0
+        self._active_changed = threading.Condition()
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, ConnectionHandler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind would look up our own fully qualified name: slow, and unused
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def request_started(self):
+        with self._active_changed:
+            self._active += 1
+
+    def request_finished(self):
+        with self._active_changed:
+            self._active -= 1
+            if not self._active:
+                self._active_changed.notify_all()
+
+    def wait_idle(self, timeout):
+        """Wait until no request is in flight; False if some still are after timeout seconds."""
+        with self._active_changed:
+            return self._active_changed.wait_for(lambda: not self._active, timeout)
+
+    @property
+    def active_requests(self):
+        return self._active
+
+    def handle_error(self, request, client_address):
+        Log.exception("connection from %s failed" % (client_address[0],))
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+
+class StartupError(Exception):
+    """Why the worker cannot start, in one line for the user."""
+
+
+def byte_size(text):
+    """'64M' -> 67108864; plain numbers are bytes."""
+    match = re.match(r"^\s*(\d+)\s*([kKmMgG]?)[iI]?[bB]?\s*$", text)
+    if not match:
+        raise argparse.ArgumentTypeError("%r is not a size like 1048576, 512K or 64M" % text)
+    return int(match.group(1)) * 1024 ** " kmg".index(match.group(2).lower() or " ")
+
+
+def positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError("%r is not a positive number of seconds" % text)
+    return value
+
+
+def port_number(text, source="--port"):
+    if not text.strip().isdigit() or not 0 <= int(text) <= 65535:
+        raise StartupError("%s=%r is not a port number (0-65535)" % (source, text))
+    return int(text)
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(
+        prog="vastworker.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a pyworker-style backend (backend.py with Backend and flask_dict) "
+                    "over HTTP, on the Python standard library alone.",
+        epilog=ENVIRONMENT_HELP)
+    parser.add_argument("backend", metavar="BACKEND",
+                        help="a directory name under backends/, or a path to a directory with backend.py")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
+    parser.add_argument("--port", help="port to listen on; 0 picks a free one "
+                                       "(default $WORKER_PORT, else $AUTH_PORT, else 3000)")
+    parser.add_argument("--max-body", type=byte_size, default=byte_size("64M"), metavar="SIZE",
+                        help="largest request body accepted, e.g. 512K or 64M; larger ones get 413 "
+                             "before they are read (default 64M)")
+    parser.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
+                        help="how long a connection may stay idle, take to send its request headers, "
+                             "or pause while sending a body (default 30)")
+    parser.add_argument("--queue-time", type=positive_seconds, default=30.0, metavar="SECONDS",
+                        help="how long a request may wait for the backend lock before it gets 429 "
+                             "with Retry-After (default 30)")
+    parser.add_argument("--grace", type=positive_seconds, default=10.0, metavar="SECONDS",
+                        help="on SIGTERM or SIGINT, how long in-flight requests may take to finish "
+                             "(default 10)")
+    parser.add_argument("--log-level", choices=sorted(Log.LEVELS, key=Log.LEVELS.get), default="info",
+                        help="info (the default) logs one line per request; warning and error only "
+                             "problems; debug adds tracebacks of startup failures")
+    parser.add_argument("--quiet", action="store_true", help="same as --log-level warning")
+    parser.add_argument("--version", action="version", version="vastworker " + __version__)
+    return parser
+
+
+def resolve_port(option, environ):
+    if option is not None:
+        return port_number(option)
+    for name in ("WORKER_PORT", "AUTH_PORT"):
+        if environ.get(name):
+            return port_number(environ[name], "$" + name)
+    return DEFAULT_PORT
+
+
+def find_backend(spec):
+    """A backend name (under backends/) or a path, to the directory holding its backend.py."""
+    if "/" in spec or os.sep in spec or spec.startswith("."):
+        directory = os.path.abspath(spec)
+        if os.path.isfile(directory) and os.path.basename(directory) == "backend.py":
+            directory = os.path.dirname(directory)
+    else:
+        if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", spec):
+            raise StartupError("%r is not a backend name (letters, digits, '_', '-' and '.')" % spec)
+        directory = os.path.join(BACKENDS_DIR, spec)
+        if not os.path.isdir(directory):
+            raise StartupError("no backend %r in %s (available: %s)"
+                               % (spec, BACKENDS_DIR, ", ".join(available_backends()) or "none"))
+    if not os.path.isfile(os.path.join(directory, "backend.py")):
+        raise StartupError("%s has no backend.py" % directory)
+    return directory
+
+
+def available_backends():
+    if not os.path.isdir(BACKENDS_DIR):
+        return []
+    return sorted(name for name in os.listdir(BACKENDS_DIR)
+                  if os.path.isfile(os.path.join(BACKENDS_DIR, name, "backend.py")))
+
+
+def install_modules():
+    """Make `import flask` give our flask, and `import vastworker` this very module even when it
+    runs as __main__ (a second copy would have globals of its own)."""
+    sys.modules["flask"] = make_flask_module()
+    sys.modules.setdefault("vastworker", sys.modules[__name__])
+
+
+def import_backend(directory):
+    path = os.path.join(directory, "backend.py")
+    if directory not in sys.path:
+        sys.path.insert(0, directory)  # so backend.py can import modules beside it
+    spec = importlib.util.spec_from_file_location("backend", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["backend"] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        Log.write("debug", traceback.format_exc().rstrip())
+        raise StartupError("%s failed to import: %s%s" % (path, describe_exception(exc),
+                                                         where_in(exc, directory)))
+    return module
+
+
+def describe_exception(exc):
+    return "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+
+
+def where_in(exc, directory):
+    """' (at backend.py line 3)': the innermost frame of the backend's own code."""
+    if isinstance(exc, SyntaxError):
+        return ""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if os.path.abspath(frame.filename).startswith(directory + os.sep):
+            return " (at %s line %s)" % (os.path.relpath(frame.filename, directory), frame.lineno)
+    return ""
+
+
+def validate_routes(module, path):
+    """flask_dict, checked now so that a mistake is one clear line at start, not a 404 later."""
+    if not hasattr(module, "Backend"):
+        raise StartupError("%s defines no Backend class" % path)
+    if not callable(module.Backend):
+        raise StartupError("%s: Backend is not a class" % path)
+    flask_dict = getattr(module, "flask_dict", None)
+    example = 'e.g. flask_dict = {"POST": {"increment": increment_handler}}'
+    if flask_dict is None:
+        raise StartupError("%s defines no flask_dict (%s)" % (path, example))
+    if not isinstance(flask_dict, dict):
+        raise StartupError("%s: flask_dict is a %s, not a dict (%s)" % (path, type(flask_dict).__name__, example))
+    routes = {}
+    for method, endpoints in flask_dict.items():
+        if method not in SERVED_METHODS:
+            raise StartupError("%s: flask_dict method %r is not one of %s"
+                               % (path, method, ", ".join(SERVED_METHODS)))
+        if not isinstance(endpoints, dict):
+            raise StartupError("%s: flask_dict[%r] is not a dict of endpoint names to handlers" % (path, method))
+        for endpoint, handler in endpoints.items():
+            if not isinstance(endpoint, str) or not endpoint or endpoint.startswith("/"):
+                raise StartupError("%s: flask_dict[%r] endpoint %r must be a name without a leading "
+                                   "'/', e.g. 'increment'" % (path, method, endpoint))
+            if not callable(handler):
+                raise StartupError("%s: flask_dict[%r][%r] is not a function" % (path, method, endpoint))
+        routes[method] = dict(endpoints)
+    if not any(routes.values()):
+        raise StartupError("%s: flask_dict serves no endpoints (%s)" % (path, example))
+    return routes
+
+
+def backend_arguments(backend_class, environ):
+    """The keyword arguments the original worker passed, limited to those the constructor takes,
+    so `def __init__(self)` works as well as `def __init__(self, container_id, ...)`."""
+    report_addr = environ.get("REPORT_ADDR") or None
+    offered = {"container_id": environ.get("CONTAINER_ID"), "master_token": environ.get("MASTER_TOKEN"),
+               "control_server_url": report_addr, "send_data": report_addr is not None}
+    init = getattr(backend_class, "__init__", None)
+    code = getattr(init, "__code__", None)
+    if code is None:  # object.__init__ or a constructor written in C: it takes no arguments of ours
+        return {}
+    if code.co_flags & 0x08:  # **kwargs
+        return offered
+    names = code.co_varnames[code.co_posonlyargcount:code.co_argcount + code.co_kwonlyargcount]
+    return {name: value for name, value in offered.items() if name in names}
+
+
+def describe_routes(routes):
+    return ", ".join("%s /%s" % (method, endpoint)
+                     for method in SERVED_METHODS for endpoint in routes.get(method, {}))
+
+
+def start(options, environ):
+    """Everything up to a listening server with a constructed backend; raises StartupError."""
+    directory = find_backend(options.backend)
+    port = resolve_port(options.port, environ)
+    install_modules()
+    module = import_backend(directory)
+    routes = validate_routes(module, os.path.join(directory, "backend.py"))
+    try:  # bound before the backend is built, so a busy port fails before a model loads
+        server = WorkerServer((options.host, port), None, options.timeout, options.max_body)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError("port %d is already in use on %s (is another worker running?)"
+                               % (port, options.host))
+        raise StartupError("cannot listen on %s:%d: %s" % (options.host, port, exc.strerror or exc))
+    try:
+        backend = module.Backend(**backend_arguments(module.Backend, environ))
+    except BaseException as exc:
+        server.server_close()
+        Log.write("debug", traceback.format_exc().rstrip())
+        raise StartupError("Backend() failed: %s%s" % (describe_exception(exc), where_in(exc, directory)))
+    parallel = bool(getattr(module, "allow_parallel_requests", False))
+    server.app = BackendApp(backend, routes, parallel, options.queue_time)
+    host, port = server.server_address[:2]
+    Log.write("info", "vastworker %s serving %s on http://%s:%d (%s)%s"
+              % (__version__, os.path.basename(directory), host if ":" not in host else "[%s]" % host,
+                 port, describe_routes(routes), "; handlers run in parallel" if parallel else ""),
+              always=True)
+    return server
+
+
+def serve(server, grace):
+    """Serve until SIGTERM or SIGINT, then stop accepting, let in-flight requests finish (for up to
+    `grace` seconds) and exit 0, whatever threads the backend left running."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            Log.write("warning", "second signal: exiting now")
+            os._exit(1)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                              name="accept", daemon=True)
+    thread.start()
+    while not stop.wait(1.0):
+        if not thread.is_alive():
+            Log.write("error", "the server loop ended unexpectedly")
+            break
+    server.stopping = True
+    server.shutdown()
+    server.server_close()
+    in_flight = server.active_requests
+    if in_flight:
+        Log.write("info", "stopping: waiting up to %g s for %d request(s) in flight" % (grace, in_flight))
+    if not server.wait_idle(grace):
+        Log.write("warning", "stopping with %d request(s) unfinished" % server.active_requests)
+    Log.write("info", "stopped")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the backend's own non-daemon threads must not keep the process alive
+
+
+def main(argv=None, environ=None):
+    environ = os.environ if environ is None else environ
+    options = make_parser().parse_args(argv)
+    Log.level = Log.LEVELS["warning" if options.quiet else options.log_level]
+    try:
+        server = start(options, environ)
+    except StartupError as exc:
+        sys.stderr.write("vastworker: error: %s\n" % exc)
+        sys.stderr.flush()
+        os._exit(1)  # not sys.exit: a half-built backend's threads must not keep us alive
+    serve(server, options.grace)
+
+
+if __name__ == "__main__":
+    main()
