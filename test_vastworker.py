@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -214,6 +215,7 @@ def test_helloworld_ships_as_the_guide_writes_it():
         source = file.read()
     assert 'backend.count += request.json["amount"]' in source
     assert 'return {"value" : backend.count}' in source
+    assert os.access(os.path.join(ROOT, "backends", "helloworld", "launch.sh"), os.X_OK)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1195,6 +1197,232 @@ def test_grace_bounds_the_wait(start_worker, write_backend):
     assert "stopping with 1 request(s) unfinished" in worker.log
     client.join(10)
     assert isinstance(outcome[0], http.client.RemoteDisconnected)  # cut off after the grace time
+
+
+# ------------------------------------------------------------------------------------------------
+# Bootstrap: start_server.sh and launch.sh, served from loopback as an instance would fetch them
+# ------------------------------------------------------------------------------------------------
+
+def project_files():
+    """What a copy of the project holds: the module, the scripts and the backends."""
+    files = ["vastworker.py", "start_server.sh", "README.md"]
+    for directory, _, names in os.walk(os.path.join(ROOT, "backends")):
+        files += [os.path.relpath(os.path.join(directory, name), ROOT) for name in names
+                  if "__pycache__" not in directory]
+    return files
+
+
+class StaticServer:
+    """http.server on loopback serving a directory, and recording what is POSTed to it."""
+
+    def __init__(self, directory):
+        import http.server
+        posts = self.posts = []
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=directory, **kwargs)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                posts.append((self.path, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """The project as a tarball and start_server.sh, served over HTTP like a release."""
+    import tarfile
+    directory = tmp_path_factory.mktemp("published")
+    with tarfile.open(str(directory / "vastworker-main.tar.gz"), "w:gz") as archive:
+        for name in project_files():
+            archive.add(os.path.join(ROOT, name), "vastworker-main/" + name)
+    (directory / "start_server.sh").write_bytes(open(os.path.join(ROOT, "start_server.sh"), "rb").read())
+    server = StaticServer(str(directory))
+    yield server
+    server.close()
+
+
+def process_running(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as file:
+            return file.read().rsplit(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+class Bootstrap:
+    """Runs bootstrap commands against one temporary WORKSPACE and stops what they started."""
+
+    def __init__(self, workspace, port):
+        self.workspace = str(workspace)
+        self.port = port
+        self.pid_file = os.path.join(self.workspace, "vastworker.pid")
+
+    def run(self, command, timeout=60, **env):
+        environment = dict(os.environ, WORKSPACE=self.workspace, WORKER_PORT=str(self.port))
+        for name in ("VASTWORKER_TARBALL", "VASTWORKER_REPO", "VASTWORKER_UPDATE", "REPORT_ADDR"):
+            environment.pop(name, None)
+        environment.update(env)
+        started = time.monotonic()
+        result = subprocess.run(["bash", "-c", command], cwd=self.workspace, env=environment,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+        result.seconds = time.monotonic() - started
+        result.output = result.stdout.decode()
+        return result
+
+    @property
+    def pid(self):
+        with open(self.pid_file) as file:
+            return int(file.read().split()[0])
+
+    def value(self):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        connection.request("GET", "/value")
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    def stop(self):
+        result = self.run("bash %s --stop" % VASTWORKER.replace("vastworker.py", "start_server.sh"))
+        assert result.returncode == 0, result.output
+        return result
+
+
+@pytest.fixture
+def bootstrap(tmp_path):
+    if not shutil.which("wget"):
+        pytest.skip("wget is not installed")
+    runner = Bootstrap(tmp_path / "workspace", free_port())
+    os.mkdir(runner.workspace)
+    yield runner
+    runner.stop()
+
+
+PIPED = "wget -qO- {url}/start_server.sh | bash -s {backend}"
+
+
+def test_wget_pipe_brings_a_worker_up_and_a_rerun_leaves_one(bootstrap, published):
+    command = PIPED.format(url=published.url, backend="helloworld")
+    tarball = published.url + "/vastworker-main.tar.gz"
+    first = bootstrap.run(command, VASTWORKER_TARBALL=tarball)
+    assert first.returncode == 0, first.output
+    assert "fetching %s" % tarball in first.output
+    assert "helloworld is up at http://127.0.0.1:%d" % bootstrap.port in first.output
+    assert bootstrap.value() == (200, b'{"value":0}\n')
+    first_pid = bootstrap.pid
+    second = bootstrap.run(command, VASTWORKER_TARBALL=tarball)
+    assert second.returncode == 0, second.output
+    assert "fetching" not in second.output  # the project is there: nothing is downloaded
+    assert "stopping the worker started before (pid %d)" % first_pid in second.output
+    assert not process_running(first_pid) and process_running(bootstrap.pid)
+    assert bootstrap.value() == (200, b'{"value":0}\n')
+    update = bootstrap.run(command, VASTWORKER_TARBALL=tarball, VASTWORKER_UPDATE="1")
+    assert update.returncode == 0 and "fetching" in update.output
+    assert "answering after" in first.output and first.seconds < 30
+    print("bash start to first 200: %.2f s (first run), %.2f s (rerun)" % (first.seconds, second.seconds))
+
+
+def test_bootstrap_from_a_git_repository(bootstrap, tmp_path):
+    repository = tmp_path / "repository"
+    for name in project_files():
+        target = repository / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(open(os.path.join(ROOT, name), "rb").read())
+    git = ["git", "-C", str(repository), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repository)], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "project"], check=True)
+    script = os.path.join(ROOT, "start_server.sh")
+    result = bootstrap.run("bash -s helloworld < %s" % script, VASTWORKER_REPO=str(repository))
+    assert result.returncode == 0, result.output
+    assert "cloning %s" % repository in result.output
+    assert os.path.isfile(os.path.join(bootstrap.workspace, "vastworker", "vastworker.py"))
+    assert bootstrap.value()[0] == 200
+
+
+def test_launch_sh_fetches_on_first_boot_and_runs_the_local_copy_after(bootstrap, published):
+    launch = os.path.join(ROOT, "backends", "helloworld", "launch.sh")
+    env = {"VASTWORKER_SCRIPT_URL": published.url + "/start_server.sh",
+           "VASTWORKER_TARBALL": published.url + "/vastworker-main.tar.gz"}
+    first = bootstrap.run("bash " + launch, **env)
+    assert first.returncode == 0 and "fetching" in first.output, first.output
+    assert bootstrap.value()[0] == 200
+    second = bootstrap.run("bash " + launch, **env)
+    assert second.returncode == 0 and "fetching" not in second.output, second.output
+    assert bootstrap.value()[0] == 200
+
+
+def test_stop_ends_the_worker_by_its_pid_file(bootstrap, published):
+    result = bootstrap.run(PIPED.format(url=published.url, backend="helloworld"),
+                           VASTWORKER_TARBALL=published.url + "/vastworker-main.tar.gz")
+    assert result.returncode == 0, result.output
+    pid = bootstrap.pid
+    assert "stopping the worker started before (pid %d)" % pid in bootstrap.stop().output
+    assert not process_running(pid) and not os.path.exists(bootstrap.pid_file)
+    assert "stopping" not in bootstrap.stop().output  # nothing left to stop
+
+
+@pytest.mark.parametrize("backend, env, message", [
+    ("nosuch", {"VASTWORKER_TARBALL": "{url}/vastworker-main.tar.gz"},
+     "no backend 'nosuch' in .*/vastworker/backends \\(available: helloworld"),
+    ("helloworld", {"VASTWORKER_TARBALL": "http://127.0.0.1:{closed}/vastworker-main.tar.gz"},
+     "could not download http://127.0.0.1:\\d+/vastworker-main.tar.gz"),
+    ("helloworld", {"VASTWORKER_TARBALL": "{url}/start_server.sh"}, "is not a .tar.gz archive"),
+    ("helloworld", {"VASTWORKER_REPO": "/nonexistent/repository"}, "could not clone /nonexistent/repository"),
+    ("helloworld", {}, "set VASTWORKER_TARBALL .* or VASTWORKER_REPO"),
+], ids=["unknown-backend", "unreachable-tarball", "not-a-tarball", "bad-repository", "no-source"])
+def test_bootstrap_failures_say_what_is_wrong(bootstrap, published, backend, env, message):
+    env = {name: value.format(url=published.url, closed=free_port()) for name, value in env.items()}
+    result = bootstrap.run(PIPED.format(url=published.url, backend=backend), **env)
+    assert result.returncode == 1
+    assert re.search("vastworker: error: .*" + message, result.output), result.output
+    assert not os.path.exists(bootstrap.pid_file)
+
+
+def test_python_too_old_is_named(bootstrap, published, tmp_path):
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    python = fake_bin / "python3"
+    python.write_text("#!/bin/sh\ncase \"$*\" in *print*) echo 3.6 ;; *) exit 1 ;; esac\n")
+    python.chmod(0o755)
+    result = bootstrap.run(PIPED.format(url=published.url, backend="helloworld"),
+                           PATH="%s:%s" % (fake_bin, os.environ["PATH"]),
+                           VASTWORKER_TARBALL=published.url + "/vastworker-main.tar.gz")
+    assert result.returncode == 1
+    assert "vastworker: error: python3 is Python 3.6; vastworker needs Python 3.8 or newer" in result.output
+
+
+def test_failed_start_is_reported_to_the_autoscaler(bootstrap, published):
+    with socket.socket() as squatter:  # the port is taken: the worker cannot start
+        squatter.bind(("0.0.0.0", bootstrap.port))
+        squatter.listen(1)
+        result = bootstrap.run(PIPED.format(url=published.url, backend="helloworld"),
+                               VASTWORKER_TARBALL=published.url + "/vastworker-main.tar.gz",
+                               REPORT_ADDR="http://127.0.0.1:%d,%s" % (free_port(), published.url),
+                               CONTAINER_ID="4242", MASTER_TOKEN='to"ken')
+    assert result.returncode == 1
+    assert "the worker exited during start-up: vastworker: error: port %d is already in use" % bootstrap.port in result.output
+    assert "reported the error to %s/worker_status/" % published.url in result.output
+    path, body = published.posts[-1]
+    record = json.loads(body)
+    assert path == "/worker_status/"
+    assert record["id"] == 4242 and record["mtoken"] == 'to"ken'
+    assert record["error_msg"].startswith("vastworker failed to start: the worker exited during start-up")
+    assert record["loadtime"] == 0.0 and record["num_requests_recieved"] == 0
 
 
 # ------------------------------------------------------------------------------------------------

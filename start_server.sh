@@ -1,0 +1,330 @@
+#!/usr/bin/env bash
+# start_server.sh: bring a vastworker up on this machine, and keep it to one worker.
+#
+#   start_server.sh BACKEND [WORKER OPTIONS...]       start BACKEND, stopping the worker this
+#                                                      script started before, if any
+#   start_server.sh --stop                             stop the worker this script started
+#   wget -qO- URL/start_server.sh | bash -s BACKEND    the same, on a machine without the project
+#
+# Environment:
+#   WORKSPACE            where vastworker.log, vastworker.pid and (when fetched) the project in
+#                        vastworker/ live; default /home/workspace
+#   VASTWORKER_TARBALL   a .tar.gz URL of the project (fetched with wget or curl), or
+#   VASTWORKER_REPO      anything `git clone` accepts; used when this script has no checkout
+#                        beside it and $WORKSPACE/vastworker does not exist yet
+#   VASTWORKER_UPDATE=1  fetch the project again even though it is there
+#   VASTWORKER_WAIT      seconds to wait for the worker's first answer; default 60
+# The worker inherits this environment (WORKER_PORT/AUTH_PORT, CONTAINER_ID, MASTER_TOKEN,
+# REPORT_ADDR, ...).  When REPORT_ADDR is set, a failed start is reported to the autoscaler's
+# /worker_status/ so that the instance does not sit in "loading" for ever.
+set -euo pipefail
+
+MIN_PYTHON="3.8"
+STAGING=""
+
+say() {
+    printf 'vastworker: %s\n' "$*"
+}
+
+fail() {
+    # fail MESSAGE: say what is wrong, tell the autoscaler when there is one, exit 1
+    printf 'vastworker: error: %s\n' "$1" >&2
+    report_error "$1"
+    exit 1
+}
+
+cleanup() {
+    if [ -n "$STAGING" ]; then
+        rm -rf "$STAGING"
+    fi
+}
+
+json_string() {
+    # json_string TEXT: TEXT as a JSON string literal
+    local text="$1"
+    text="${text//\\/\\\\}"
+    text="${text//\"/\\\"}"
+    text="${text//$'\n'/\\n}"
+    text="${text//$'\r'/\\r}"
+    text="${text//$'\t'/\\t}"
+    text="$(printf '%s' "$text" | tr -d '\000-\037')"
+    printf '"%s"' "$text"
+}
+
+post_json() {
+    # post_json URL BODY: one POST with a short timeout; fails when nothing can send it
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS --max-time 5 -H 'Content-Type: application/json' --data-binary "$2" "$1" \
+            -o /dev/null </dev/null 2>/dev/null
+    elif command -v wget >/dev/null 2>&1; then
+        wget -q -T 5 -t 1 -O /dev/null --header='Content-Type: application/json' \
+            --post-data="$2" "$1" </dev/null 2>/dev/null
+    else
+        return 1
+    fi
+}
+
+report_error() {
+    # report_error MESSAGE: post the status record with error_msg to the first REPORT_ADDR that
+    # takes it (3 rounds); never fails, since it runs while failing already
+    local id="${CONTAINER_ID:-}" body address addresses attempt
+    if [ -z "${REPORT_ADDR:-}" ]; then
+        return 0
+    fi
+    if ! [[ "$id" =~ ^[0-9]+$ ]]; then
+        id="$(json_string "$id")"
+    fi
+    body="{\"id\": $id, \"mtoken\": $(json_string "${MASTER_TOKEN:-}"), \"version\": \"\","
+    body+=" \"loadtime\": 0.0, \"cur_load\": 0.0, \"rej_load\": 0.0, \"new_load\": 0.0,"
+    body+=" \"error_msg\": $(json_string "vastworker failed to start: $1"), \"max_perf\": 0.0,"
+    body+=" \"cur_perf\": 0.0, \"cur_capacity\": 0, \"max_capacity\": 0, \"num_requests_working\": 0,"
+    body+=" \"num_requests_recieved\": 0, \"additional_disk_usage\": 0.0, \"working_request_idxs\": [],"
+    body+=" \"url\": \"\"}"
+    IFS=',' read -ra addresses <<<"$REPORT_ADDR"
+    for attempt in 1 2 3; do
+        for address in "${addresses[@]}"; do
+            address="${address// /}"
+            if [ -n "$address" ] && post_json "${address%/}/worker_status/" "$body"; then
+                say "reported the error to ${address%/}/worker_status/"
+                return 0
+            fi
+        done
+        if [ "$attempt" -lt 3 ]; then
+            sleep 1
+        fi
+    done
+    say "could not report the error to $REPORT_ADDR"
+}
+
+check_python() {
+    local version
+    if ! command -v python3 >/dev/null 2>&1; then
+        fail "python3 is not installed; vastworker needs Python $MIN_PYTHON or newer (e.g. apt-get install -y python3)"
+    fi
+    if ! version="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' </dev/null 2>&1)"; then
+        fail "python3 does not run: $version"
+    fi
+    if ! python3 -c "import sys; sys.exit(sys.version_info[:2] < tuple(map(int, '$MIN_PYTHON'.split('.'))))" </dev/null; then
+        fail "python3 is Python $version; vastworker needs Python $MIN_PYTHON or newer"
+    fi
+}
+
+download() {
+    # download URL FILE
+    if command -v wget >/dev/null 2>&1; then
+        wget -q -T 20 -t 2 -O "$2" "$1" </dev/null
+    elif command -v curl >/dev/null 2>&1; then
+        curl -fsSL --retry 2 --connect-timeout 20 -o "$2" "$1" </dev/null
+    else
+        fail "neither wget nor curl is installed to download $1"
+    fi
+}
+
+fetch_project() {
+    # fetch_project DIR: put the project into DIR, replacing what is there only once the new
+    # copy is complete
+    local target="$1" root=""
+    STAGING="$(mktemp -d "$WORKSPACE/.vastworker-fetch.XXXXXX")"
+    if [ -n "${VASTWORKER_TARBALL:-}" ]; then
+        say "fetching $VASTWORKER_TARBALL"
+        download "$VASTWORKER_TARBALL" "$STAGING/project.tar.gz" || fail "could not download $VASTWORKER_TARBALL"
+        mkdir "$STAGING/tree"
+        tar -xzf "$STAGING/project.tar.gz" -C "$STAGING/tree" </dev/null 2>/dev/null \
+            || fail "$VASTWORKER_TARBALL is not a .tar.gz archive"
+        for candidate in "$STAGING/tree" "$STAGING"/tree/*; do
+            if [ -f "$candidate/vastworker.py" ]; then
+                root="$candidate"
+                break
+            fi
+        done
+    elif [ -n "${VASTWORKER_REPO:-}" ]; then
+        command -v git >/dev/null 2>&1 || fail "git is needed to clone $VASTWORKER_REPO"
+        say "cloning $VASTWORKER_REPO"
+        git clone --quiet --depth 1 "$VASTWORKER_REPO" "$STAGING/tree" </dev/null 2>/dev/null \
+            || git clone --quiet "$VASTWORKER_REPO" "$STAGING/tree" </dev/null \
+            || fail "could not clone $VASTWORKER_REPO"
+        root="$STAGING/tree"
+    else
+        fail "vastworker is not in $target; set VASTWORKER_TARBALL (a .tar.gz URL) or VASTWORKER_REPO (a git URL) to where your copy lives"
+    fi
+    if [ -z "$root" ] || [ ! -f "$root/vastworker.py" ]; then
+        fail "no vastworker.py in what was fetched"
+    fi
+    rm -rf "$target.old"
+    if [ -e "$target" ]; then
+        mv "$target" "$target.old"
+    fi
+    mv "$root" "$target"
+    rm -rf "$target.old" "$STAGING"
+    STAGING=""
+}
+
+find_project() {
+    # sets PROJECT: the checkout this script sits in, else $WORKSPACE/vastworker (fetched if needed)
+    local here="${BASH_SOURCE[0]:-}"
+    if [ -n "$here" ] && [ -f "$(dirname "$here")/vastworker.py" ]; then
+        PROJECT="$(cd "$(dirname "$here")" && pwd)"
+        return 0
+    fi
+    PROJECT="$WORKSPACE/vastworker"
+    if [ ! -f "$PROJECT/vastworker.py" ] || [ "${VASTWORKER_UPDATE:-0}" = "1" ]; then
+        fetch_project "$PROJECT"
+    fi
+}
+
+available_backends() {
+    local found="" directory
+    for directory in "$PROJECT"/backends/*/; do
+        if [ -f "$directory/backend.py" ]; then
+            found+="${found:+, }$(basename "$directory")"
+        fi
+    done
+    printf '%s' "${found:-none}"
+}
+
+process_start() {
+    # process_start PID: when the process started (clock ticks since boot), or nothing if it is
+    # gone or a zombie; with the pid it names one process for good, as pids are reused
+    local stat fields
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 0
+    read -ra fields <<<"${stat##*) }"
+    if [ "${fields[0]}" != "Z" ]; then
+        printf '%s' "${fields[19]}"
+    fi
+}
+
+running_worker() {
+    # sets WORKER_PID to the worker this script started, if it still runs; fails otherwise
+    local pid="" start=""
+    WORKER_PID=""
+    if [ ! -f "$PID_FILE" ]; then
+        return 1
+    fi
+    read -r pid start <"$PID_FILE" || true
+    if [[ "$pid" =~ ^[0-9]+$ ]] && [ -n "$start" ] && [ "$(process_start "$pid")" = "$start" ]; then
+        WORKER_PID="$pid"
+        return 0
+    fi
+    return 1
+}
+
+stop_worker() {
+    local waited
+    if running_worker; then
+        say "stopping the worker started before (pid $WORKER_PID)"
+        kill -TERM "$WORKER_PID" 2>/dev/null || true
+        for waited in $(seq 1 150); do  # 15 s: the worker's grace time and some
+            if [ -z "$(process_start "$WORKER_PID")" ]; then
+                break
+            fi
+            sleep 0.1
+        done
+        if [ -n "$(process_start "$WORKER_PID")" ]; then
+            say "it is still running after ${waited}0 ms: killing it"
+            kill -KILL "$WORKER_PID" 2>/dev/null || true
+        fi
+    fi
+    rm -f "$PID_FILE"
+}
+
+option_value() {
+    # option_value NAME DEFAULT ARGS...: the value of --NAME V or --NAME=V among ARGS
+    local name="$1" value="$2"
+    shift 2
+    while [ "$#" -gt 0 ]; do
+        case "$1" in
+            "--$name") value="${2:-}"; shift ;;
+            "--$name="*) value="${1#*=}" ;;
+        esac
+        shift
+    done
+    printf '%s' "$value"
+}
+
+answers() {
+    # answers HOST PORT: does an HTTP server on HOST:PORT answer OPTIONS (which runs no handler)?
+    local reply=""
+    { printf 'OPTIONS /probe HTTP/1.0\r\n\r\n' >&3; IFS= read -r -t 2 reply <&3; } \
+        2>/dev/null 3<>"/dev/tcp/$1/$2" || return 1
+    [[ "$reply" == "HTTP/1.1 200"* ]]
+}
+
+start_worker() {
+    # start_worker BACKEND [OPTIONS...]: start it detached, wait for its first answer
+    local backend="$1" port host log_start started elapsed public_port last_line
+    shift
+    port="$(option_value port "${WORKER_PORT:-${AUTH_PORT:-3000}}" "$@")"
+    host="$(option_value host 127.0.0.1 "$@")"
+    case "$host" in 0.0.0.0 | "::" | "") host=127.0.0.1 ;; esac
+    log_start=1  # the worker's own lines start after what earlier runs logged
+    if [ -f "$LOG_FILE" ]; then
+        log_start=$(($(wc -c <"$LOG_FILE") + 1))
+    fi
+    cd "$PROJECT"
+    started="$(date +%s%N)"
+    say "starting python3 vastworker.py $* (log: $LOG_FILE)"
+    # setsid: detached from this shell, whose end must not end the worker
+    PYTHONUNBUFFERED=1 setsid python3 vastworker.py "$@" >>"$LOG_FILE" 2>&1 </dev/null &
+    WORKER_PID=$!
+    printf '%s %s\n' "$WORKER_PID" "$(process_start "$WORKER_PID")" >"$PID_FILE"
+    while ! answers "$host" "$port"; do
+        if [ -z "$(process_start "$WORKER_PID")" ]; then
+            tail -c "+$log_start" "$LOG_FILE" | tail -n 20 >&2 || true
+            rm -f "$PID_FILE"
+            last_line="$(tail -c "+$log_start" "$LOG_FILE" | grep -v '^[[:space:]]*$' | tail -n 1 || true)"
+            fail "the worker exited during start-up: ${last_line:-no output}"
+        fi
+        elapsed=$((($(date +%s%N) - started) / 1000000))
+        if [ "$elapsed" -gt $((${VASTWORKER_WAIT:-60} * 1000)) ]; then
+            tail -c "+$log_start" "$LOG_FILE" | tail -n 20 >&2 || true
+            stop_worker
+            fail "the worker did not answer on $host:$port within ${VASTWORKER_WAIT:-60} s"
+        fi
+        sleep 0.02
+    done
+    elapsed=$((($(date +%s%N) - started) / 1000000))
+    say "$backend is up at http://$host:$port (pid $WORKER_PID, answering after $elapsed ms)"
+    public_port="VAST_TCP_PORT_$port"
+    if [ -n "${PUBLIC_IPADDR:-}" ] && [ -n "${!public_port:-}" ]; then
+        say "public address: http://$PUBLIC_IPADDR:${!public_port}"
+    fi
+}
+
+usage() {
+    sed -n '2,20s/^# \{0,1\}//p' "${BASH_SOURCE[0]:-/dev/null}" 2>/dev/null \
+        || printf 'usage: start_server.sh BACKEND [WORKER OPTIONS...] | --stop\n'
+}
+
+main() {
+    local backend="${1:-}"
+    WORKSPACE="${WORKSPACE:-/home/workspace}"
+    LOG_FILE="$WORKSPACE/vastworker.log"
+    PID_FILE="$WORKSPACE/vastworker.pid"
+    trap cleanup EXIT
+    case "$backend" in
+        -h | --help)
+            usage
+            return 0
+            ;;
+        "")
+            usage >&2
+            printf 'vastworker: error: name a backend, e.g. start_server.sh helloworld\n' >&2
+            return 2
+            ;;
+        --stop)
+            stop_worker
+            return 0
+            ;;
+    esac
+    shift
+    mkdir -p "$WORKSPACE" || fail "cannot create WORKSPACE $WORKSPACE"
+    check_python
+    find_project
+    if ! [[ "$backend" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || [ ! -f "$PROJECT/backends/$backend/backend.py" ]; then
+        fail "no backend '$backend' in $PROJECT/backends (available: $(available_backends))"
+    fi
+    stop_worker
+    start_worker "$backend" "$backend" "$@"  # the name for messages, then the worker's arguments
+}
+
+main "$@"
