@@ -73,19 +73,45 @@ backends:
 
 
 class Log:
-    """Timestamped lines on stderr.  Plain writes, not the logging module: the access log is on the
-    hot path and one formatted write per request is all it should cost."""
+    """Timestamped lines on stderr.  While serving, lines are queued and a background thread writes
+    them every 0.1 s (warnings and errors at once, in order): a write per request would be a system
+    call per request, and each one is a chance for the thread to lose the GIL for milliseconds."""
 
     LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
     level = 20
+    _pending = collections.deque()
+    _writing = threading.Lock()
+    _flusher = None
 
     @classmethod
     def write(cls, level, message, always=False):
-        """always: a line that is written at any level (the one that says the worker is up)."""
-        if always or cls.LEVELS[level] >= cls.level:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            sys.stderr.write("%s %s %s\n" % (stamp, level.upper(), message))
-            sys.stderr.flush()  # Python 3.8 buffers a piped stderr: a log must be live
+        """always: a line that is written at any level, at once (the one that says the worker is up)."""
+        rank = cls.LEVELS[level]
+        if always or rank >= cls.level:
+            cls._pending.append("%s %s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), level.upper(), message))
+            if always or rank >= 30 or cls._flusher is None:
+                cls.flush()
+
+    @classmethod
+    def flush(cls):
+        with cls._writing:
+            lines = []
+            while cls._pending:
+                lines.append(cls._pending.popleft())
+            if lines:
+                sys.stderr.write("".join(lines))
+                sys.stderr.flush()  # Python 3.8 buffers a piped stderr: a log must be live
+
+    @classmethod
+    def start_flusher(cls, interval=0.1):
+        def flush_forever():
+            while True:
+                time.sleep(interval)
+                if cls._pending:
+                    cls.flush()
+
+        cls._flusher = threading.Thread(target=flush_forever, name="log", daemon=True)
+        cls._flusher.start()
 
     @classmethod
     def exception(cls, message):
@@ -1109,21 +1135,72 @@ _VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
 _HEX = re.compile(rb"^[0-9a-fA-F]{1,16}$")
 
 
-class SocketReader:
-    """Buffered reads from a client socket.  The request head must arrive within a deadline and
-    every read has an inactivity timeout, so slow or stuck clients cannot hold a thread for ever."""
+class DeadlineWatcher:
+    """Enforces every connection's deadline from one thread: a connection still waiting past its
+    deadline has its socket shut down, which wakes the thread blocked on it.  Sockets themselves
+    have no timeout, since a timeout costs a poll() before every recv() and send(), and each system
+    call is one more chance for a thread to lose the GIL for milliseconds."""
+
+    def __init__(self, interval=0.2):
+        self.interval = interval
+        self._clients = set()
+        threading.Thread(target=self._watch, name="deadlines", daemon=True).start()
+
+    def watch(self, client):
+        self._clients.add(client)
+
+    def forget(self, client):
+        self._clients.discard(client)
+
+    def _watch(self):
+        while True:
+            time.sleep(self.interval)
+            now = time.monotonic()
+            for client in list(self._clients):
+                deadline = client.deadline
+                if deadline is not None and now > deadline:
+                    client.expire()
+
+
+class ClientSocket:
+    """A client connection: buffered reads and whole writes, each under a deadline (the request
+    head must arrive within `timeout`; every other read or write may pause for `timeout`)."""
 
     def __init__(self, sock, timeout):
         self.sock = sock
         self.timeout = timeout
         self.buffer = bytearray()
+        self.deadline = None  # when the DeadlineWatcher cuts the wait short
+        self.expired = False
+        self.writing = False
 
-    def _fill(self, timeout):
-        self.sock.settimeout(timeout)
+    def expire(self):
+        """Called by the watcher: wake the thread waiting on this socket.  Only the read side is
+        shut while reading, so that a 408 can still be sent."""
+        self.expired = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR if self.writing else socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def _fill(self, deadline):
+        self.deadline = deadline
         data = self.sock.recv(262144)
+        self.deadline = None
         if not data:
+            if self.expired:
+                raise socket.timeout("deadline passed")
             raise ConnectionClosed()
         self.buffer += data
+
+    def send(self, data):
+        self.deadline = time.monotonic() + self.timeout
+        self.writing = True
+        try:
+            self.sock.sendall(data)
+        finally:
+            self.writing = False
+            self.deadline = None
 
     def read_head(self):
         """The request line and headers (without the blank line), or None when the connection
@@ -1148,23 +1225,20 @@ class SocketReader:
                     raise ClientError(431, "the request headers are larger than %d bytes" % MAX_HEAD_BYTES)
                 if deadline is None:
                     deadline = time.monotonic() + self.timeout
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ClientError(408, "the request headers took longer than %g s" % self.timeout)
                 try:
-                    self._fill(remaining)
+                    self._fill(deadline)
                 except socket.timeout:
                     raise ClientError(408, "the request headers took longer than %g s" % self.timeout)
             else:
                 try:
-                    self._fill(self.timeout)
+                    self._fill(time.monotonic() + self.timeout)
                 except (socket.timeout, ConnectionClosed):
                     return None
 
     def read_exact(self, size):
         buffer = self.buffer
         while len(buffer) < size:
-            self._fill(self.timeout)
+            self._fill(time.monotonic() + self.timeout)
         data = bytes(buffer[:size])
         del buffer[:size]
         return data
@@ -1179,7 +1253,7 @@ class SocketReader:
                 return line
             if len(buffer) > limit:
                 raise ClientError(400, "a chunk-size line is longer than %d bytes" % limit)
-            self._fill(self.timeout)
+            self._fill(time.monotonic() + self.timeout)
 
     def read_chunked(self, max_body):
         """A chunked request body, decoded; over max_body is a 413 as soon as it is known."""
@@ -1334,9 +1408,14 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     a time with no overall deadline, and does not decode chunked bodies.)"""
 
     def setup(self):
-        self.sock = self.request
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.reader = SocketReader(self.sock, self.server.timeout)
+        sock = self.request
+        sock.settimeout(None)  # blocking: the DeadlineWatcher bounds every wait
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle delay on small writes
+        self.client = ClientSocket(sock, self.server.timeout)
+        self.server.deadlines.watch(self.client)
+
+    def finish(self):
+        self.server.deadlines.forget(self.client)
 
     def handle(self):
         try:
@@ -1348,7 +1427,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def handle_one(self):
         """Serve one request; True when the connection may carry another."""
         try:
-            head = self.reader.read_head()
+            head = self.client.read_head()
         except ClientError as exc:
             self.send_error(exc)
             return False
@@ -1392,11 +1471,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             raise ClientError(413, "the request body is %d bytes; the limit is %d" % (length, max_body))
         if (length or parsed.chunked) and parsed.http11 and \
                 "100-continue" in (value.lower() for value in parsed.fields.get("expect", ())):
-            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
         if parsed.chunked:
-            return self.reader.read_chunked(max_body), True
+            return self.client.read_chunked(max_body), True
         if length:
-            return self.reader.read_exact(length), True
+            return self.client.read_exact(length), True
         # No length: the body is empty, but a POST or PUT without one may have sent bytes anyway
         return b"", length is not None or parsed.method not in ("POST", "PUT", "PATCH")
 
@@ -1437,17 +1516,17 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             Log.write("error", "%s %s: a response header is not Latin-1 text" % (request.method, request.path))
             return self.send(request, error_response(500), http11, keep_alive, started)
         if head_only:
-            self.sock.sendall(data)
+            self.client.send(data)
             size = 0
             if stream is not None and hasattr(stream, "close"):
                 stream.close()
         elif stream is None:
-            self.sock.sendall(data + body if len(body) < 65536 else data)
+            self.client.send(data + body if len(body) < 65536 else data)
             if len(body) >= 65536:
-                self.sock.sendall(body)
+                self.client.send(body)
             size = len(body)
         else:
-            self.sock.sendall(data)
+            self.client.send(data)
             size = self.send_stream(request, stream, chunked)
             if size is None:
                 self.log_access(request.method, request.target, status, "aborted", started)
@@ -1468,10 +1547,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 elif not isinstance(item, (bytes, bytearray, memoryview)):
                     raise TypeError("a streamed response yielded a %s, not str or bytes"
                                     % type(item).__name__)
-                self.sock.sendall(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+                self.client.send(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
                 size += len(item)
             if chunked:
-                self.sock.sendall(b"0\r\n\r\n")
+                self.client.send(b"0\r\n\r\n")
             return size
         except OSError:
             Log.write("debug", "%s %s: the client left during the stream" % (request.method, request.path))
@@ -1495,7 +1574,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 "Date: %s\r\nServer: %s\r\nConnection: close\r\n\r\n"
                 % (response.status, len(body), http_date(), SERVER_HEADER)).encode("latin-1") + body
         try:
-            self.sock.sendall(data)
+            self.client.send(data)
         except OSError:
             pass
         self.log_access("-", "-", error.code, len(body), started, " (%s)" % error.detail)
@@ -1519,6 +1598,7 @@ class WorkerServer(http.server.ThreadingHTTPServer):
         self.timeout = timeout
         self.max_body = max_body
         self.stopping = False
+        self.deadlines = DeadlineWatcher()
         self._active = 0
         self._active_changed = threading.Condition()
         if ":" in address[0]:
@@ -1782,6 +1862,7 @@ def serve(server, grace):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    Log.start_flusher()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                               name="accept", daemon=True)
     thread.start()
@@ -1797,9 +1878,8 @@ def serve(server, grace):
         Log.write("info", "stopping: waiting up to %g s for %d request(s) in flight" % (grace, in_flight))
     if not server.wait_idle(grace):
         Log.write("warning", "stopping with %d request(s) unfinished" % server.active_requests)
-    Log.write("info", "stopped")
+    Log.write("info", "stopped", always=True)
     sys.stdout.flush()
-    sys.stderr.flush()
     os._exit(0)  # the backend's own non-daemon threads must not keep the process alive
 
 
