@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""Benchmark vastworker against the original worker's host: Flask's development server.
+
+Both serve the same backends in the same run, driven by the same load generator (wrk when it is
+installed, else a built-in keep-alive client), after a warm-up.  Prints a table of requests/s and
+p50/p99 latency for GET /value and POST /increment at several concurrencies, the time from
+process start to the first 200, resident memory idle and after load, and a 50 ms I/O-bound
+endpoint, each with its ratio to Flask's figure.
+
+    python3 bench/bench.py [--seconds 5] [--concurrency 1,16,64] [--no-flask]
+
+Flask is only needed for the reference column (python3 -m pip install flask).
+"""
+
+import argparse
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VASTWORKER = os.path.join(ROOT, "vastworker.py")
+HELLOWORLD = os.path.join(ROOT, "backends", "helloworld")
+
+# The original worker's host: a catch-all route dispatching through flask_dict, app.run(threaded).
+FLASK_HOST = """
+import importlib.util, logging, sys
+from flask import Flask, abort, request
+spec = importlib.util.spec_from_file_location("backend", sys.argv[1] + "/backend.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+backend = module.Backend()
+app = Flask("reference")
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # as the original server.py did
+
+@app.route("/<path:endpoint>", methods=["GET", "POST", "PUT", "DELETE"])
+def handler(endpoint):
+    if endpoint not in module.flask_dict.get(request.method, {}):
+        abort(404)
+    return module.flask_dict[request.method][endpoint](backend, request)
+
+app.run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)
+"""
+
+IO_BACKEND = """
+import time
+{parallel}
+
+class Backend:
+    pass
+
+def wait(backend, request):
+    time.sleep(0.05)  # a call to a model server, say
+    return "done"
+
+flask_dict = {{"GET": {{"wait": wait}}}}
+"""
+
+WRK_POST = """
+wrk.method = "POST"
+wrk.body = '{"amount": 1}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Cores:
+    """Pins the server and the load generator to different cores, when the machine allows."""
+
+    def __init__(self):
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        self.pinned = count >= 2 and shutil.which("taskset") is not None
+        self.description = ("server on core 0, load generator on core 1" if self.pinned
+                            else "not pinned (needs 2 cores and taskset)")
+
+    def server(self, command):
+        return ["taskset", "-c", "0"] + command if self.pinned else command
+
+    def load(self, command):
+        return ["taskset", "-c", "1"] + command if self.pinned else command
+
+
+class Server:
+    """One server process under test: vastworker or the Flask reference."""
+
+    def __init__(self, kind, backend_dir, cores, extra=(), probe="/value"):
+        self.kind = kind
+        self.port = free_port()
+        if kind == "flask":
+            command = [sys.executable, "-c", FLASK_HOST, backend_dir, str(self.port)]
+        else:
+            command = [sys.executable, "-I", "-S", VASTWORKER, backend_dir, "--host", "127.0.0.1",
+                       "--port", str(self.port)] + list(extra)
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cores.server(command), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        try:
+            self.first_200 = wait_for_200(self.port, self.proc, probe)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_ms = (self.first_200 - self.started) * 1000
+
+    @property
+    def rss_mb(self):
+        with open("/proc/%d/status" % self.proc.pid) as file:
+            return int(re.search(r"VmRSS:\s+(\d+)", file.read()).group(1)) / 1024
+
+    def get_value(self):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        connection.request("GET", "/value")
+        value = json.loads(connection.getresponse().read())["value"]
+        connection.close()
+        return value
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def stop(self):
+        if self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_for_200(port, proc, path="/value", timeout=30):
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("a server exited at start-up (exit status %s)" % proc.returncode)
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            connection.request("GET", path)
+            if connection.getresponse().status == 200:
+                return time.perf_counter()
+        except OSError:
+            time.sleep(0.002)
+    raise SystemExit("no 200 from port %d within %d s" % (port, timeout))
+
+
+class Load:
+    """A load run's figures: requests/s, p50 and p99 latency (ms), and failures."""
+
+    def __init__(self, requests, seconds, p50, p99, failures):
+        self.requests, self.seconds = requests, seconds
+        self.rate = requests / seconds
+        self.p50, self.p99, self.failures = p50, p99, failures
+
+
+def wrk_load(cores, port, path, method, concurrency, seconds):
+    command = ["wrk", "-t1", "-c%d" % concurrency, "-d%ds" % seconds, "--latency", "--timeout", "30s",
+               "http://127.0.0.1:%d%s" % (port, path)]
+    script = None
+    if method == "POST":
+        script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+        script.write(WRK_POST)
+        script.close()
+        command[1:1] = ["-s", script.name]
+    try:
+        output = subprocess.run(cores.load(command), stdout=subprocess.PIPE, check=True,
+                                timeout=seconds + 60).stdout.decode()
+    finally:
+        if script:
+            os.unlink(script.name)
+    requests = int(re.search(r"(\d+) requests in", output).group(1))
+    failures = 0
+    for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: connect (\d+), read (\d+), "
+                    r"write (\d+), timeout (\d+)"):
+        match = re.search(pattern, output)
+        if match:
+            failures += sum(int(number) for number in match.groups())
+    return Load(requests, seconds, wrk_ms(output, "50%"), wrk_ms(output, "99%"), failures)
+
+
+def wrk_ms(output, percentile):
+    number, unit = re.search(r"%s\s+([\d.]+)(us|ms|s)\b" % percentile, output).groups()
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def builtin_load(cores, port, path, method, concurrency, seconds):
+    """The fallback load generator, run as a separate (pinned) process: keep-alive clients."""
+    command = [sys.executable, os.path.abspath(__file__), "--load-worker",
+               json.dumps([port, path, method, concurrency, seconds])]
+    result = json.loads(subprocess.run(cores.load(command), stdout=subprocess.PIPE, check=True,
+                                       timeout=seconds + 60).stdout)
+    latencies = sorted(result["latencies"]) or [0.0]
+    return Load(len(result["latencies"]), seconds, latencies[len(latencies) // 2] * 1000,
+                latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+                result["failures"])
+
+
+def load_worker(port, path, method, concurrency, seconds):
+    body = b'{"amount": 1}' if method == "POST" else None
+    headers = {"Content-Type": "application/json"} if body else {}
+    latencies, failures, lock = [], [0], threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def client():
+        mine, connection = [], None
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            try:
+                connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                connection.request(method, path, body=body, headers=headers)
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    failures[0] += 1
+                if response.will_close:
+                    connection.close()
+                    connection = None
+            except (OSError, http.client.HTTPException):
+                failures[0] += 1
+                connection = None
+                continue
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    print(json.dumps({"latencies": latencies, "failures": failures[0]}))
+
+
+def ratio(ours, theirs, higher_is_better=True):
+    if not theirs or not ours:
+        return "-"
+    return "%.1fx" % (ours / theirs) if higher_is_better else "%.2fx" % (ours / theirs)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=int, default=5, help="length of each load run (default 5)")
+    parser.add_argument("--concurrency", default="1,16,64", help="client counts (default 1,16,64)")
+    parser.add_argument("--no-flask", action="store_true", help="skip the Flask reference")
+    parser.add_argument("--builtin-load", action="store_true", help="use the built-in client even if wrk is installed")
+    parser.add_argument("--load-worker", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.load_worker:
+        return load_worker(*json.loads(options.load_worker))
+
+    cores = Cores()
+    use_wrk = shutil.which("wrk") is not None and not options.builtin_load
+    run_load = wrk_load if use_wrk else builtin_load
+    kinds = ["vastworker"]
+    if not options.no_flask:
+        try:
+            import flask  # noqa: F401  (only to know whether the reference can run)
+            kinds.append("flask")
+        except ImportError:
+            print("Flask is not installed: no reference column (python3 -m pip install flask)")
+    concurrencies = [int(c) for c in options.concurrency.split(",")]
+    print("machine: %d cores, %s; Python %s; load generator: %s; %d s per run after a 1 s warm-up"
+          % (os.cpu_count(), cores.description, sys.version.split()[0],
+             "wrk" if use_wrk else "built-in keep-alive client", options.seconds))
+
+    rows = []  # (label, unit, {kind: value}, higher_is_better)
+    problems = []
+    for kind in kinds:
+        # start-up: median of 5 fresh processes, from exec to the first 200
+        startups = []
+        for _ in range(5):
+            with Server(kind, HELLOWORLD, cores) as server:
+                startups.append(server.startup_ms)
+        rows_for = {"start to first 200": ("ms", statistics.median(startups), False)}
+        with Server(kind, HELLOWORLD, cores) as server:
+            rows_for["memory idle"] = ("MB", server.rss_mb, False)
+            for method, path in (("GET", "/value"), ("POST", "/increment")):
+                for concurrency in concurrencies:
+                    before = server.get_value() if method == "POST" else None
+                    run_load(cores, server.port, path, method, concurrency, 1)  # warm-up
+                    result = run_load(cores, server.port, path, method, concurrency, options.seconds)
+                    label = "%s %s c%d" % (method, path, concurrency)
+                    rows_for[label + " req/s"] = ("req/s", result.rate, True)
+                    rows_for[label + " p50"] = ("ms", result.p50, False)
+                    rows_for[label + " p99"] = ("ms", result.p99, False)
+                    if result.failures:
+                        problems.append("%s %s: %d failed responses" % (kind, label, result.failures))
+                    if method == "POST":
+                        counted = server.get_value() - before
+                        if counted < result.requests:
+                            problems.append("%s %s: %d increments acknowledged, %d counted"
+                                            % (kind, label, result.requests, counted))
+            rows_for["memory after load"] = ("MB", server.rss_mb, False)
+        with tempfile.TemporaryDirectory() as directory:
+            variants = [("parallel", "allow_parallel_requests = True")]
+            if kind == "vastworker":
+                variants.append(("serialised", ""))
+            for name, parallel in variants:
+                backend = os.path.join(directory, name)
+                os.mkdir(backend)
+                with open(os.path.join(backend, "backend.py"), "w") as file:
+                    file.write(IO_BACKEND.format(parallel=parallel))
+                extra = ["--queue-time", "60"] if kind == "vastworker" else []
+                with Server(kind, backend, cores, extra, probe="/wait") as server:
+                    # a serialised warm-up at c64 would leave 3 s of queued requests behind it
+                    run_load(cores, server.port, "/wait", "GET", 64 if name == "parallel" else 1, 1)
+                    result = run_load(cores, server.port, "/wait", "GET", 64, options.seconds)
+                rows_for["50 ms I/O c64 %s req/s" % name] = ("req/s", result.rate, True)
+                rows_for["50 ms I/O c64 %s p99" % name] = ("ms", result.p99, False)
+                if result.failures:
+                    problems.append("%s 50 ms I/O %s: %d failed responses" % (kind, name, result.failures))
+        for label, (unit, value, better) in rows_for.items():
+            for row in rows:
+                if row[0] == label:
+                    row[2][kind] = value
+                    break
+            else:
+                rows.append((label, unit, {kind: value}, better))
+
+    print()
+    print("| measure | vastworker | Flask dev server | ratio |")
+    print("|---|---:|---:|---:|")
+    for label, unit, values, better in rows:
+        ours, theirs = values.get("vastworker"), values.get("flask")
+        print("| %s | %s | %s | %s |" % (
+            label, "%.1f %s" % (ours, unit) if ours is not None else "-",
+            "%.1f %s" % (theirs, unit) if theirs is not None else "-",
+            ratio(ours, theirs, better) if theirs is not None else "-"))
+    print()
+    print("ideal for the 50 ms endpoint at c64: 1280 req/s in parallel, 20 req/s serialised")
+    print("failed, lost or wrong responses: %s" % ("; ".join(problems) if problems else "none"))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
