@@ -205,7 +205,7 @@ def builtin_load(cores, port, path, method, concurrency, seconds):
     result = json.loads(subprocess.run(cores.load(command), stdout=subprocess.PIPE, check=True,
                                        timeout=seconds + 60).stdout)
     latencies = sorted(result["latencies"]) or [0.0]
-    return Load(len(result["latencies"]), seconds, latencies[len(latencies) // 2] * 1000,
+    return Load(len(result["latencies"]), result["elapsed"], latencies[len(latencies) // 2] * 1000,
                 latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
                 result["failures"])
 
@@ -238,12 +238,14 @@ def load_worker(port, path, method, concurrency, seconds):
         with lock:
             latencies.extend(mine)
 
+    started = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    print(json.dumps({"latencies": latencies, "failures": failures[0]}))
+    elapsed = time.perf_counter() - started  # the last requests end after the deadline
+    print(json.dumps({"latencies": latencies, "failures": failures[0], "elapsed": elapsed}))
 
 
 def ratio(ours, theirs, higher_is_better=True):
