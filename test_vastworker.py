@@ -46,7 +46,7 @@ class Worker:
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append(line)
-            match = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line)
+            match = re.search(r"(?:serving .*|autoscaler stand-in) on http://127\.0\.0\.1:(\d+)", line)
             if match:
                 self.port = int(match.group(1))
                 self._ready.set()
@@ -292,7 +292,8 @@ def test_help_explains_options_and_environment():
     assert code == 0
     for word in ("--host", "--port", "--max-body", "--timeout", "--queue-time", "--grace",
                  "--log-level", "--quiet", "WORKER_PORT", "AUTH_PORT", "CONTAINER_ID",
-                 "MASTER_TOKEN", "REPORT_ADDR", "allow_parallel_requests"):
+                 "MASTER_TOKEN", "REPORT_ADDR", "MODEL_LOG", "PUBLIC_IPADDR", "--cache-dir",
+                 "autoscaler", "allow_parallel_requests"):
         assert word in output
 
 
@@ -1200,6 +1201,268 @@ def test_grace_bounds_the_wait(start_worker, write_backend):
 
 
 # ------------------------------------------------------------------------------------------------
+# The autoscaler: status reports, readiness, benchmark, the guide's helloautoscaler
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def autoscaler(start_worker):
+    """The stand-in autoscaler (python3 vastworker.py autoscaler), recording what workers send."""
+    stand_in = start_worker("autoscaler")
+    stand_in.url = "http://127.0.0.1:%d" % stand_in.port
+
+    def records():
+        return stand_in.json("GET", "/records")[1]
+
+    def wait_for(predicate, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [record for record in records() if predicate(record)]
+            if found:
+                return found
+            time.sleep(0.1)
+        raise AssertionError("no such record among %s" % json.dumps(records(), indent=1))
+
+    stand_in.records = records
+    stand_in.wait_for = wait_for
+    return stand_in
+
+
+def reporting_env(autoscaler, **extra):
+    return dict({"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "123", "MASTER_TOKEN": "secret"}, **extra)
+
+
+def test_loaded_record_then_updates_that_count_requests(start_worker, autoscaler):
+    port = free_port()
+    worker = start_worker("helloworld", port=str(port), env=reporting_env(
+        autoscaler, PUBLIC_IPADDR="203.0.113.7", **{"VAST_TCP_PORT_%d" % port: "41234"}))
+    loaded = autoscaler.wait_for(lambda r: r["loadtime"] > 0)[0]
+    expected_types = {"id": int, "mtoken": str, "version": str, "loadtime": float, "cur_load": float,
+                      "rej_load": float, "new_load": float, "error_msg": str, "max_perf": float,
+                      "cur_perf": float, "cur_capacity": int, "max_capacity": int,
+                      "num_requests_working": int, "num_requests_recieved": int,
+                      "additional_disk_usage": float, "working_request_idxs": list, "url": str}
+    assert {name: type(loaded[name]) for name in expected_types} == expected_types
+    assert (loaded["id"], loaded["mtoken"], loaded["url"], loaded["error_msg"], loaded["max_perf"]) == (
+        123, "secret", "http://203.0.113.7:41234", "", 1.0)
+    for _ in range(5):
+        assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
+    for _ in range(3):
+        worker.value()
+    assert worker.request("GET", "/nothing")[0] == 404  # not a backend request: not counted
+    autoscaler.wait_for(lambda r: r["num_requests_recieved"] == 8)
+    after_loaded = [r for r in autoscaler.records() if r["loadtime"] > 0]
+    assert sum(r["new_load"] for r in after_loaded) == 8.0  # workload 1 a request, reported once
+    assert sum(r["cur_perf"] for r in after_loaded) == 8.0
+    assert after_loaded[-1]["cur_load"] == 0.0 and after_loaded[-1]["num_requests_working"] == 0
+    assert re.search(r"worker_status id=123 loadtime=[\d.]+ max_perf=1\.0", autoscaler.log)
+
+
+def test_a_backend_defines_its_workload(start_worker, autoscaler, write_backend):
+    backend = write_backend("""
+        class Backend:
+            pass
+
+        def generate(backend, request):
+            return "x" * request.json["tokens"]
+
+        def workload(backend, request):
+            return request.json["tokens"]
+
+        flask_dict = {"POST": {"generate": generate}}
+    """)
+    worker = start_worker(backend, env=reporting_env(autoscaler))
+    assert worker.request("POST", "/generate", {"tokens": 30})[0] == 200
+    assert worker.request("POST", "/generate", {"tokens": 12})[0] == 200
+    autoscaler.wait_for(lambda r: r["num_requests_recieved"] == 2)
+    assert sum(r["cur_perf"] for r in autoscaler.records()) == 42.0
+
+
+def test_reports_go_to_the_first_address_that_takes_them(start_worker, autoscaler):
+    env = reporting_env(autoscaler, REPORT_ADDR="http://127.0.0.1:%d/, %s" % (free_port(), autoscaler.url))
+    start_worker("helloworld", env=env)
+    autoscaler.wait_for(lambda r: r["loadtime"] > 0)
+
+
+def test_a_dead_or_silent_autoscaler_does_not_slow_requests(start_worker):
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        worker = start_worker("helloworld", env={"REPORT_ADDR": "http://127.0.0.1:%d" % silent.getsockname()[1]})
+        time.sleep(0.5)  # the reporter is now stuck on its first post
+        for _ in range(20):
+            connection = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=1)
+            connection.request("GET", "/value")
+            assert connection.getresponse().status == 200  # a timeout here would fail the test
+            connection.close()
+
+
+LOG_BACKEND = """
+readiness = "log"
+log_actions = {"loaded": ["MODEL READY"], "error": ["FATAL"], "info": ["progress"]}
+
+class Backend:
+    pass
+
+flask_dict = {"GET": {"hello": lambda backend, request: "hello"}}
+"""
+
+
+def wait_until(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    raise AssertionError("not within %s s" % timeout)
+
+
+def test_a_log_line_makes_the_worker_ready(start_worker, write_backend, autoscaler, tmp_path):
+    model_log = tmp_path / "model.log"
+    model_log.write_text("MODEL READY (from the last boot: ignored)\n")
+    worker = start_worker(write_backend(LOG_BACKEND), env=reporting_env(autoscaler, MODEL_LOG=str(model_log)))
+    status, data = worker.json("GET", "/hello")
+    assert status == 503 and data["detail"] == "the backend is still loading"
+    autoscaler.wait_for(lambda r: r["loadtime"] == 0 and r["max_perf"] == 0)  # the loading heartbeat
+    with open(str(model_log), "a") as log:
+        log.write("progress 50%\nMODEL RE")
+        log.flush()
+        worker.wait_for_log("model log: progress 50%")
+        assert worker.request("GET", "/hello")[0] == 503  # half a line is not a line
+        log.write("ADY\n")
+    wait_until(lambda: worker.request("GET", "/hello")[0] == 200)
+    autoscaler.wait_for(lambda r: r["loadtime"] > 0 and r["max_perf"] == 1.0)
+
+
+def test_an_error_line_fails_the_worker_for_good(start_worker, write_backend, autoscaler, tmp_path):
+    model_log = tmp_path / "model.log"  # not there yet: the watcher waits for it
+    worker = start_worker(write_backend(LOG_BACKEND), env=reporting_env(autoscaler, MODEL_LOG=str(model_log)))
+    model_log.write_text("MODEL READY\n")
+    wait_until(lambda: worker.request("GET", "/hello")[0] == 200)
+    os.rename(str(model_log), str(tmp_path / "model.log.1"))  # rotated
+    model_log.write_text("FATAL: CUDA out of memory\nMODEL READY\n")
+    wait_until(lambda: worker.request("GET", "/hello")[0] == 503)
+    status, data = worker.json("GET", "/hello")
+    assert data["detail"] == "the backend failed: model log: FATAL: CUDA out of memory"
+    failed = autoscaler.wait_for(lambda r: r["error_msg"])
+    assert failed[-1]["error_msg"] == "model log: FATAL: CUDA out of memory"
+    time.sleep(0.5)
+    assert worker.request("GET", "/hello")[0] == 503  # the later "MODEL READY" does not undo it
+
+
+def test_readiness_by_the_backends_own_call(start_worker, write_backend):
+    backend = write_backend("""
+        import threading, time, vastworker
+        readiness = "call"
+
+        class Backend:
+            def __init__(self):
+                threading.Timer(0.5, vastworker.ready).start()
+
+        flask_dict = {"GET": {"hello": lambda backend, request: "hello"}}
+    """)
+    worker = start_worker(backend)
+    assert worker.request("GET", "/hello")[0] == 503
+    wait_until(lambda: worker.request("GET", "/hello")[0] == 200)
+
+
+BENCHMARK_BACKEND = """
+benchmark = {{"endpoint": "work", "payload": {{"n": 1}}, "runs": 2, "concurrency": 3, "workload": 10}}
+
+class Backend:
+    def __init__(self):
+        self.calls = 0
+
+def work(backend, request):
+    backend.calls += 1
+    if {fail}:
+        raise RuntimeError("no GPU")
+    return "done"
+
+flask_dict = {{"POST": {{"work": work}}, "GET": {{"calls": lambda backend, request: {{"calls": backend.calls}}}}}}
+"""
+
+
+def test_benchmark_sets_max_perf_and_is_cached(start_worker, write_backend, autoscaler, tmp_path):
+    backend = write_backend(BENCHMARK_BACKEND.format(fail=False))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    first = start_worker(backend, "--cache-dir", str(cache), env=reporting_env(autoscaler))
+    loaded = autoscaler.wait_for(lambda r: r["loadtime"] > 0)[0]
+    assert loaded["max_perf"] > 0 and loaded["num_requests_recieved"] == 0  # benchmark not counted
+    assert first.json("GET", "/calls") == (200, {"calls": 7})  # a warm-up and 2 rounds of 3
+    cached = json.loads((cache / "vastworker-benchmark.json").read_text())
+    assert list(cached.values()) == [loaded["max_perf"]]
+    first.stop()
+    second = start_worker(backend, "--cache-dir", str(cache))
+    second.wait_for_log(r"benchmark: [\d.]+ workload/s \(cached in ")
+    assert second.json("GET", "/calls") == (200, {"calls": 0})  # not run again
+
+
+def test_a_benchmark_with_no_success_is_an_error(start_worker, write_backend, autoscaler, tmp_path):
+    worker = start_worker(write_backend(BENCHMARK_BACKEND.format(fail=True)), "--cache-dir", str(tmp_path),
+                          env=reporting_env(autoscaler))
+    failed = autoscaler.wait_for(lambda r: r["error_msg"])[0]
+    assert failed["error_msg"] == "benchmark: no successful response from POST /work"
+    assert failed["loadtime"] == 0 and failed["max_perf"] == 0
+    assert worker.request("POST", "/work", {"n": 1})[0] == 503
+
+
+def test_internal_report_endpoints_need_the_master_token(start_worker, write_backend):
+    source = """
+        readiness = "call"
+
+        class Backend:
+            pass
+
+        flask_dict = {"GET": {"hello": lambda backend, request: "hello"}}
+    """
+    without_token = start_worker(write_backend(source), env={"MASTER_TOKEN": ""})
+    status, data = without_token.json("POST", "/report_loaded", {"mtoken": ""})
+    assert status == 403 and "MASTER_TOKEN is not set" in data["detail"]
+    worker = start_worker(write_backend(source), env={"MASTER_TOKEN": "s3cret"})
+    assert worker.json("POST", "/report_loaded", {"mtoken": "guess"})[0] == 401
+    assert worker.request("GET", "/hello")[0] == 503
+    assert worker.request("POST", "/report_loaded", {"mtoken": "s3cret", "max_perf": 2.5})[:1] == (200,)
+    assert worker.request("GET", "/hello")[0] == 200
+    assert worker.request("POST", "/report_error", {"mtoken": "s3cret", "error_msg": "boom"})[0] == 200
+    assert worker.json("GET", "/hello") == (503, {"error": "Service Unavailable",
+                                                 "detail": "the backend failed: boom"})
+
+
+def test_a_failed_start_is_reported(autoscaler, write_backend):
+    backend = write_backend("""
+        class Backend:
+            def __init__(self):
+                raise RuntimeError("weights not found")
+
+        flask_dict = {"GET": {"hello": lambda backend, request: "hello"}}
+    """)
+    code, output = run_cli(backend, "--port", "0", env=reporting_env(autoscaler))
+    assert code == 1
+    record = autoscaler.wait_for(lambda r: r["error_msg"])[0]
+    assert record["error_msg"].startswith("Backend() failed: RuntimeError: weights not found")
+    assert record["id"] == 123
+
+
+def test_helloautoscaler_runs_unchanged_and_reports_itself(start_worker, autoscaler):
+    worker = start_worker("helloautoscaler", env=reporting_env(autoscaler, CONTAINER_ID="7"))
+    assert "the backend reports to the autoscaler itself" in worker.log
+    loaded = autoscaler.wait_for(lambda r: "loadtime" in r)[0]
+    assert loaded["id"] == "7" and loaded["mtoken"] == "secret" and loaded["max_perf"] == 0.5
+    autoscaler.wait_for(lambda r: "num_requests_recieved" in r)
+    assert worker.json("POST", "/increment", {"other": 1})[0] == 400  # its own abort(400)
+    assert worker.request("POST", "/increment", {"amount": 4})[2] == b"Incremented"
+    assert worker.json("GET", "/value") == (200, {"value": 4})
+    time.sleep(1.5)
+    assert not [r for r in autoscaler.records() if "version" in r]  # the worker stays quiet
+
+
+def test_notify_without_an_autoscaler_does_not_fail(start_worker):
+    worker = start_worker("helloautoscaler", env={"REPORT_ADDR": ""})
+    assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
+
+
+# ------------------------------------------------------------------------------------------------
 # Bootstrap: start_server.sh and launch.sh, served from loopback as an instance would fetch them
 # ------------------------------------------------------------------------------------------------
 
@@ -1378,7 +1641,7 @@ def test_stop_ends_the_worker_by_its_pid_file(bootstrap, published):
 
 @pytest.mark.parametrize("backend, env, message", [
     ("nosuch", {"VASTWORKER_TARBALL": "{url}/vastworker-main.tar.gz"},
-     "no backend 'nosuch' in .*/vastworker/backends \\(available: helloworld"),
+     "no backend 'nosuch' in .*/vastworker/backends \\(available: helloautoscaler, helloworld"),
     ("helloworld", {"VASTWORKER_TARBALL": "http://127.0.0.1:{closed}/vastworker-main.tar.gz"},
      "could not download http://127.0.0.1:\\d+/vastworker-main.tar.gz"),
     ("helloworld", {"VASTWORKER_TARBALL": "{url}/start_server.sh"}, "is not a .tar.gz archive"),

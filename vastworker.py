@@ -35,7 +35,7 @@ import threading
 import time
 import traceback
 import types
-from urllib.parse import parse_qsl, unquote_to_bytes
+from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 __version__ = "0.1.0"
 
@@ -58,17 +58,24 @@ STATUS_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
 ENVIRONMENT_HELP = """\
 environment variables:
   WORKER_PORT, AUTH_PORT  port to listen on when --port is not given (in that order; else 3000)
-  CONTAINER_ID            instance id, passed to Backend(container_id=...)
-  MASTER_TOKEN            shared secret, passed to Backend(master_token=...)
-  REPORT_ADDR             autoscaler address, passed to Backend(control_server_url=...);
-                          Backend(send_data=...) is true when it is set
+  REPORT_ADDR             autoscaler address(es), comma-separated, tried in order: status reports
+                          go to {address}/worker_status/; also Backend(control_server_url=...)
+  CONTAINER_ID            instance id: the reports' "id", and Backend(container_id=...)
+  MASTER_TOKEN            shared secret: the reports' "mtoken", the key to the internal
+                          /report_* endpoints (off without it), and Backend(master_token=...)
+  PUBLIC_IPADDR, VAST_TCP_PORT_<port>  the public address reported as "url"
+  MODEL_LOG               the model server's log, watched for the backend's log_actions
 
 backends:
   BACKEND is a directory name under backends/ next to this file (e.g. helloworld), or a path
   to any directory holding a backend.py.  backend.py defines Backend, its handlers and
   flask_dict = {"POST": {"increment": increment_handler}, "GET": {"value": value_handler}}.
   Handler calls are serialised by a lock; a backend whose handlers do their own locking sets
-  allow_parallel_requests = True in backend.py.
+  allow_parallel_requests = True in backend.py.  It may also set readiness, log_actions,
+  benchmark, workload and max_perf (see README.md).
+
+  python3 vastworker.py autoscaler [--port P]  runs a local stand-in for Vast's autoscaler
+  (default port 8081) that prints the status records workers send it.
 """
 
 
@@ -1051,14 +1058,19 @@ class QueueLock:
 
 
 class BackendApp:
-    """One backend being served: its Backend instance, its flask_dict routes and the lock.  Turns a
-    Request into a Response; never raises."""
+    """One backend being served: its Backend instance, its flask_dict routes, the lock, and the
+    accounting the autoscaler reads.  Turns a Request into a Response; never raises."""
 
-    def __init__(self, backend, routes, parallel=False, queue_time=30.0):
+    def __init__(self, backend, routes, parallel=False, queue_time=30.0, workload=None,
+                 state=None, reports=None, metrics=None):
         self.backend = backend
         self.routes = routes
         self.lock = None if parallel else QueueLock()
         self.queue_time = queue_time
+        self.workload = workload  # backend.py's workload(backend, request); else 1 a request
+        self.state = _state if state is None else state
+        self.reports = reports  # the original's internal /report_* endpoints, or None
+        self.metrics = Metrics() if metrics is None else metrics
 
     def respond(self, request):
         method, path = request.method, request.path
@@ -1072,10 +1084,28 @@ class BackendApp:
             response = error_response(405, "method %s is not served" % method)
             response.headers["Allow"] = ALLOW_HEADER
             return response
+        if method == "POST" and self.reports is not None and path[1:] in InternalReports.NAMES:
+            return self.reports.respond(path[1:], request)
         handler = self.routes.get(method, {}).get(path[1:])
         if handler is None:
             return error_response(404, "no %s handler for %r" % (method, path[1:]))
+        if not self.state.accepting:
+            return self.state.refusal()
+        request._workload = self.workload_of(request)
+        self.metrics.started(request._workload)
         return self.call(handler, request)
+
+    def workload_of(self, request):
+        if self.workload is None:
+            return 1.0
+        try:
+            value = float(self.workload(self.backend, request))
+            if value >= 0 and math.isfinite(value):
+                return value
+            raise ValueError("%r is not a finite, non-negative number" % value)
+        except Exception as exc:
+            Log.write("debug", "%s %s: workload() failed (%s); counting 1" % (request.method, request.path, exc))
+            return 1.0
 
     def call(self, handler, request):
         _current.request = request
@@ -1106,10 +1136,12 @@ class BackendApp:
                                                            type(exc).__name__))
             return error_response(500)
 
-    @staticmethod
-    def finish():
-        """The response has been sent: forget the current request."""
+    def finish(self, request, status):
+        """The response has been sent (or the client left: status 499): account for it."""
         _current.request = None
+        workload = request.__dict__.pop("_workload", None)
+        if workload is not None:
+            self.metrics.finished(workload, status)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1458,10 +1490,13 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                           host=parsed.absolute_host)
         response = server.app.respond(request)
         keep_alive = parsed.keep_alive and framing_known and not server.stopping
+        status = 499  # the client left before the response was sent
         try:
-            return self.send(request, response, parsed.http11, keep_alive, started)
+            keep_alive = self.send(request, response, parsed.http11, keep_alive, started)
+            status = response.status_code
+            return keep_alive
         finally:
-            server.app.finish()
+            server.app.finish(request, status)
 
     def read_body(self, parsed):
         """The request body, and whether the connection's framing is still certain after it."""
@@ -1634,6 +1669,540 @@ class WorkerServer(http.server.ThreadingHTTPServer):
 
 
 # ------------------------------------------------------------------------------------------------
+# Autoscaler client
+# ------------------------------------------------------------------------------------------------
+
+REPORT_INTERVAL = 10.0  # seconds between status reports when nothing changes
+STARTED = time.monotonic()  # loadtime counts from here: process start, near enough
+
+
+def report_addresses(value):
+    """REPORT_ADDR: one autoscaler address or an ordered, comma-separated list."""
+    return [address.strip().rstrip("/") for address in (value or "").split(",") if address.strip()]
+
+
+def post_json(url, body, timeout):
+    """POST body as JSON; True on a 2xx answer.  http.client, not urllib: it is already loaded."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        import ssl  # only a worker reporting over https pays for loading it
+        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                                 context=ssl.create_default_context())
+    else:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        connection.request("POST", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                           body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        return 200 <= response.status < 300
+    finally:
+        connection.close()
+
+
+def deliver(addresses, path, body, timeout=5.0, rounds=3, pause=2.0):
+    """Post to the first address that takes it, in order; up to `rounds` passes, `pause` apart.
+    Blocking: call it from a background thread."""
+    for attempt in range(rounds):
+        for address in addresses:
+            try:
+                if post_json(address + path, body, timeout):
+                    return True
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                Log.write("debug", "report to %s%s failed: %s" % (address, path, exc))
+        if attempt + 1 < rounds:
+            time.sleep(pause)
+    return False
+
+
+class Metrics:
+    """The request accounting the status record carries, with the newest generation's meanings:
+    workload received and served since the last report, in flight now, and rejected."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.received = 0  # num_requests_recieved: requests, ever
+        self.working = 0  # num_requests_working
+        self.in_flight = 0.0  # cur_load: workload of the requests in flight
+        self.new_load = 0.0  # workload received since the last report
+        self.served = 0.0  # cur_perf: workload served since the last report
+        self.rejected = 0.0  # rej_load: workload refused since the last report
+        self.changed = False
+
+    def started(self, workload):
+        with self._lock:
+            self.received += 1
+            self.working += 1
+            self.in_flight += workload
+            self.new_load += workload
+            self.changed = True
+
+    def finished(self, workload, status):
+        with self._lock:
+            self.working -= 1
+            self.in_flight -= workload
+            if status < 400:
+                self.served += workload
+            elif status in (429, 503):
+                self.rejected += workload
+            self.changed = True
+
+    def snapshot(self):
+        with self._lock:
+            self.changed = False
+            return {"cur_load": self.in_flight, "new_load": self.new_load, "rej_load": self.rejected,
+                    "cur_perf": self.served, "num_requests_working": self.working,
+                    "num_requests_recieved": self.received}
+
+    def acknowledge(self, snapshot):
+        """A report went through: start the next interval (what arrived meanwhile is kept)."""
+        with self._lock:
+            self.new_load -= snapshot["new_load"]
+            self.served -= snapshot["cur_perf"]
+            self.rejected -= snapshot["rej_load"]
+
+    def restart(self):
+        """Forget the benchmark's traffic when the worker is declared loaded."""
+        with self._lock:
+            self.received = 0
+            self.new_load = self.served = self.rejected = 0.0
+
+
+class WorkerState:
+    """Loading, then loaded -- or failed, for good: what the status record says and what requests
+    get meanwhile.  Readiness may come from a backend's own call, so the transitions are public
+    as vastworker.ready() and vastworker.failed()."""
+
+    def __init__(self):
+        self.phase = "loading"  # loading -> benchmarking -> loaded; or failed, from any of them
+        self.error = ""
+        self.loadtime = 0.0
+        self.max_perf = 0.0
+        self.max_capacity = 0
+        self.on_ready = None  # what the worker does when the model is ready (the benchmark)
+        self.changed = threading.Event()
+        self._lock = threading.Lock()
+
+    def _move(self, allowed_from, phase):
+        with self._lock:
+            if self.phase not in allowed_from:
+                return False
+            self.phase = phase
+        self.changed.set()
+        return True
+
+    def ready(self):
+        """The model is ready: benchmark it (when the backend defines a benchmark), then loaded."""
+        if self._move(("loading",), "benchmarking"):
+            Log.write("info", "the backend is ready")
+            if self.on_ready is None:
+                self.loaded()
+            else:
+                threading.Thread(target=self.on_ready, name="benchmark", daemon=True).start()
+
+    def loaded(self, max_perf=None):
+        if max_perf is not None:
+            self.max_perf = float(max_perf)
+        if self._move(("loading", "benchmarking"), "loaded"):
+            self.loadtime = round(time.monotonic() - STARTED, 3)
+            Log.write("info", "loaded after %.2f s (max_perf %g)" % (self.loadtime, self.max_perf))
+
+    def failed(self, message):
+        message = str(message) or "failed"
+        if self._move(("loading", "benchmarking", "loaded"), "failed"):
+            self.error = message
+            Log.write("error", "the backend failed: %s" % message)
+
+    @property
+    def accepting(self):
+        return self.phase in ("loaded", "benchmarking")
+
+    def refusal(self):
+        """The 503 a backend request gets while the worker is not ready."""
+        if self.phase == "failed":
+            response = error_response(503, "the backend failed: %s" % self.error)
+        else:
+            response = error_response(503, "the backend is still loading")
+            response.headers["Retry-After"] = "5"
+        return response
+
+
+_state = WorkerState()
+ready = _state.ready
+failed = _state.failed
+
+
+class StatusReporter:
+    """Sends the status record to {REPORT_ADDR}/worker_status/ from one background thread: every
+    10 s while loading, at once on loaded or failed, then when something changed (at most once a
+    second) or every 10 s.  A slow or dead autoscaler delays nothing but this thread, and counts
+    are only reset after a report went through, so nothing is lost between reports."""
+
+    def __init__(self, addresses, environ, port, scheme, state, metrics):
+        self.addresses = addresses
+        container_id = environ.get("CONTAINER_ID", "")
+        self.identity = {"id": int(container_id) if container_id.isdigit() else container_id,
+                         "mtoken": environ.get("MASTER_TOKEN", ""), "version": __version__}
+        public_ip, public_port = environ.get("PUBLIC_IPADDR"), environ.get("VAST_TCP_PORT_%d" % port)
+        self.url = "%s://%s:%s" % (scheme, public_ip, public_port) if public_ip and public_port else ""
+        self.state = state
+        self.metrics = metrics
+        self._disk_used = disk_used_gb()
+
+    def start(self):
+        threading.Thread(target=self._report_forever, name="status", daemon=True).start()
+
+    def record(self, snapshot):
+        state = self.state
+        record = dict(self.identity, loadtime=state.loadtime, error_msg=state.error,
+                      max_perf=state.max_perf if state.phase == "loaded" else 0.0,
+                      cur_capacity=0, max_capacity=state.max_capacity,
+                      additional_disk_usage=round(disk_used_gb() - self._disk_used, 3),
+                      working_request_idxs=[], url=self.url)
+        record.update(snapshot)
+        return record
+
+    def _report_forever(self):
+        last_sent, sent_phase = 0.0, None
+        while True:
+            self.state.changed.wait(1.0)
+            self.state.changed.clear()
+            now = time.monotonic()
+            phase = self.state.phase
+            if phase == "benchmarking":
+                phase = "loading"  # not ready for traffic yet
+            due = phase != sent_phase or now - last_sent >= REPORT_INTERVAL or (
+                phase == "loaded" and self.metrics.changed)
+            if not due:
+                continue
+            snapshot = self.metrics.snapshot()
+            record = self.record(snapshot)
+            last_sent = now
+            if deliver(self.addresses, "/worker_status/", record):
+                self.metrics.acknowledge(snapshot)
+                self._disk_used += record["additional_disk_usage"]
+                sent_phase = phase
+            else:
+                self.metrics.changed = True
+                Log.write("warning", "could not report to %s; retrying in %g s"
+                          % (", ".join(self.addresses), REPORT_INTERVAL))
+
+
+def disk_used_gb():
+    stats = os.statvfs("/")
+    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize / 1e9
+
+
+class Postbox:
+    """Posts queued by the notify helpers, sent in order by one background thread, so that a
+    backend's call returns at once even when no autoscaler answers.  At most 100 wait: during a
+    long outage the oldest are dropped (newer reports supersede them)."""
+
+    def __init__(self):
+        self._queue = collections.deque(maxlen=100)
+        self._ready = threading.Condition()
+        self._thread = None
+
+    def post(self, addresses, path, body):
+        with self._ready:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._send_forever, name="notify", daemon=True)
+                self._thread.start()
+            self._queue.append((addresses, path, body))
+            self._ready.notify()
+
+    def _send_forever(self):
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                addresses, path, body = self._queue.popleft()
+            if not deliver(addresses, path, body, timeout=2.0):
+                Log.write("warning", "notify: could not post to %s" % ", ".join(addresses))
+
+
+_postbox = Postbox()
+
+
+def make_notify_module():
+    """The `notify` the autoscaler guide's backend imports: loaded(), update() and error() post
+    its data plus the named fields to {autoscaler_address}/worker_status/, without waiting."""
+    module = types.ModuleType("notify", "vastworker's notify helpers for backends that report "
+                                        "to the autoscaler themselves")
+
+    def post(data, autoscaler_address, **fields):
+        addresses = report_addresses(autoscaler_address)
+        if addresses:
+            _postbox.post(addresses, "/worker_status/", dict(data or {}, **fields))
+        else:
+            Log.write("debug", "notify: no autoscaler address; not posting %r" % (fields,))
+
+    def loaded(data, autoscaler_address, load_time, max_perf):
+        post(data, autoscaler_address, loadtime=load_time, max_perf=max_perf)
+
+    def update(data, autoscaler_address, cur_load, num_requests_recieved):
+        post(data, autoscaler_address, cur_load=cur_load, num_requests_recieved=num_requests_recieved)
+
+    def error(data, autoscaler_address, error_msg):
+        post(data, autoscaler_address, error_msg=error_msg)
+
+    for function in (loaded, update, error):
+        function.__module__ = "notify"
+        setattr(module, function.__name__, function)
+    return module
+
+
+def reports_itself(module):
+    """Does the backend use notify (the module or its functions)?  Then the worker stays quiet."""
+    return any(isinstance(value, types.ModuleType) and value.__name__ == "notify"
+               or isinstance(value, types.FunctionType) and value.__module__ == "notify"
+               for value in vars(module).values())
+
+
+class InternalReports:
+    """The original worker's internal POST endpoints (/report_loaded, /report_error, ...), kept for
+    log watchers written for it.  They need the MASTER_TOKEN in the body and are all refused when
+    no token is configured (the original defaulted to the literal 'mtoken')."""
+
+    NAMES = ("report_loading", "report_loaded", "report_error", "report_capacity", "report_done")
+
+    def __init__(self, token, state):
+        self.token = token
+        self.state = state
+
+    def respond(self, name, request):
+        if not self.token:
+            return error_response(403, "internal report endpoints are off: MASTER_TOKEN is not set")
+        import hmac
+        data = request.get_json(force=True, silent=True)
+        if not isinstance(data, dict) or not hmac.compare_digest(
+                str(data.get("mtoken", "")).encode(), self.token.encode()):
+            return error_response(401, "a valid mtoken is required")
+        try:
+            if name == "report_loaded":
+                if data.get("max_perf") is not None:
+                    self.state.loaded(float(data["max_perf"]))
+                else:
+                    self.state.ready()
+            elif name == "report_error":
+                self.state.failed(data.get("error_msg", "reported by %s" % request.remote_addr))
+            elif name == "report_capacity":
+                self.state.max_capacity = int(data.get("max_capacity") or 0)
+            elif name == "report_loading":
+                Log.write("info", "the model is loading")
+        except (TypeError, ValueError):
+            return error_response(400, "max_perf and max_capacity must be numbers")
+        return Response("ok")
+
+
+class Benchmark:
+    """Measures max_perf: a warm-up request, then `runs` rounds of `concurrency` simultaneous
+    requests of the backend's benchmark payload through the worker itself; the best round's
+    workload served per second, counting successes only.  The result is cached on disk under a
+    key of the backend's name, its backend.py and this configuration, so a reboot skips it."""
+
+    def __init__(self, config, name, source, cache_file, address):
+        self.config = config
+        import hashlib
+        digest = hashlib.sha256(source + json.dumps(config, sort_keys=True).encode()).hexdigest()
+        self.key = "%s:%s" % (name, digest[:16])
+        self.cache_file = cache_file
+        self.address = address
+
+    def cached(self):
+        try:
+            with open(self.cache_file) as file:
+                return float(json.load(file)[self.key])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def store(self, max_perf):
+        try:
+            with open(self.cache_file) as file:
+                cache = json.load(file)
+        except (OSError, ValueError):
+            cache = {}
+        cache[self.key] = max_perf
+        temporary = self.cache_file + ".tmp"
+        with open(temporary, "w") as file:
+            json.dump(cache, file, indent=1, sort_keys=True)
+        os.replace(temporary, self.cache_file)
+
+    def one_request(self):
+        config = self.config
+        connection = http.client.HTTPConnection(self.address[0], self.address[1], timeout=600)
+        try:
+            connection.request(config["method"], "/" + config["endpoint"], body=json.dumps(config["payload"]),
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            return 200 <= response.status < 300
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            connection.close()
+
+    def measure(self):
+        config = self.config
+        self.one_request()  # warm-up, not counted
+        best = 0.0
+        for _ in range(config["runs"]):
+            results = []
+            threads = [threading.Thread(target=lambda: results.append(self.one_request()))
+                       for _ in range(config["concurrency"])]
+            started = time.monotonic()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = max(time.monotonic() - started, 1e-6)
+            best = max(best, sum(results) * config["workload"] / elapsed)
+        return round(best, 3)
+
+    def run(self, state, metrics):
+        """The on_ready step: cached result, else measure; loaded with it, or failed.  The
+        benchmark's own requests are not reported as traffic."""
+        max_perf = self.cached()
+        if max_perf is not None:
+            Log.write("info", "benchmark: %g workload/s (cached in %s)" % (max_perf, self.cache_file))
+        else:
+            Log.write("info", "benchmark: %(runs)d rounds of %(concurrency)d %(method)s /%(endpoint)s" % self.config)
+            max_perf = self.measure()
+            if max_perf <= 0:
+                return state.failed("benchmark: no successful response from %(method)s /%(endpoint)s" % self.config)
+            Log.write("info", "benchmark: %g workload/s" % max_perf)
+            try:
+                self.store(max_perf)
+            except OSError as exc:
+                Log.write("warning", "benchmark: could not cache the result in %s: %s" % (self.cache_file, exc))
+        metrics.restart()
+        state.loaded(max_perf)
+
+
+def benchmark_config(value, path, parallel):
+    """backend.py's `benchmark`, checked, with its defaults filled in."""
+    if not isinstance(value, dict) or not isinstance(value.get("endpoint"), str) or "payload" not in value:
+        raise StartupError('%s: benchmark must be a dict like {"endpoint": "generate", "payload": {...}}' % path)
+    unknown = set(value) - {"endpoint", "payload", "method", "runs", "concurrency", "workload"}
+    if unknown:
+        raise StartupError("%s: benchmark has unknown keys %s" % (path, ", ".join(sorted(unknown))))
+    config = {"method": "POST", "runs": 3, "concurrency": 10 if parallel else 1, "workload": 1.0}
+    config.update(value)
+    for key in ("runs", "concurrency"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise StartupError("%s: benchmark %s must be a whole number of at least 1" % (path, key))
+    if not isinstance(config["workload"], (int, float)) or not config["workload"] > 0:
+        raise StartupError("%s: benchmark workload must be a positive number" % path)
+    return config
+
+
+class StandInAutoscaler:
+    """`python3 vastworker.py autoscaler`: a local stand-in for Vast's autoscaler.  It prints and
+    keeps the status records workers send, so a backend's reports can be watched before
+    deploying; GET /records returns them."""
+
+    def __init__(self):
+        self.records = []
+
+    def worker_status(self, _, request):
+        record = request.get_json(force=True)
+        self.records.append(record)
+        fields = ("id", "loadtime", "max_perf", "cur_load", "new_load", "cur_perf",
+                  "num_requests_working", "num_requests_recieved", "error_msg")
+        print("%s worker_status %s" % (time.strftime("%H:%M:%S"), " ".join(
+            "%s=%s" % (name, json.dumps(record[name])) for name in fields if name in record)), flush=True)
+        return {"ok": True}
+
+    def list_records(self, _, request):
+        return list(self.records)
+
+    def routes(self):
+        return {"POST": {"worker_status/": self.worker_status}, "GET": {"records": self.list_records}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Log watching
+# ------------------------------------------------------------------------------------------------
+
+class LogWatcher:
+    """Follows a model server's log (MODEL_LOG) for the backend's log_actions: a "loaded" line
+    makes the worker ready, an "error" line fails it, an "info" line is repeated in the worker's
+    log.  It waits for the file to appear, follows it across rotation and truncation, and skips
+    what was written before this start (an old "loaded" line must not count)."""
+
+    def __init__(self, path, actions, state, poll=0.1):
+        self.path = path
+        self.actions = actions
+        self.state = state
+        self.poll = poll
+        try:
+            self._skip = (os.stat(path).st_ino, os.stat(path).st_size)
+        except OSError:
+            self._skip = None
+
+    def start(self):
+        threading.Thread(target=self._watch_forever, name="log-watch", daemon=True).start()
+
+    def _open(self):
+        """The log file positioned where reading starts; None while it does not exist."""
+        try:
+            file = open(self.path, "rb")
+        except OSError:
+            return None
+        inode = os.fstat(file.fileno()).st_ino
+        if self._skip and self._skip[0] == inode:
+            file.seek(self._skip[1])
+        self._skip = None
+        return file
+
+    def _watch_forever(self):
+        file, partial = None, b""
+        while True:
+            if file is None:
+                file = self._open()
+                if file is None:
+                    time.sleep(self.poll)
+                    continue
+            chunk = file.readline()
+            if chunk:
+                partial += chunk
+                if partial.endswith(b"\n"):
+                    self.handle(partial.decode("utf-8", "replace").rstrip("\r\n"))
+                    partial = b""
+                continue
+            time.sleep(self.poll)
+            try:
+                moved = os.stat(self.path).st_ino != os.fstat(file.fileno()).st_ino
+                truncated = os.stat(self.path).st_size < file.tell()
+            except OSError:
+                moved, truncated = True, False
+            if moved or truncated:
+                file.close()
+                file, partial = None, b""
+
+    def handle(self, line):
+        for pattern in self.actions.get("error", ()):
+            if pattern in line:
+                return self.state.failed("model log: %s" % line.strip()[:500])
+        if self.state.phase == "loading":
+            for pattern in self.actions.get("loaded", ()):
+                if pattern in line:
+                    return self.state.ready()
+        for pattern in self.actions.get("info", ()):
+            if pattern in line:
+                return Log.write("info", "model log: %s" % line.strip())
+
+
+def log_actions_config(value, path):
+    if not isinstance(value, dict) or set(value) - {"loaded", "error", "info"} or not all(
+            isinstance(patterns, (list, tuple)) and all(isinstance(p, str) and p for p in patterns)
+            for patterns in value.values()):
+        raise StartupError('%s: log_actions must be a dict like {"loaded": ["Connected"], '
+                           '"error": ["Error:"], "info": ["Downloading"]} of substring lists' % path)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
 
@@ -1688,6 +2257,8 @@ def make_parser():
     parser.add_argument("--grace", type=positive_seconds, default=10.0, metavar="SECONDS",
                         help="on SIGTERM or SIGINT, how long in-flight requests may take to finish "
                              "(default 10)")
+    parser.add_argument("--cache-dir", default=".", metavar="DIR",
+                        help="where the benchmark result is cached (default: the current directory)")
     parser.add_argument("--log-level", choices=sorted(Log.LEVELS, key=Log.LEVELS.get), default="info",
                         help="info (the default) logs one line per request; warning and error only "
                              "problems; debug adds tracebacks of startup failures")
@@ -1731,9 +2302,10 @@ def available_backends():
 
 
 def install_modules():
-    """Make `import flask` give our flask, and `import vastworker` this very module even when it
-    runs as __main__ (a second copy would have globals of its own)."""
+    """Make `import flask` and `import notify` give ours, and `import vastworker` this very module
+    even when it runs as __main__ (a second copy would have globals, and a state, of its own)."""
     sys.modules["flask"] = make_flask_module()
+    sys.modules["notify"] = make_notify_module()
     sys.modules.setdefault("vastworker", sys.modules[__name__])
 
 
@@ -1819,34 +2391,126 @@ def describe_routes(routes):
                      for method in SERVED_METHODS for endpoint in routes.get(method, {}))
 
 
+class BackendPlan:
+    """What backend.py declares beyond its routes, checked before anything starts: readiness,
+    log actions, a benchmark, a workload function, max_perf and parallelism."""
+
+    def __init__(self, module, path, environ):
+        self.parallel = bool(getattr(module, "allow_parallel_requests", False))
+        self.readiness = getattr(module, "readiness", "start")
+        if self.readiness not in ("start", "log", "call"):
+            raise StartupError("%s: readiness must be 'start', 'log' or 'call', not %r" % (path, self.readiness))
+        self.log_actions = getattr(module, "log_actions", None)
+        self.model_log = environ.get("MODEL_LOG") or getattr(module, "model_log", None)
+        if self.log_actions is not None:
+            log_actions_config(self.log_actions, path)
+            if not self.model_log:
+                raise StartupError("%s defines log_actions but no log to watch: set MODEL_LOG" % path)
+        if self.readiness == "log" and not (self.log_actions or {}).get("loaded"):
+            raise StartupError('%s: readiness "log" needs log_actions with "loaded" patterns' % path)
+        self.benchmark = getattr(module, "benchmark", None)
+        if self.benchmark is not None:
+            self.benchmark = benchmark_config(self.benchmark, path, self.parallel)
+        self.workload = getattr(module, "workload", None)
+        if self.workload is not None and not callable(self.workload):
+            raise StartupError("%s: workload must be a function workload(backend, request)" % path)
+        self.max_perf = getattr(module, "max_perf", 1.0)
+        if not isinstance(self.max_perf, (int, float)) or not self.max_perf > 0:
+            raise StartupError("%s: max_perf must be a positive number" % path)
+        self.reports_itself = reports_itself(module)
+
+
 def start(options, environ):
     """Everything up to a listening server with a constructed backend; raises StartupError."""
+    if options.backend == "autoscaler":
+        return start_stand_in(options, environ)
     directory = find_backend(options.backend)
+    name = os.path.basename(directory)
     port = resolve_port(options.port, environ)
     install_modules()
     module = import_backend(directory)
-    routes = validate_routes(module, os.path.join(directory, "backend.py"))
-    try:  # bound before the backend is built, so a busy port fails before a model loads
-        server = WorkerServer((options.host, port), None, options.timeout, options.max_body)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError("port %d is already in use on %s (is another worker running?)"
-                               % (port, options.host))
-        raise StartupError("cannot listen on %s:%d: %s" % (options.host, port, exc.strerror or exc))
+    path = os.path.join(directory, "backend.py")
+    routes = validate_routes(module, path)
+    plan = BackendPlan(module, path, environ)
+    server = listen(options, port)
+    host, port = server.server_address[:2]
+    _state.max_perf = float(plan.max_perf)
+    metrics = Metrics()
+    if plan.benchmark is not None:
+        with open(path, "rb") as file:
+            benchmark = Benchmark(plan.benchmark, name, file.read(),
+                                  os.path.join(options.cache_dir, "vastworker-benchmark.json"),
+                                  (loopback_for(host), port))
+        _state.on_ready = lambda: benchmark.run(_state, metrics)
+    if plan.log_actions is not None:
+        LogWatcher(plan.model_log, plan.log_actions, _state).start()
+    addresses = report_addresses(environ.get("REPORT_ADDR"))
+    if plan.reports_itself:
+        Log.write("info", "the backend reports to the autoscaler itself (it uses notify)")
+    elif addresses:
+        StatusReporter(addresses, environ, port, "http", _state, metrics).start()
     try:
         backend = module.Backend(**backend_arguments(module.Backend, environ))
     except BaseException as exc:
         server.server_close()
         Log.write("debug", traceback.format_exc().rstrip())
         raise StartupError("Backend() failed: %s%s" % (describe_exception(exc), where_in(exc, directory)))
-    parallel = bool(getattr(module, "allow_parallel_requests", False))
-    server.app = BackendApp(backend, routes, parallel, options.queue_time)
-    host, port = server.server_address[:2]
+    if isinstance(getattr(backend, "max_perf", None), (int, float)) and backend.max_perf > 0:
+        _state.max_perf = float(backend.max_perf)
+    reports = InternalReports(environ.get("MASTER_TOKEN"), _state)
+    server.app = BackendApp(backend, routes, plan.parallel, options.queue_time, plan.workload,
+                            reports=reports, metrics=metrics)
     Log.write("info", "vastworker %s serving %s on http://%s:%d (%s)%s"
-              % (__version__, os.path.basename(directory), host if ":" not in host else "[%s]" % host,
-                 port, describe_routes(routes), "; handlers run in parallel" if parallel else ""),
+              % (__version__, name, host if ":" not in host else "[%s]" % host,
+                 port, describe_routes(routes), "; handlers run in parallel" if plan.parallel else ""),
               always=True)
+    if plan.readiness == "start":
+        _state.ready()
+    else:
+        Log.write("info", "waiting for the backend to be ready (%s)" % (
+            "a loaded line in %s" % plan.model_log if plan.readiness == "log" else "vastworker.ready()"))
     return server
+
+
+def listen(options, port):
+    """The listening server, bound before any backend is built so a busy port fails first."""
+    try:
+        return WorkerServer((options.host, port), None, options.timeout, options.max_body)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise StartupError("port %d is already in use on %s (is another worker running?)"
+                               % (port, options.host))
+        raise StartupError("cannot listen on %s:%d: %s" % (options.host, port, exc.strerror or exc))
+
+
+def loopback_for(host):
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def start_stand_in(options, environ):
+    """The local autoscaler stand-in, served by the same machinery as a backend."""
+    stand_in = StandInAutoscaler()
+    routes = stand_in.routes()
+    server = listen(options, port_number(options.port, "--port") if options.port else 8081)
+    always_loaded = WorkerState()
+    always_loaded.phase = "loaded"
+    server.app = BackendApp(stand_in, routes, state=always_loaded)
+    host, port = server.server_address[:2]
+    Log.write("info", "vastworker %s autoscaler stand-in on http://%s:%d: point REPORT_ADDR at it "
+                      "(%s)" % (__version__, host, port, describe_routes(routes)), always=True)
+    return server
+
+
+def report_startup_failure(environ, message):
+    """Tell the autoscaler, when there is one, so the instance does not sit in "loading" for ever."""
+    addresses = report_addresses(environ.get("REPORT_ADDR"))
+    if addresses:
+        state = WorkerState()
+        state.phase, state.error = "failed", message
+        reporter = StatusReporter(addresses, environ, 0, "http", state, Metrics())
+        if not deliver(addresses, "/worker_status/", reporter.record(reporter.metrics.snapshot()),
+                       timeout=3.0):
+            sys.stderr.write("vastworker: could not report the failure to %s\n" % ", ".join(addresses))
 
 
 def serve(server, grace):
@@ -1892,6 +2556,7 @@ def main(argv=None, environ=None):
     except StartupError as exc:
         sys.stderr.write("vastworker: error: %s\n" % exc)
         sys.stderr.flush()
+        report_startup_failure(environ, str(exc))
         os._exit(1)  # not sys.exit: a half-built backend's threads must not keep us alive
     serve(server, options.grace)
 
