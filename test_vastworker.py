@@ -46,7 +46,7 @@ class Worker:
         for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append(line)
-            match = re.search(r"(?:serving .*|autoscaler stand-in) on http://127\.0\.0\.1:(\d+)", line)
+            match = re.search(r"(?:serving .*|autoscaler stand-in) on https?://127\.0\.0\.1:(\d+)", line)
             if match:
                 self.port = int(match.group(1))
                 self._ready.set()
@@ -371,7 +371,7 @@ def test_backend_constructor_gets_the_arguments_it_accepts(start_worker, write_b
 
         flask_dict = {"GET": {"seen": seen}}
     """)
-    env = {"CONTAINER_ID": "123", "MASTER_TOKEN": "tok", "REPORT_ADDR": "http://127.0.0.1:9"}
+    env = {"CONTAINER_ID": "123", "MASTER_TOKEN": "tok", "REPORT_ADDR": "http://127.0.0.1:9", "UNSECURED": "1"}
     worker = start_worker(backend, env=env)
     assert worker.json("GET", "/seen") == (200, {"seen": ["123", "tok", "http://127.0.0.1:9", True]})
     plain = write_backend("""
@@ -1228,7 +1228,9 @@ def autoscaler(start_worker):
 
 
 def reporting_env(autoscaler, **extra):
-    return dict({"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "123", "MASTER_TOKEN": "secret"}, **extra)
+    """Reporting to the stand-in; requests unsigned (UNSECURED), as these tests are not about grants."""
+    return dict({"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "123", "MASTER_TOKEN": "secret",
+                 "UNSECURED": "true"}, **extra)
 
 
 def test_loaded_record_then_updates_that_count_requests(start_worker, autoscaler):
@@ -1287,7 +1289,8 @@ def test_a_dead_or_silent_autoscaler_does_not_slow_requests(start_worker):
     with socket.socket() as silent:  # accepts connections (the kernel does) and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(64)
-        worker = start_worker("helloworld", env={"REPORT_ADDR": "http://127.0.0.1:%d" % silent.getsockname()[1]})
+        worker = start_worker("helloworld", env={"REPORT_ADDR": "http://127.0.0.1:%d" % silent.getsockname()[1],
+                                                 "UNSECURED": "true"})
         time.sleep(0.5)  # the reporter is now stuck on its first post
         for _ in range(20):
             connection = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=1)
@@ -1460,6 +1463,258 @@ def test_helloautoscaler_runs_unchanged_and_reports_itself(start_worker, autosca
 def test_notify_without_an_autoscaler_does_not_fail(start_worker):
     worker = start_worker("helloautoscaler", env={"REPORT_ADDR": ""})
     assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
+
+
+# ------------------------------------------------------------------------------------------------
+# Signed grants and TLS, checked against openssl
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """RSA keys made by openssl: the autoscaler's (both public PEM forms) and a stranger's."""
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    directory = tmp_path_factory.mktemp("keys")
+
+    def openssl(*args):
+        subprocess.run(["openssl"] + list(args), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    for name in ("autoscaler", "stranger"):
+        openssl("genrsa", "-out", str(directory / (name + ".key")), "2048")
+    openssl("rsa", "-in", str(directory / "autoscaler.key"), "-pubout", "-out", str(directory / "spki.pem"))
+    openssl("rsa", "-in", str(directory / "autoscaler.key"), "-RSAPublicKey_out", "-out", str(directory / "pkcs1.pem"))
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(directory / "tls.key"),
+            "-out", str(directory / "tls.crt"))
+    return directory
+
+
+def openssl_sign(key_file, message):
+    """An RSA PKCS#1 v1.5 SHA-256 signature by openssl, base64."""
+    import base64
+    signed = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(key_file)], input=message,
+                            stdout=subprocess.PIPE, check=True).stdout
+    return base64.b64encode(signed).decode()
+
+
+def message_of(grant, shape):
+    """The signed text, written out here independently of vastworker's own code."""
+    if shape == "g1":
+        return json.dumps({"cost": grant["cost"], "endpoint": grant["endpoint"], "reqnum": grant["reqnum"],
+                           "url": grant["url"]}, indent=4).encode()
+    if shape == "g3":
+        return json.dumps({k: grant[k] for k in ("cost", "endpoint", "reqnum", "request_idx", "url")},
+                          indent=4, sort_keys=True).encode()
+    return json.dumps({"url": grant["url"]}, indent=4, sort_keys=True).encode()
+
+
+def make_grant(keys, shape="g3", key="autoscaler", reqnum=1, **changes):
+    grant = {"cost": 242.0, "endpoint": "my-endpoint", "reqnum": reqnum, "request_idx": reqnum,
+             "url": "http://127.0.0.1:1234"}
+    grant["signature"] = openssl_sign(keys / (key + ".key"), message_of(grant, shape))
+    grant.update(changes)  # tampering happens after signing
+    return grant
+
+
+@pytest.mark.parametrize("pem", ["spki.pem", "pkcs1.pem"])
+def test_verification_agrees_with_openssl(keys, pem):
+    import base64
+    import vastworker
+    key = vastworker.RSAPublicKey.from_pem((keys / pem).read_text())
+    message = b"message one"
+    good = openssl_sign(keys / "autoscaler.key", message)
+    stranger = openssl_sign(keys / "stranger.key", message)
+    raw = base64.b64decode(good)
+    cases = {
+        "valid": (message, good, True),
+        "tampered message": (b"message two", good, False),
+        "wrong key": (message, stranger, False),
+        "truncated": (message, base64.b64encode(raw[:-1]).decode(), False),
+        "one byte flipped": (message, base64.b64encode(raw[:-1] + bytes([raw[-1] ^ 1])).decode(), False),
+        "not base64": (message, "!" + good[1:], False),
+        "empty": (message, "", False),
+        "signature above the modulus": (message, base64.b64encode(b"\xff" * 256).decode(), False),
+    }
+    assert {name: key.verify(m, sig) for name, (m, sig, _) in cases.items()} == {
+        name: expected for name, (_, _, expected) in cases.items()}
+    # and openssl accepts a signature made by vastworker's own signer (the stand-in's)
+    private = vastworker.RSAPrivateKey.generate(1024)
+    (keys / "ours.pem").write_text(private.public_pem())
+    (keys / "ours.sig").write_bytes(base64.b64decode(private.sign(message)))
+    verified = subprocess.run(["openssl", "dgst", "-sha256", "-verify", str(keys / "ours.pem"), "-signature",
+                               str(keys / "ours.sig")], input=message, stdout=subprocess.PIPE)
+    assert verified.stdout.strip() == b"Verified OK"
+
+
+GRANT_BACKEND = """
+class Backend:
+    def __init__(self):
+        self.count = 0
+
+def increment(backend, request):
+    backend.count += request.json["amount"]
+    return {"json": request.json, "auth": request.auth, "data": request.get_data(as_text=True)}
+
+flask_dict = {"POST": {"increment": increment}}
+"""
+
+
+@pytest.fixture
+def signed_worker(start_worker, write_backend, keys):
+    def start(*args):
+        return start_worker(write_backend(GRANT_BACKEND), "--pubkey", str(keys / "spki.pem"), *args)
+    return start
+
+
+@pytest.mark.parametrize("shape", ["g1", "g3", "g4"])
+def test_valid_grants_are_accepted_in_both_forms(signed_worker, keys, shape):
+    worker = signed_worker()
+    grant = make_grant(keys, shape, reqnum=1)
+    status, data = worker.json("POST", "/increment", {"auth_data": dict(grant, __request_id="x"),
+                                                      "payload": {"amount": 2}})
+    assert status == 200, data
+    assert data["json"] == {"amount": 2} and json.loads(data["data"]) == {"amount": 2}
+    assert data["auth"] == grant  # the verified grant, without what the grant does not define
+    flat = dict(make_grant(keys, shape, reqnum=2), amount=3)
+    status, data = worker.json("POST", "/increment", flat)
+    assert status == 200, data
+    assert data["json"] == {"amount": 3} and data["auth"]["reqnum"] == 2
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"cost": 1.0}, "signature does not verify"),
+    ({"url": "http://127.0.0.1:6666"}, "signature does not verify"),
+    ({"signature": "not base64!"}, "signature does not verify"),
+    ({"reqnum": "1"}, "reqnum is not an integer"),
+], ids=["tampered-cost", "tampered-url", "bad-signature", "string-reqnum"])
+def test_tampered_grants_are_refused(signed_worker, keys, change, reason):
+    worker = signed_worker()
+    status, data = worker.json("POST", "/increment", {"auth_data": make_grant(keys, "g3", **change),
+                                                      "payload": {"amount": 1}})
+    assert status == 401 and reason in data["detail"]
+
+
+def test_wrong_key_replay_old_reqnum_and_unsigned_are_refused(signed_worker, keys):
+    worker = signed_worker()
+    stranger = make_grant(keys, "g3", key="stranger")
+    assert worker.json("POST", "/increment", {"auth_data": stranger, "payload": {"amount": 1}})[0] == 401
+    fresh = make_grant(keys, "g3", reqnum=1000)
+    assert worker.json("POST", "/increment", {"auth_data": fresh, "payload": {"amount": 1}})[0] == 200
+    status, data = worker.json("POST", "/increment", {"auth_data": fresh, "payload": {"amount": 1}})
+    assert status == 401 and data["detail"] == "the grant was already used"
+    old = make_grant(keys, "g3", reqnum=850)
+    status, data = worker.json("POST", "/increment", {"auth_data": old, "payload": {"amount": 1}})
+    assert status == 401 and "reqnum 850 is too old (the newest is 1000)" in data["detail"]
+    status, data = worker.json("POST", "/increment", {"amount": 1})
+    assert status == 401 and "signed grant" in data["detail"]
+
+
+def test_incomplete_envelopes_are_422(signed_worker, keys):
+    worker = signed_worker()
+    grant = make_grant(keys, "g3")
+    del grant["cost"]
+    assert worker.json("POST", "/increment", {"auth_data": grant, "payload": {}}) == (
+        422, {"error": "Unprocessable Entity", "detail": {"auth_data": {"cost": "missing parameter"}}})
+    assert worker.json("POST", "/increment", {"auth_data": make_grant(keys, "g3")}) == (
+        422, {"error": "Unprocessable Entity", "detail": {"payload": "field missing"}})
+
+
+def test_the_shape_can_be_pinned(signed_worker, keys):
+    worker = signed_worker("--grant-shape", "g1")
+    assert worker.json("POST", "/increment", {"auth_data": make_grant(keys, "g3"), "payload": {"amount": 1}})[0] == 401
+    assert worker.json("POST", "/increment", {"auth_data": make_grant(keys, "g1", reqnum=2),
+                                              "payload": {"amount": 1}})[0] == 200
+
+
+def test_unsigned_requests_can_be_allowed(signed_worker, keys):
+    worker = signed_worker("--allow-unsigned")
+    assert worker.json("POST", "/increment", {"amount": 1})[0] == 200
+    forged = make_grant(keys, "g3", key="stranger")  # a grant that is present is still checked
+    assert worker.json("POST", "/increment", {"auth_data": forged, "payload": {"amount": 1}})[0] == 401
+
+
+def test_without_a_key_requests_are_served_with_a_warning(start_worker, write_backend, keys):
+    worker = start_worker(write_backend(GRANT_BACKEND))
+    assert worker.json("POST", "/increment", {"amount": 1})[0] == 200
+    grant = make_grant(keys, "g3", key="stranger")  # cannot be checked: unwrapped, not verified
+    status, data = worker.json("POST", "/increment", {"auth_data": grant, "payload": {"amount": 1}})
+    assert status == 200 and data["json"] == {"amount": 1}
+    assert worker.log.count("no public key") == 1
+
+
+def https_connection(port, keys):
+    import ssl
+    context = ssl.create_default_context(cafile=str(keys / "tls.crt"))
+    return http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+
+
+def test_tls_round_trip(start_worker, write_backend, keys):
+    worker = start_worker("helloworld", "--certfile", str(keys / "tls.crt"), "--keyfile", str(keys / "tls.key"))
+    assert "serving helloworld on https://127.0.0.1:%d" % worker.port in worker.log
+    connection = https_connection(worker.port, keys)
+    connection.request("POST", "/increment", body='{"amount": 5}', headers=JSON)
+    assert connection.getresponse().read() == b"Incremented"
+    connection.request("GET", "/value")  # the same TLS connection, kept alive
+    assert connection.getresponse().read() == b'{"value":5}\n'
+    connection.close()
+    try:
+        plain = worker.raw(b"GET /value HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP on the TLS port
+    except ConnectionResetError:
+        plain = b""
+    assert not plain.startswith(b"HTTP/1.1 200")
+    connection = https_connection(worker.port, keys)
+    connection.request("GET", "/value")
+    assert connection.getresponse().status == 200  # and the worker carries on
+    code, output = run_cli("helloworld", "--port", "0", "--certfile", "/nonexistent.crt")
+    assert code == 1 and "cannot serve HTTPS with certificate /nonexistent.crt" in output
+
+
+def test_route_signed_request_over_https_end_to_end(start_worker, autoscaler, keys):
+    port = free_port()
+    env = {"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "9", "MASTER_TOKEN": "m",
+           "PUBLIC_IPADDR": "127.0.0.1", "VAST_TCP_PORT_%d" % port: str(port)}
+    worker = start_worker("helloworld", "--certfile", str(keys / "tls.crt"), "--keyfile", str(keys / "tls.key"),
+                          port=str(port), env=env)
+    worker.wait_for_log("public key from %s/pubkey/" % autoscaler.url)
+    autoscaler.wait_for(lambda r: r["loadtime"] > 0 and r["url"] == "https://127.0.0.1:%d" % port)
+    status, grant = autoscaler.json("POST", "/route/", {"endpoint": "hello", "cost": 1.0})
+    assert status == 200 and grant["url"] == "https://127.0.0.1:%d" % port
+
+    def call(body):
+        connection = https_connection(port, keys)
+        connection.request("POST", "/increment", body=json.dumps(body), headers=JSON)
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    assert call({"auth_data": grant, "payload": {"amount": 3}}) == (200, b"Incremented")
+    assert call({"auth_data": grant, "payload": {"amount": 3}})[0] == 401  # replayed
+    assert call({"auth_data": dict(grant, cost=0.1), "payload": {"amount": 3}})[0] == 401  # tampered
+    assert call({"amount": 3})[0] == 401  # unsigned
+    status, grant = autoscaler.json("POST", "/route/", {"endpoint": "hello", "cost": 1.0})
+    assert call(dict(grant, amount=4)) == (200, b"Incremented")  # the flat form of the original
+    connection = https_connection(port, keys)
+    connection.request("GET", "/value", body="{}", headers=JSON)
+    assert connection.getresponse().status == 401  # reading needs a grant as well
+
+
+def test_a_worker_waiting_for_its_key_is_held_back(start_worker, tmp_path, keys):
+    served = tmp_path / "autoscaler"
+    served.mkdir()
+    autoscaler = StaticServer(str(served))  # records reports; no /pubkey/ yet
+    try:
+        worker = start_worker("helloworld", env={"REPORT_ADDR": autoscaler.url})
+        status, data = worker.json("GET", "/value")
+        assert status == 503 and data["detail"] == "waiting for the autoscaler's public key"
+        wait_until(lambda: autoscaler.posts)
+        reports = [json.loads(body) for _, body in autoscaler.posts]
+        assert all(r["loadtime"] == 0 and r["max_perf"] == 0 for r in reports)  # not ready for traffic
+        (served / "pubkey").mkdir()
+        (served / "pubkey" / "index.html").write_text((keys / "spki.pem").read_text())
+        worker.wait_for_log("public key from %s/pubkey/" % autoscaler.url, timeout=20)
+        wait_until(lambda: any(json.loads(body)["loadtime"] > 0 for _, body in autoscaler.posts), timeout=15)
+        assert worker.json("GET", "/value")[0] == 401  # now a grant is needed
+    finally:
+        autoscaler.close()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -65,6 +65,9 @@ environment variables:
                           /report_* endpoints (off without it), and Backend(master_token=...)
   PUBLIC_IPADDR, VAST_TCP_PORT_<port>  the public address reported as "url"
   MODEL_LOG               the model server's log, watched for the backend's log_actions
+  VASTWORKER_PUBKEY       the autoscaler's public key (PEM text), instead of --pubkey
+  UNSECURED=true          same as --allow-unsigned
+  USE_SSL=true            serve HTTPS with /etc/instance.crt and /etc/instance.key (Vast's)
 
 backends:
   BACKEND is a directory name under backends/ next to this file (e.g. helloworld), or a path
@@ -529,6 +532,12 @@ class Request:
         self.scheme = scheme
         self._absolute_host = host
         self._cached_json = (_MISSING, _MISSING)
+        self.auth = None  # the verified grant from the autoscaler, when the request carried one
+
+    def _replace_json(self, payload):
+        """What the handler sees once a signed grant is taken off: the payload alone."""
+        self._body = json.dumps(payload).encode()
+        self._cached_json = (payload, payload)
 
     # -- body ------------------------------------------------------------------------------
     def get_data(self, cache=True, as_text=False, parse_form_data=False):
@@ -1062,7 +1071,7 @@ class BackendApp:
     accounting the autoscaler reads.  Turns a Request into a Response; never raises."""
 
     def __init__(self, backend, routes, parallel=False, queue_time=30.0, workload=None,
-                 state=None, reports=None, metrics=None):
+                 state=None, reports=None, metrics=None, grants=None):
         self.backend = backend
         self.routes = routes
         self.lock = None if parallel else QueueLock()
@@ -1071,6 +1080,7 @@ class BackendApp:
         self.state = _state if state is None else state
         self.reports = reports  # the original's internal /report_* endpoints, or None
         self.metrics = Metrics() if metrics is None else metrics
+        self.grants = grants  # a GrantChecker: the autoscaler's signed grants, or None
 
     def respond(self, request):
         method, path = request.method, request.path
@@ -1089,6 +1099,10 @@ class BackendApp:
         handler = self.routes.get(method, {}).get(path[1:])
         if handler is None:
             return error_response(404, "no %s handler for %r" % (method, path[1:]))
+        if self.grants is not None:
+            refusal = self.grants.check(request)
+            if refusal is not None:
+                return refusal
         if not self.state.accepting:
             return self.state.refusal()
         request._workload = self.workload_of(request)
@@ -1224,6 +1238,13 @@ class ClientSocket:
                 raise socket.timeout("deadline passed")
             raise ConnectionClosed()
         self.buffer += data
+
+    def handshake(self):
+        self.deadline = time.monotonic() + self.timeout
+        try:
+            self.sock.do_handshake()
+        finally:
+            self.deadline = None
 
     def send(self, data):
         self.deadline = time.monotonic() + self.timeout
@@ -1443,14 +1464,20 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         sock = self.request
         sock.settimeout(None)  # blocking: the DeadlineWatcher bounds every wait
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle delay on small writes
+        if self.server.tls is not None:  # the handshake happens in handle(), under a deadline
+            sock = self.server.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         self.client = ClientSocket(sock, self.server.timeout)
         self.server.deadlines.watch(self.client)
 
     def finish(self):
         self.server.deadlines.forget(self.client)
+        if self.client.sock is not self.request:  # the TLS socket: socketserver closes only its own
+            self.client.sock.close()
 
     def handle(self):
         try:
+            if self.server.tls is not None:
+                self.client.handshake()
             while self.handle_one():
                 pass
         except (ConnectionClosed, OSError):
@@ -1487,7 +1514,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         request = Request(parsed.method, parsed.target, parsed.path, parsed.query_string,
                           parsed.version, parsed.headers, self.client_address,
                           server.server_address, parsed.content_length, body,
-                          host=parsed.absolute_host)
+                          "https" if server.tls is not None else "http", parsed.absolute_host)
         response = server.app.respond(request)
         keep_alive = parsed.keep_alive and framing_known and not server.stopping
         status = 499  # the client left before the response was sent
@@ -1628,8 +1655,9 @@ class WorkerServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address, app, timeout=30.0, max_body=64 * 1024 * 1024):
+    def __init__(self, address, app, timeout=30.0, max_body=64 * 1024 * 1024, tls=None):
         self.app = app
+        self.tls = tls  # an ssl.SSLContext when serving HTTPS
         self.timeout = timeout
         self.max_body = max_body
         self.stopping = False
@@ -1838,8 +1866,9 @@ class StatusReporter:
     second) or every 10 s.  A slow or dead autoscaler delays nothing but this thread, and counts
     are only reset after a report went through, so nothing is lost between reports."""
 
-    def __init__(self, addresses, environ, port, scheme, state, metrics):
+    def __init__(self, addresses, environ, port, scheme, state, metrics, held_back=None):
         self.addresses = addresses
+        self.held_back = held_back  # reported as loading while this is true (no public key yet)
         container_id = environ.get("CONTAINER_ID", "")
         self.identity = {"id": int(container_id) if container_id.isdigit() else container_id,
                          "mtoken": environ.get("MASTER_TOKEN", ""), "version": __version__}
@@ -1852,10 +1881,10 @@ class StatusReporter:
     def start(self):
         threading.Thread(target=self._report_forever, name="status", daemon=True).start()
 
-    def record(self, snapshot):
+    def record(self, snapshot, phase):
         state = self.state
-        record = dict(self.identity, loadtime=state.loadtime, error_msg=state.error,
-                      max_perf=state.max_perf if state.phase == "loaded" else 0.0,
+        record = dict(self.identity, loadtime=state.loadtime if phase == "loaded" else 0.0,
+                      error_msg=state.error, max_perf=state.max_perf if phase == "loaded" else 0.0,
                       cur_capacity=0, max_capacity=state.max_capacity,
                       additional_disk_usage=round(disk_used_gb() - self._disk_used, 3),
                       working_request_idxs=[], url=self.url)
@@ -1869,14 +1898,14 @@ class StatusReporter:
             self.state.changed.clear()
             now = time.monotonic()
             phase = self.state.phase
-            if phase == "benchmarking":
+            if phase == "benchmarking" or (phase == "loaded" and self.held_back and self.held_back()):
                 phase = "loading"  # not ready for traffic yet
             due = phase != sent_phase or now - last_sent >= REPORT_INTERVAL or (
                 phase == "loaded" and self.metrics.changed)
             if not due:
                 continue
             snapshot = self.metrics.snapshot()
-            record = self.record(snapshot)
+            record = self.record(snapshot, phase)
             last_sent = now
             if deliver(self.addresses, "/worker_status/", record):
                 self.metrics.acknowledge(snapshot)
@@ -2101,8 +2130,31 @@ class StandInAutoscaler:
     keeps the status records workers send, so a backend's reports can be watched before
     deploying; GET /records returns them."""
 
-    def __init__(self):
+    def __init__(self, shape="g3"):
         self.records = []
+        self.shape = "g3" if shape == "auto" else shape
+        self.key = RSAPrivateKey.generate()
+        self.reqnum = 0
+        self._lock = threading.Lock()
+
+    def pubkey(self, _, request):
+        return Response(self.key.public_pem(), mimetype="text/plain")
+
+    def route(self, _, request):
+        """Like Vast's /route/: a signed grant for a loaded worker (its reported url), or no url."""
+        ask = request.get_json(force=True)
+        if not isinstance(ask, dict) or not isinstance(ask.get("endpoint"), str):
+            abort(400, 'expected {"endpoint": NAME, "cost": WORKLOAD}')
+        ready = [record for record in self.records
+                 if record.get("url") and record.get("loadtime") and not record.get("error_msg")]
+        if not ready:
+            return {"endpoint": ask["endpoint"], "status": "no ready worker"}
+        with self._lock:
+            self.reqnum += 1
+            grant = {"cost": float(ask.get("cost", 1.0)), "endpoint": ask["endpoint"],
+                     "reqnum": self.reqnum, "request_idx": self.reqnum, "url": ready[-1]["url"]}
+        grant["signature"] = self.key.sign(signed_message(grant, self.shape).encode())
+        return grant
 
     def worker_status(self, _, request):
         record = request.get_json(force=True)
@@ -2117,7 +2169,333 @@ class StandInAutoscaler:
         return list(self.records)
 
     def routes(self):
-        return {"POST": {"worker_status/": self.worker_status}, "GET": {"records": self.list_records}}
+        return {"POST": {"worker_status/": self.worker_status, "route/": self.route},
+                "GET": {"records": self.list_records, "pubkey/": self.pubkey}}
+
+
+# ------------------------------------------------------------------------------------------------
+# Request signatures
+# ------------------------------------------------------------------------------------------------
+
+GRANT_FIELDS = ("cost", "endpoint", "reqnum", "request_idx", "url")  # what /route/ grants carry
+GRANT_SHAPES = ("auto", "g4", "g3", "g1")
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+RSA_ENCRYPTION_OID = bytes.fromhex("2a864886f70d010101")
+
+
+def signed_message(grant, shape):
+    """The text the autoscaler signed for a grant, in one of the shapes Vast has used (protocol.md
+    3.3): g1 and g2 the four fields in that order, g3 all five sorted, g4 the url alone."""
+    if shape == "g1":
+        return json.dumps({name: grant[name] for name in ("cost", "endpoint", "reqnum", "url")}, indent=4)
+    if shape == "g3":
+        return json.dumps({name: grant[name] for name in GRANT_FIELDS}, indent=4, sort_keys=True)
+    return json.dumps({"url": grant["url"]}, indent=4, sort_keys=True)
+
+
+class DERReader:
+    """Just enough DER to read an RSA public key."""
+
+    def __init__(self, data):
+        self.data = data
+        self.position = 0
+
+    def read(self, expected_tag):
+        data, position = self.data, self.position
+        if position + 2 > len(data) or data[position] != expected_tag:
+            raise ValueError("unexpected DER tag")
+        length, position = data[position + 1], position + 2
+        if length & 0x80:
+            count = length & 0x7F
+            if not 0 < count <= 4 or position + count > len(data):
+                raise ValueError("bad DER length")
+            length, position = int.from_bytes(data[position:position + count], "big"), position + count
+        if position + length > len(data):
+            raise ValueError("truncated DER")
+        self.position = position + length
+        return data[position:position + length]
+
+    def integer(self):
+        return int.from_bytes(self.read(0x02), "big", signed=True)
+
+
+class RSAPublicKey:
+    """An RSA public key, and RSASSA-PKCS1-v1_5 / SHA-256 verification by comparing the whole
+    expected encoding (never by parsing the decrypted block, which invites forgeries)."""
+
+    def __init__(self, n, e):
+        if n < 2 ** 1023 or e < 3 or e % 2 == 0:
+            raise ValueError("not a usable RSA key (at least 1024 bits, odd exponent)")
+        self.n, self.e = n, e
+        self.size = (n.bit_length() + 7) // 8
+
+    @classmethod
+    def from_pem(cls, text):
+        """'BEGIN PUBLIC KEY' (SubjectPublicKeyInfo) or 'BEGIN RSA PUBLIC KEY' (PKCS#1) PEM, or the
+        bare base64 of either."""
+        import base64
+        lines = [line.strip() for line in text.strip().splitlines()]
+        body = "".join(line for line in lines if line and not line.startswith("-----"))
+        try:
+            outer = DERReader(DERReader(base64.b64decode(body, validate=True)).read(0x30))
+            if outer.data[:1] == b"\x30":  # SubjectPublicKeyInfo: the algorithm, then the key
+                algorithm = DERReader(outer.read(0x30))
+                if algorithm.read(0x06) != RSA_ENCRYPTION_OID:
+                    raise ValueError("not an RSA key")
+                bits = outer.read(0x03)
+                if bits[:1] != b"\x00":
+                    raise ValueError("bad BIT STRING")
+                outer = DERReader(DERReader(bits[1:]).read(0x30))
+            return cls(outer.integer(), outer.integer())
+        except (ValueError, IndexError) as exc:
+            raise ValueError("not an RSA public key in PEM: %s" % exc)
+
+    def expected_encoding(self, message):
+        import hashlib
+        digest = SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+        return b"\x00\x01" + b"\xff" * (self.size - 3 - len(digest)) + b"\x00" + digest
+
+    def verify(self, message, signature):
+        """Is signature (base64 text) a PKCS#1 v1.5 SHA-256 signature of message (bytes)?"""
+        import base64
+        import hmac
+        try:
+            raw = base64.b64decode(signature, validate=True)
+        except (ValueError, TypeError):
+            return False
+        if len(raw) != self.size:
+            return False
+        number = int.from_bytes(raw, "big")
+        if number >= self.n:
+            return False
+        decrypted = pow(number, self.e, self.n).to_bytes(self.size, "big")
+        return hmac.compare_digest(decrypted, self.expected_encoding(message))
+
+
+class RSAPrivateKey(RSAPublicKey):
+    """A key the stand-in autoscaler generates to sign grants: pure Python, no dependency."""
+
+    def __init__(self, n, e, d):
+        super().__init__(n, e)
+        self.d = d
+
+    @classmethod
+    def generate(cls, bits=2048):
+        e = 65537
+        while True:
+            p, q = random_prime(bits // 2), random_prime(bits // 2)
+            n, phi = p * q, (p - 1) * (q - 1)
+            if p != q and n.bit_length() == bits and math.gcd(e, phi) == 1:
+                return cls(n, e, pow(e, -1, phi))
+
+    def sign(self, message):
+        import base64
+        number = int.from_bytes(self.expected_encoding(message), "big")
+        return base64.b64encode(pow(number, self.d, self.n).to_bytes(self.size, "big")).decode()
+
+    def public_pem(self):
+        """SubjectPublicKeyInfo PEM, as Vast's /pubkey/ serves it."""
+        import base64
+        rsa = der(0x30, der_integer(self.n) + der_integer(self.e))
+        info = der(0x30, der(0x30, der(0x06, RSA_ENCRYPTION_OID) + der(0x05, b"")) + der(0x03, b"\x00" + rsa))
+        text = base64.b64encode(info).decode()
+        return "-----BEGIN PUBLIC KEY-----\n%s\n-----END PUBLIC KEY-----\n" % "\n".join(
+            text[i:i + 64] for i in range(0, len(text), 64))
+
+
+def der(tag, content):
+    length = len(content)
+    if length < 0x80:
+        return bytes((tag, length)) + content
+    size = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + content
+
+
+def der_integer(value):
+    return der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+SMALL_PRIMES = [p for p in range(3, 2000, 2) if all(p % d for d in range(3, int(p ** 0.5) + 1, 2))]
+
+
+def random_prime(bits):
+    import secrets
+    while True:
+        candidate = secrets.randbits(bits) | (3 << (bits - 2)) | 1
+        if all(candidate % p for p in SMALL_PRIMES) and probably_prime(candidate):
+            return candidate
+
+
+def probably_prime(n, rounds=40):
+    """Miller-Rabin."""
+    import secrets
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for _ in range(rounds):
+        x = pow(secrets.randbelow(n - 3) + 2, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+class GrantChecker:
+    """Checks the signed grant that the autoscaler's /route/ gives a client, in either form a
+    request may carry it: the original generation's flat fields beside the payload, or the
+    {"auth_data": {...}, "payload": {...}} envelope.  The handler then sees the payload alone as
+    request.json, and the verified grant as request.auth.  Replays are refused as the original
+    did: a reqnum far below the highest seen, or a grant among the last 100 accepted."""
+
+    HISTORY = 100
+
+    def __init__(self, key=None, shape="auto", allow_unsigned=False, key_expected=False):
+        self.key = key
+        self.shape = shape
+        self.shapes = ("g4", "g3", "g1") if shape == "auto" else (shape,)
+        self.allow_unsigned = allow_unsigned
+        self.key_expected = key_expected  # a key is being fetched: sign-or-wait, never serve openly
+        self.highest_reqnum = None
+        self.recent = collections.deque()
+        self.recent_set = set()
+        self._lock = threading.Lock()
+
+    @property
+    def waiting_for_key(self):
+        """Requests would be refused until the key arrives: not ready for traffic yet."""
+        return self.key is None and self.key_expected and not self.allow_unsigned
+
+    def describe(self, source):
+        """One log line on the policy in force."""
+        if self.key is not None:
+            Log.write("info", "checking signed grants with the key from %s (%d bits, shape %s)%s"
+                      % (source, self.key.n.bit_length(), self.shape,
+                         "; unsigned requests allowed" if self.allow_unsigned else ""))
+        elif self.key_expected:
+            Log.write("info", "fetching the autoscaler's public key from %s/pubkey/%s"
+                      % (source, "; unsigned requests allowed" if self.allow_unsigned else ""))
+        else:
+            Log.write("warning", "no public key (--pubkey, $VASTWORKER_PUBKEY or REPORT_ADDR): "
+                                 "requests are served without checking signatures")
+
+    def check(self, request):
+        """None if the request may go to its handler (unwrapped), else the refusal."""
+        body = request._body
+        data = None
+        if b'"signature"' in body or b'"auth_data"' in body:  # parsed here only if it may carry one
+            try:
+                data = parse_request_json(body)
+            except HTTPError:
+                pass
+        grant, payload = self.grant_of(data)
+        if isinstance(grant, Response):
+            return grant
+        if grant is not None:
+            request._replace_json(payload)
+        if self.key is None:
+            if self.key_expected and not self.allow_unsigned:
+                response = error_response(503, "waiting for the autoscaler's public key")
+                response.headers["Retry-After"] = "5"
+                return response
+            request.auth = grant
+            return None
+        if grant is None:
+            if self.allow_unsigned:
+                return None
+            return error_response(401, "this worker needs a signed grant from the autoscaler's /route/")
+        problem = self.verify(grant)
+        if problem:
+            return error_response(401, problem)
+        request.auth = grant
+        return None
+
+    @staticmethod
+    def grant_of(data):
+        """(grant, payload) from a request's JSON; (None, None) when it carries no grant; a 422
+        Response when the envelope is incomplete."""
+        if not isinstance(data, dict):
+            return None, None
+        if "auth_data" in data:
+            grant, payload = data.get("auth_data"), data.get("payload", _MISSING)
+            if not isinstance(grant, dict):
+                return error_response(422, {"auth_data": "must be an object"}), None
+            missing = {name: "missing parameter" for name in ("signature", "cost", "endpoint", "reqnum", "url")
+                       if name not in grant}
+            if missing:
+                return error_response(422, {"auth_data": missing}), None
+            if payload is _MISSING:
+                return error_response(422, {"payload": "field missing"}), None
+            return {name: grant[name] for name in ("signature",) + GRANT_FIELDS if name in grant}, payload
+        if "signature" in data:
+            grant = {name: data[name] for name in ("signature",) + GRANT_FIELDS if name in data}
+            payload = JSONObject((key, value) for key, value in data.items() if key not in grant)
+            return grant, payload
+        return None, None
+
+    def verify(self, grant):
+        """None when the grant is genuine and fresh, else why not."""
+        for name in ("signature", "cost", "endpoint", "reqnum", "url"):
+            if name not in grant:
+                return "the grant has no %s" % name
+        if not isinstance(grant["reqnum"], int) or isinstance(grant["reqnum"], bool):
+            return "the grant's reqnum is not an integer"
+        genuine = False
+        for shape in self.shapes:
+            if shape == "g3" and "request_idx" not in grant:
+                continue
+            if self.key.verify(signed_message(grant, shape).encode(), grant["signature"]):
+                genuine = True
+                break
+        if not genuine:
+            return "the grant's signature does not verify"
+        fingerprint = json.dumps(grant, sort_keys=True)
+        with self._lock:
+            if self.highest_reqnum is not None and grant["reqnum"] < self.highest_reqnum - self.HISTORY:
+                return "the grant's reqnum %d is too old (the newest is %d)" % (grant["reqnum"], self.highest_reqnum)
+            if fingerprint in self.recent_set:
+                return "the grant was already used"
+            self.recent.append(fingerprint)
+            self.recent_set.add(fingerprint)
+            if len(self.recent) > self.HISTORY:
+                self.recent_set.discard(self.recent.popleft())
+            self.highest_reqnum = max(grant["reqnum"], self.highest_reqnum or grant["reqnum"])
+        return None
+
+
+def fetch_public_key(addresses, checker):
+    """Fetch {REPORT_ADDR}/pubkey/ in the background until it arrives: 1, 2, 4 ... 60 s apart."""
+    def fetch_forever():
+        pause = 1.0
+        while True:
+            for address in addresses:
+                try:
+                    parts = urlsplit(address + "/pubkey/")
+                    if parts.scheme == "https":
+                        import ssl
+                        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=10,
+                                                                 context=ssl.create_default_context())
+                    else:
+                        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+                    connection.request("GET", parts.path)
+                    response = connection.getresponse()
+                    text = response.read().decode("ascii", "replace")
+                    connection.close()
+                    if response.status == 200:
+                        checker.key = RSAPublicKey.from_pem(text)
+                        Log.write("info", "public key from %s/pubkey/ (%d bits)" % (address, checker.key.n.bit_length()))
+                        return
+                    Log.write("warning", "public key: %s/pubkey/ answered %d" % (address, response.status))
+                except (OSError, http.client.HTTPException, ValueError) as exc:
+                    Log.write("warning", "public key: %s/pubkey/: %s" % (address, exc))
+            time.sleep(pause)
+            pause = min(pause * 2, 60.0)
+
+    threading.Thread(target=fetch_forever, name="pubkey", daemon=True).start()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2257,6 +2635,20 @@ def make_parser():
     parser.add_argument("--grace", type=positive_seconds, default=10.0, metavar="SECONDS",
                         help="on SIGTERM or SIGINT, how long in-flight requests may take to finish "
                              "(default 10)")
+    parser.add_argument("--pubkey", metavar="FILE",
+                        help="the autoscaler's RSA public key (PEM) for checking signed grants; without it "
+                             "the key comes from $VASTWORKER_PUBKEY or {REPORT_ADDR}/pubkey/")
+    parser.add_argument("--grant-shape", choices=GRANT_SHAPES, default="auto",
+                        help="which signed-message shape grants use: g4 (url only, Vast's current), g3 "
+                             "(all fields, sorted), g1 (the original's four fields); auto tries each")
+    parser.add_argument("--allow-unsigned", action="store_true",
+                        help="serve requests without a grant even when a key is configured (also "
+                             "UNSECURED=true); grants that are present are still checked")
+    parser.add_argument("--certfile", metavar="FILE",
+                        help="serve HTTPS with this certificate (PEM); USE_SSL=true uses /etc/instance.crt")
+    parser.add_argument("--keyfile", metavar="FILE",
+                        help="the certificate's private key, if not in the certificate file "
+                             "(with USE_SSL=true: /etc/instance.key)")
     parser.add_argument("--cache-dir", default=".", metavar="DIR",
                         help="where the benchmark result is cached (default: the current directory)")
     parser.add_argument("--log-level", choices=sorted(Log.LEVELS, key=Log.LEVELS.get), default="info",
@@ -2432,8 +2824,12 @@ def start(options, environ):
     path = os.path.join(directory, "backend.py")
     routes = validate_routes(module, path)
     plan = BackendPlan(module, path, environ)
-    server = listen(options, port)
+    addresses = report_addresses(environ.get("REPORT_ADDR"))
+    grants, key_source = grant_checker(options, environ, addresses)
+    tls = tls_context(options, environ)
+    server = listen(options, port, tls)
     host, port = server.server_address[:2]
+    scheme = "https" if tls is not None else "http"
     _state.max_perf = float(plan.max_perf)
     metrics = Metrics()
     if plan.benchmark is not None:
@@ -2444,11 +2840,11 @@ def start(options, environ):
         _state.on_ready = lambda: benchmark.run(_state, metrics)
     if plan.log_actions is not None:
         LogWatcher(plan.model_log, plan.log_actions, _state).start()
-    addresses = report_addresses(environ.get("REPORT_ADDR"))
     if plan.reports_itself:
         Log.write("info", "the backend reports to the autoscaler itself (it uses notify)")
     elif addresses:
-        StatusReporter(addresses, environ, port, "http", _state, metrics).start()
+        StatusReporter(addresses, environ, port, scheme, _state, metrics,
+                       held_back=lambda: grants.waiting_for_key).start()
     try:
         backend = module.Backend(**backend_arguments(module.Backend, environ))
     except BaseException as exc:
@@ -2459,11 +2855,14 @@ def start(options, environ):
         _state.max_perf = float(backend.max_perf)
     reports = InternalReports(environ.get("MASTER_TOKEN"), _state)
     server.app = BackendApp(backend, routes, plan.parallel, options.queue_time, plan.workload,
-                            reports=reports, metrics=metrics)
-    Log.write("info", "vastworker %s serving %s on http://%s:%d (%s)%s"
-              % (__version__, name, host if ":" not in host else "[%s]" % host,
+                            reports=reports, metrics=metrics, grants=grants)
+    Log.write("info", "vastworker %s serving %s on %s://%s:%d (%s)%s"
+              % (__version__, name, scheme, host if ":" not in host else "[%s]" % host,
                  port, describe_routes(routes), "; handlers run in parallel" if plan.parallel else ""),
               always=True)
+    grants.describe(key_source)
+    if grants.key_expected:
+        fetch_public_key(addresses, grants)
     if plan.readiness == "start":
         _state.ready()
     else:
@@ -2472,15 +2871,52 @@ def start(options, environ):
     return server
 
 
-def listen(options, port):
+def listen(options, port, tls=None):
     """The listening server, bound before any backend is built so a busy port fails first."""
     try:
-        return WorkerServer((options.host, port), None, options.timeout, options.max_body)
+        return WorkerServer((options.host, port), None, options.timeout, options.max_body, tls)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise StartupError("port %d is already in use on %s (is another worker running?)"
                                % (port, options.host))
         raise StartupError("cannot listen on %s:%d: %s" % (options.host, port, exc.strerror or exc))
+
+
+def grant_checker(options, environ, addresses):
+    """The signature policy: a key from --pubkey, $VASTWORKER_PUBKEY or (fetched in the background)
+    the autoscaler; unsigned requests refused when there is one, unless explicitly allowed."""
+    key, source = None, None
+    if options.pubkey:
+        try:
+            with open(options.pubkey) as file:
+                key, source = RSAPublicKey.from_pem(file.read()), options.pubkey
+        except (OSError, ValueError) as exc:
+            raise StartupError("--pubkey %s: %s" % (options.pubkey, exc))
+    elif environ.get("VASTWORKER_PUBKEY"):
+        try:
+            key, source = RSAPublicKey.from_pem(environ["VASTWORKER_PUBKEY"]), "$VASTWORKER_PUBKEY"
+        except ValueError as exc:
+            raise StartupError("$VASTWORKER_PUBKEY: %s" % exc)
+    allow_unsigned = options.allow_unsigned or environ.get("UNSECURED", "").lower() in ("1", "true", "yes")
+    checker = GrantChecker(key, options.grant_shape, allow_unsigned, key_expected=key is None and bool(addresses))
+    return checker, source or (addresses[0] if addresses else None)
+
+
+def tls_context(options, environ):
+    """HTTPS with --certfile/--keyfile, or with Vast's instance certificate when USE_SSL=true."""
+    certfile, keyfile = options.certfile, options.keyfile
+    if certfile is None and environ.get("USE_SSL", "").lower() in ("1", "true", "yes"):
+        certfile, keyfile = "/etc/instance.crt", "/etc/instance.key"
+    if certfile is None:
+        return None
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError("cannot serve HTTPS with certificate %s and key %s: %s"
+                           % (certfile, keyfile or certfile, getattr(exc, "strerror", None) or exc))
+    return context
 
 
 def loopback_for(host):
@@ -2489,7 +2925,7 @@ def loopback_for(host):
 
 def start_stand_in(options, environ):
     """The local autoscaler stand-in, served by the same machinery as a backend."""
-    stand_in = StandInAutoscaler()
+    stand_in = StandInAutoscaler(options.grant_shape)
     routes = stand_in.routes()
     server = listen(options, port_number(options.port, "--port") if options.port else 8081)
     always_loaded = WorkerState()
@@ -2508,7 +2944,7 @@ def report_startup_failure(environ, message):
         state = WorkerState()
         state.phase, state.error = "failed", message
         reporter = StatusReporter(addresses, environ, 0, "http", state, Metrics())
-        if not deliver(addresses, "/worker_status/", reporter.record(reporter.metrics.snapshot()),
+        if not deliver(addresses, "/worker_status/", reporter.record(reporter.metrics.snapshot(), "failed"),
                        timeout=3.0):
             sys.stderr.write("vastworker: could not report the failure to %s\n" % ", ".join(addresses))
 
