@@ -262,9 +262,10 @@ start_worker() {
     fi
     cd "$PROJECT"
     started="$(date +%s%N)"
-    say "starting python3 vastworker.py $* (log: $LOG_FILE)"
-    # setsid: detached from this shell, whose end must not end the worker
-    PYTHONUNBUFFERED=1 setsid python3 vastworker.py "$@" >>"$LOG_FILE" 2>&1 </dev/null &
+    say "starting python3 -m vastworker $* (log: $LOG_FILE)"
+    # setsid: detached from this shell, whose end must not end the worker; -m: the module's
+    # bytecode is cached after the first boot, where a script is compiled at every start
+    PYTHONUNBUFFERED=1 setsid python3 -m vastworker "$@" >>"$LOG_FILE" 2>&1 </dev/null &
     WORKER_PID=$!
     printf '%s %s\n' "$WORKER_PID" "$(process_start "$WORKER_PID")" >"$PID_FILE"
     while ! answers "$host" "$port"; do

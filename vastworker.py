@@ -33,7 +33,6 @@ import socket
 import socketserver
 import threading
 import time
-import traceback
 import types
 from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
@@ -82,6 +81,12 @@ backends:
 """
 
 
+def formatted_exception():
+    """The traceback of the exception being handled (traceback is imported only when one is)."""
+    import traceback
+    return traceback.format_exc().rstrip()
+
+
 class Log:
     """Timestamped lines on stderr.  While serving, lines are queued and a background thread writes
     them every 0.1 s (warnings and errors at once, in order): a write per request would be a system
@@ -126,7 +131,7 @@ class Log:
     @classmethod
     def exception(cls, message):
         """An error with the traceback of the exception being handled."""
-        cls.write("error", message + "\n" + traceback.format_exc().rstrip())
+        cls.write("error", message + "\n" + formatted_exception())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2315,14 +2320,12 @@ def der_integer(value):
     return der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
 
 
-SMALL_PRIMES = [p for p in range(3, 2000, 2) if all(p % d for d in range(3, int(p ** 0.5) + 1, 2))]
-
-
 def random_prime(bits):
     import secrets
+    small_primes = [p for p in range(3, 2000, 2) if all(p % d for d in range(3, int(p ** 0.5) + 1, 2))]
     while True:
         candidate = secrets.randbits(bits) | (3 << (bits - 2)) | 1
-        if all(candidate % p for p in SMALL_PRIMES) and probably_prime(candidate):
+        if all(candidate % p for p in small_primes) and probably_prime(candidate):
             return candidate
 
 
@@ -2711,7 +2714,7 @@ def import_backend(directory):
     try:
         spec.loader.exec_module(module)
     except BaseException as exc:
-        Log.write("debug", traceback.format_exc().rstrip())
+        Log.write("debug", formatted_exception())
         raise StartupError("%s failed to import: %s%s" % (path, describe_exception(exc),
                                                          where_in(exc, directory)))
     return module
@@ -2725,6 +2728,7 @@ def where_in(exc, directory):
     """' (at backend.py line 3)': the innermost frame of the backend's own code."""
     if isinstance(exc, SyntaxError):
         return ""
+    import traceback
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         if os.path.abspath(frame.filename).startswith(directory + os.sep):
             return " (at %s line %s)" % (os.path.relpath(frame.filename, directory), frame.lineno)
@@ -2849,7 +2853,7 @@ def start(options, environ):
         backend = module.Backend(**backend_arguments(module.Backend, environ))
     except BaseException as exc:
         server.server_close()
-        Log.write("debug", traceback.format_exc().rstrip())
+        Log.write("debug", formatted_exception())
         raise StartupError("Backend() failed: %s%s" % (describe_exception(exc), where_in(exc, directory)))
     if isinstance(getattr(backend, "max_perf", None), (int, float)) and backend.max_perf > 0:
         _state.max_perf = float(backend.max_perf)
