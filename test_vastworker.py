@@ -894,20 +894,23 @@ def test_lock_serialises_handlers_and_opting_out_runs_them_in_parallel(start_wor
     assert data["most_active"] > 1 and data["value"] < 80  # what the lock prevents
 
 
+SLOW_AND_FAST = """
+import time
+{parallel}
+
+class Backend:
+    pass
+
+def slow(backend, request):
+    time.sleep(1.5)
+    return "slow"
+
+flask_dict = {{"GET": {{"slow": slow, "fast": lambda backend, request: "fast"}}}}
+"""
+
+
 def test_waiting_for_the_lock_is_bounded(start_worker, write_backend):
-    backend = write_backend("""
-        import time
-
-        class Backend:
-            pass
-
-        def slow(backend, request):
-            time.sleep(1.5)
-            return "slow"
-
-        flask_dict = {"GET": {"slow": slow, "fast": lambda backend, request: "fast"}}
-    """)
-    worker = start_worker(backend, "--queue-time", "0.3")
+    worker = start_worker(write_backend(SLOW_AND_FAST.format(parallel="")), "--queue-time", "0.3")
     first = threading.Thread(target=worker.request, args=("GET", "/slow"))
     first.start()
     time.sleep(0.3)
@@ -1941,6 +1944,357 @@ def test_failed_start_is_reported_to_the_autoscaler(bootstrap, published):
     assert record["id"] == 4242 and record["mtoken"] == 'to"ken'
     assert record["error_msg"].startswith("vastworker failed to start: the worker exited during start-up")
     assert record["loadtime"] == 0.0 and record["num_requests_recieved"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Reliability: persisted state, restarts, load shedding, fuzzing and soak
+# ------------------------------------------------------------------------------------------------
+
+def increment_until_stopped(port, stop, outcome, amount=1):
+    """One client incrementing until `stop` is set; counts what was acknowledged (200) and retries
+    whatever was not (refused, cut off, 503): those must not have counted."""
+    acknowledged = 0
+    connection = None
+    while not stop.is_set():
+        try:
+            connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("POST", "/increment", body=json.dumps({"amount": amount}), headers=JSON)
+            response = connection.getresponse()
+            body = response.read()
+            if response.status == 200:
+                assert body == b"Incremented"
+                acknowledged += amount
+            elif response.status != 503:
+                outcome.append(("unexpected", response.status, body))
+            if response.will_close:
+                connection.close()
+                connection = None
+        except (OSError, http.client.HTTPException):
+            if connection is not None:
+                connection.close()
+            connection = None
+            time.sleep(0.005)
+    outcome.append(("acknowledged", acknowledged))
+
+
+def value_at(port, timeout=10):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    connection.request("GET", "/value")
+    return json.loads(connection.getresponse().read())["value"]
+
+
+def test_kill_9_loses_no_acknowledged_increment(start_worker, tmp_path):
+    state = str(tmp_path / "state.json")
+    port = str(free_port())
+    worker = start_worker("helloworld", "--state-file", state, port=port)
+    stop, outcome = threading.Event(), []
+    client = threading.Thread(target=increment_until_stopped, args=(int(port), stop, outcome))
+    client.start()
+    time.sleep(1.0)
+    worker.proc.kill()  # SIGKILL: no chance to flush anything
+    worker.proc.wait()
+    stop.set()
+    client.join(20)
+    acknowledged = dict(outcome)["acknowledged"]
+    assert acknowledged > 10
+    restarted = start_worker("helloworld", "--state-file", state, port=port)
+    assert "state restored from %s" % state in restarted.log
+    value = restarted.value()
+    # every acknowledged increment is there; at most the one in flight when the worker died was
+    # saved without its answer arriving
+    assert acknowledged <= value <= acknowledged + 1, (acknowledged, value)
+    print("kill -9 after %d acknowledged increments: %d restored" % (acknowledged, value))
+
+
+def test_state_file_holds_json_attributes_or_those_named_in_persist(start_worker, write_backend, tmp_path):
+    source = """
+        import threading
+        {persist}
+
+        class Backend:
+            def __init__(self):
+                self.count = 0
+                self.names = []
+                self.lock = threading.Lock()  # not JSON: never saved
+                self._private = 1
+
+        def add(backend, request):
+            backend.count += 1
+            backend.names.append(request.json["name"])
+            return {{"count": backend.count, "names": backend.names}}
+
+        flask_dict = {{"POST": {{"add": add}}}}
+    """
+    for persist, expected in (("", {"count": 1, "names": ["a"]}), ("persist = ['count']", {"count": 1})):
+        backend = write_backend(source.format(persist=persist))
+        state = tmp_path / ("state%d.json" % len(persist))
+        worker = start_worker(backend, "--state-file", str(state))
+        assert worker.json("POST", "/add", {"name": "a"})[0] == 200
+        assert json.loads(state.read_text()) == {"state": expected}
+        worker.stop()
+        again = start_worker(backend, "--state-file", str(state))
+        status, data = again.json("POST", "/add", {"name": "b"})
+        assert data["count"] == 2 and data["names"] == (["a", "b"] if not persist else ["b"])
+
+
+def test_a_corrupt_state_file_stops_the_worker_and_is_kept(tmp_path):
+    state = tmp_path / "state.json"
+    state.write_text('{"state": {"count": 4')
+    code, output = run_cli("helloworld", "--port", "0", "--state-file", str(state))
+    assert code == 1
+    assert "the state file %s is not valid" % state in output and "never replaced unread" in output
+    assert state.read_text() == '{"state": {"count": 4'
+
+
+def test_a_state_that_cannot_be_saved_is_not_applied(start_worker, tmp_path):
+    directory = tmp_path / "gone"
+    directory.mkdir()
+    worker = start_worker("helloworld", "--state-file", str(directory / "state.json"))
+    assert worker.request("POST", "/increment", {"amount": 2})[0] == 200
+    (directory / "state.json").unlink()
+    directory.rmdir()  # now the state cannot be written
+    status, data = worker.json("POST", "/increment", {"amount": 5})
+    assert status == 503 and "could not be saved" in data["detail"]
+    assert worker.value() == 2  # the change was undone, not left half-applied
+    assert "could not write the state file" in worker.log
+
+
+def test_a_restart_under_load_loses_nothing(bootstrap, published, tmp_path):
+    state = str(tmp_path / "state.json")
+    command = PIPED.format(url=published.url, backend="helloworld") + " --state-file " + state
+    env = {"VASTWORKER_TARBALL": published.url + "/vastworker-main.tar.gz"}
+    assert bootstrap.run(command, **env).returncode == 0
+    stop, outcome = threading.Event(), []
+    clients = [threading.Thread(target=increment_until_stopped, args=(bootstrap.port, stop, outcome))
+               for _ in range(4)]
+    for client in clients:
+        client.start()
+    time.sleep(0.5)
+    restart = bootstrap.run(command, **env)  # stops the old worker gracefully, starts a new one
+    assert restart.returncode == 0, restart.output
+    time.sleep(0.5)
+    stop.set()
+    for client in clients:
+        client.join(30)
+    assert not [item for item in outcome if item[0] == "unexpected"], outcome
+    acknowledged = sum(count for kind, count in outcome if kind == "acknowledged")
+    assert acknowledged > 50
+    assert value_at(bootstrap.port) == acknowledged  # graceful: nothing in flight was cut off
+
+
+def test_over_the_connection_cap_idle_ones_make_room_then_new_ones_get_503(start_worker, write_backend):
+    worker = start_worker(write_backend(SLOW_AND_FAST.format(parallel="allow_parallel_requests = True")),
+                          "--max-connections", "4")
+    idle = [socket.create_connection(("127.0.0.1", worker.port)) for _ in range(4)]
+    time.sleep(0.3)
+    try:
+        assert worker.request("GET", "/fast")[2] == b"fast"  # the oldest idle one was closed for it
+        assert read_until_close(idle[0]) == b""
+        for sock in idle[1:]:
+            sock.close()
+        time.sleep(0.3)  # the worker sees those go
+        busy = [threading.Thread(target=worker.request, args=("GET", "/slow")) for _ in range(4)]
+        for thread in busy:
+            thread.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        status, headers, body = worker.request("GET", "/fast")
+        assert status == 503 and headers["Retry-After"] == "1" and time.monotonic() - started < 1
+        assert "4 connections open" in json.loads(body)["detail"]
+        for thread in busy:
+            thread.join()
+        assert worker.request("GET", "/fast")[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def rss_kb(pid):
+    with open("/proc/%d/status" % pid) as file:
+        return int(re.search(r"VmRSS:\s+(\d+)", file.read()).group(1))
+
+
+def test_1000_connections_neither_exhaust_memory_nor_stall_a_client(start_worker):
+    worker = start_worker("helloworld", "--max-connections", "2000")
+    before = rss_kb(worker.proc.pid)
+    sockets = []
+    try:
+        for _ in range(1000):
+            sock = socket.create_connection(("127.0.0.1", worker.port))
+            sock.sendall(b"GET /value HTTP/1.1\r\nHost: x\r\n\r\n")  # then they sit, kept alive
+            sockets.append(sock)
+        for sock in sockets[:50]:
+            sock.settimeout(10)
+            assert sock.recv(1000).startswith(b"HTTP/1.1 200 OK")
+        started = time.monotonic()
+        assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
+        assert worker.value() == 1
+        took = time.monotonic() - started
+        grown = (rss_kb(worker.proc.pid) - before) / 1024
+        print("1000 open connections: +%.1f MB resident; a new client served in %.0f ms" % (grown, took * 1000))
+        assert grown < 256
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def connect_retrying(port, attempts=3):
+    """A new connection, retried as clients do: with many short connections on loopback a new
+    one can meet the TIME_WAIT of an old one on the same port pair and be reset."""
+    for attempt in range(attempts):
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=10)
+        except ConnectionRefusedError:
+            if attempt + 1 == attempts:
+                raise
+            time.sleep(0.05)
+
+
+class Fuzzer:
+    """Random requests over raw sockets: most of them broken in some way (method, path, headers,
+    framing, body, truncation), some valid increments, some pipelined.  Keeps the sum of the
+    increments the worker acknowledged, so the counter can be checked to the unit."""
+
+    BAD_BODIES = [b"", b"{", b"null", b"[1]", b'{"amount": NaN}', b'{"amount": "5"}', b'{"other": 1}',
+                  b"\xff\xfe", b'{"amount": 1e999}', b"[" * 5000, b'{"amount": 1} x']
+
+    def __init__(self, port, seed):
+        import random
+        self.port = port
+        self.random = random.Random(seed)
+        self.acknowledged = 0
+        self.sent = 0
+        self.problems = []
+
+    def valid(self, amount):
+        body = json.dumps({"amount": amount}).encode()
+        return (b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def broken(self):
+        r = self.random
+        choice = r.randrange(9)
+        if choice == 0:  # a bad body on the real endpoint
+            body = r.choice(self.BAD_BODIES)
+            return (b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        if choice == 1:  # random bytes
+            return bytes(r.randrange(256) for _ in range(r.randrange(1, 300))) + b"\r\n\r\n"
+        if choice == 2:  # a method that is not served, or an unknown path
+            method = r.choice([b"PATCH", b"TRACE", b"FOO", b"GET", b"DELETE"])
+            path = r.choice([b"/", b"/nothing", b"/increment/", b"/%zz", b"/caf%E9", b"//x", b"*"])
+            return method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        if choice == 3:  # framing: bad or conflicting lengths, unknown codings
+            header = r.choice([b"Content-Length: -1", b"Content-Length: abc", b"Content-Length: 5\r\nContent-Length: 6",
+                               b"Transfer-Encoding: gzip", b"Transfer-Encoding: chunked\r\nContent-Length: 3"])
+            return b"POST /increment HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n{}"
+        if choice == 4:  # broken chunks
+            return (b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n" + r.choice([b"zz\r\n", b"3\r\nabcdef\r\n0\r\n\r\n",
+                                                                     b"ffffffffff\r\n"]))
+        if choice == 5:  # a valid request cut short: the worker must give up on it by itself
+            whole = self.valid(1)
+            return whole[:r.randrange(1, len(whole) - 1)]
+        if choice == 6:  # header trouble
+            return b"GET /value HTTP/1.1\r\n" + r.choice([b"X: " + b"a" * 70000, b"Bad Header", b" folded: x",
+                                                           b"".join(b"H%d: v\r\n" % i for i in range(200))]) + b"\r\n\r\n"
+        if choice == 7:  # versions and request lines
+            return r.choice([b"GET /value HTTP/2.0\r\n\r\n", b"GET /value\r\n\r\n", b"GET\r\n\r\n",
+                             b"GET /value HTTP/1.1 extra\r\n\r\n"])
+        return b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\n{\"amount\": 1}"
+
+    def one_connection(self):
+        """A connection carrying some valid increments and at most one broken request (last,
+        since after it the rest of the connection cannot be trusted)."""
+        r = self.random
+        amounts = [r.randrange(1, 5) for _ in range(r.randrange(0, 4))]
+        data = b"".join(self.valid(a) for a in amounts)
+        broken = r.random() < 0.8
+        if broken:
+            data += self.broken()
+        self.sent += len(amounts) + broken
+        with connect_retrying(self.port) as sock:
+            try:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)  # all sent: the worker sees the end at once
+                reply = read_until_close(sock)
+            except (ConnectionResetError, BrokenPipeError):
+                reply = b""
+        if reply.endswith(b"<timeout>"):
+            self.problems.append(("hung", data[:200]))
+        for index, status in enumerate(int(code) for code in re.findall(rb"HTTP/1\.1 (\d{3}) ", reply)):
+            if index < len(amounts):
+                if status != 200:
+                    self.problems.append(("valid increment refused", status, data[:200]))
+                self.acknowledged += amounts[index]
+            elif status == 200:
+                self.problems.append(("broken request acknowledged", data[len(b"".join(self.valid(a) for a in amounts)):][:200]))
+
+
+def test_10000_fuzzed_requests_leave_the_worker_up_and_exact(start_worker):
+    worker = start_worker("helloworld", "--timeout", "1", "--log-level", "warning")
+    fuzzer = Fuzzer(worker.port, seed=20261126)
+    threads = []
+
+    def run(seed):
+        local = Fuzzer(worker.port, seed)
+        while local.sent < 2500:
+            local.one_connection()
+        results.append(local)
+
+    results = []
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert len(results) == 4, [line for line in worker.lines if "TypeError" not in line][-40:]
+    problems = [problem for local in results for problem in local.problems]
+    assert not problems, problems[:5]
+    assert worker.proc.poll() is None
+    total = sum(local.sent for local in results)
+    acknowledged = sum(local.acknowledged for local in results)
+    assert total >= 10000
+    assert worker.value() == acknowledged
+    print("fuzz: %d requests, %d acknowledged increments, counter exact" % (total, acknowledged))
+    del fuzzer
+
+
+def test_soak_of_keep_alive_clients_mixing_good_and_bad(start_worker):
+    worker = start_worker("helloworld", "--log-level", "warning")
+    worker.request("GET", "/value")
+    before = rss_kb(worker.proc.pid)
+    deadline = time.monotonic() + 5
+    counts, lock = [], threading.Lock()
+
+    def client(seed):
+        import random
+        r = random.Random(seed)
+        connection, acknowledged = worker.connect(), 0
+        while time.monotonic() < deadline:
+            kind = r.randrange(4)
+            body = {0: '{"amount": 2}', 1: '{"amount": "x"}', 2: '{"amount": NaN}', 3: "[1]"}[kind]
+            connection.request("POST", "/increment", body=body, headers=JSON)
+            response = connection.getresponse()
+            response.read()
+            assert response.status == (200 if kind == 0 else (500 if kind == 1 else 400))
+            acknowledged += 2 if kind == 0 else 0
+            if r.random() < 0.1:
+                connection.request("GET", "/nothing")
+                assert connection.getresponse().read()
+        with lock:
+            counts.append(acknowledged)
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(counts) == 8
+    assert worker.value() == sum(counts)
+    grown = (rss_kb(worker.proc.pid) - before) / 1024
+    print("soak: %d increments acknowledged, resident memory +%.1f MB" % (sum(counts) // 2, grown))
+    assert grown < 32
 
 
 # ------------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ environment variables:
                           /report_* endpoints (off without it), and Backend(master_token=...)
   PUBLIC_IPADDR, VAST_TCP_PORT_<port>  the public address reported as "url"
   MODEL_LOG               the model server's log, watched for the backend's log_actions
+  STATE_FILE              same as --state-file
   VASTWORKER_PUBKEY       the autoscaler's public key (PEM text), instead of --pubkey
   UNSECURED=true          same as --allow-unsigned
   USE_SSL=true            serve HTTPS with /etc/instance.crt and /etc/instance.key (Vast's)
@@ -1071,12 +1072,91 @@ class QueueLock:
                 self._held = False
 
 
+class StateNotSaved(Exception):
+    """The state file could not be written; the change was undone."""
+
+
+class StateStore:
+    """The Backend's state in a JSON file (opt-in, --state-file): its public attributes whose values
+    JSON can hold, or only those named in the backend's `persist`.  Restored at start; written
+    atomically (temporary file, fsync, rename) after each handler call that changed it, before the
+    response is sent, so an acknowledged change survives even kill -9.  A file it cannot read is
+    never replaced: the worker stops and says why."""
+
+    def __init__(self, path, names=None):
+        self.path = os.path.abspath(path)
+        self.names = names
+        self.saved = None  # the text last written (or read)
+
+    def load(self):
+        """The saved attributes, or None when there is no file yet."""
+        try:
+            with open(self.path, "rb") as file:
+                text = file.read().decode("utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StartupError("cannot read the state file %s: %s" % (self.path, getattr(exc, "strerror", None) or exc))
+        try:
+            document = json.loads(text)
+            if not isinstance(document, dict) or not isinstance(document.get("state"), dict):
+                raise ValueError('expected {"state": {...}}')
+        except ValueError as exc:
+            raise StartupError("the state file %s is not valid (%s); fix it or move it away -- it is "
+                               "never replaced unread" % (self.path, exc))
+        self.saved = text
+        return document["state"]
+
+    def restore(self, backend, state):
+        for name, value in state.items():
+            if self.names is None or name in self.names:
+                setattr(backend, name, value)
+        self.saved = self.snapshot(backend)
+
+    def snapshot(self, backend):
+        state = {}
+        for name, value in vars(backend).items():
+            if name.startswith("_") or (self.names is not None and name not in self.names):
+                continue
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):
+                continue  # locks, threads, models: not state this file can hold
+            state[name] = value
+        return json.dumps({"state": state}, sort_keys=True, allow_nan=False)
+
+    def save_if_changed(self, backend):
+        text = self.snapshot(backend)
+        if text == self.saved:
+            return
+        try:
+            self.write(text)
+        except OSError as exc:
+            if self.saved is not None:
+                self.restore(backend, json.loads(self.saved)["state"])
+            raise StateNotSaved("could not write the state file %s: %s" % (self.path, exc.strerror or exc))
+        self.saved = text
+
+    def write(self, text):
+        temporary = "%s.%d.tmp" % (self.path, os.getpid())
+        with open(temporary, "wb") as file:
+            file.write(text.encode("utf-8"))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
+        directory = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself must survive a crash
+        finally:
+            os.close(directory)
+
+
 class BackendApp:
     """One backend being served: its Backend instance, its flask_dict routes, the lock, and the
     accounting the autoscaler reads.  Turns a Request into a Response; never raises."""
 
     def __init__(self, backend, routes, parallel=False, queue_time=30.0, workload=None,
-                 state=None, reports=None, metrics=None, grants=None):
+                 state=None, reports=None, metrics=None, grants=None, store=None):
         self.backend = backend
         self.routes = routes
         self.lock = None if parallel else QueueLock()
@@ -1086,6 +1166,8 @@ class BackendApp:
         self.reports = reports  # the original's internal /report_* endpoints, or None
         self.metrics = Metrics() if metrics is None else metrics
         self.grants = grants  # a GrantChecker: the autoscaler's signed grants, or None
+        self.store = store  # a StateStore when the backend's state is persisted, else None
+        self.store_lock = threading.Lock()  # handlers may run in parallel; saves may not
 
     def respond(self, request):
         method, path = request.method, request.path
@@ -1114,6 +1196,16 @@ class BackendApp:
         self.metrics.started(request._workload)
         return self.call(handler, request)
 
+    def run_handler(self, handler, request):
+        """The handler's response; with a state file, the state is saved first if it changed,
+        so an answered request is never lost (a failed save undoes the change)."""
+        try:
+            return to_response(handler(self.backend, request))
+        finally:
+            if self.store is not None:
+                with self.store_lock:
+                    self.store.save_if_changed(self.backend)
+
     def workload_of(self, request):
         if self.workload is None:
             return 1.0
@@ -1130,16 +1222,22 @@ class BackendApp:
         _current.request = request
         try:
             if self.lock is None:
-                return to_response(handler(self.backend, request))
+                return self.run_handler(handler, request)
             if not self.lock.acquire(self.queue_time):
                 response = error_response(429, "the backend was busy for more than %g s; retry"
                                           % self.queue_time)
                 response.headers["Retry-After"] = "1"
                 return response
             try:  # converted under the lock: the result may be live backend state
-                return to_response(handler(self.backend, request))
+                return self.run_handler(handler, request)
             finally:
                 self.lock.release()
+        except StateNotSaved as exc:
+            Log.write("error", "%s %s: %s" % (request.method, request.path, exc))
+            response = error_response(503, "the backend's state could not be saved, so the request "
+                                           "was not applied; retry")
+            response.headers["Retry-After"] = "1"
+            return response
         except HTTPError as exc:
             return exc.get_response()
         except BadRequestKeyError as exc:
@@ -1203,6 +1301,14 @@ class DeadlineWatcher:
     def forget(self, client):
         self._clients.discard(client)
 
+    def close_oldest_idle(self):
+        """Make room: close the connection that has waited longest for its next request."""
+        idle = [client for client in list(self._clients) if client.idle and client.deadline is not None]
+        if not idle:
+            return False
+        min(idle, key=lambda client: client.deadline).expire()
+        return True
+
     def _watch(self):
         while True:
             time.sleep(self.interval)
@@ -1224,6 +1330,7 @@ class ClientSocket:
         self.deadline = None  # when the DeadlineWatcher cuts the wait short
         self.expired = False
         self.writing = False
+        self.idle = False  # waiting for a next request: may be closed to make room
 
     def expire(self):
         """Called by the watcher: wake the thread waiting on this socket.  Only the read side is
@@ -1288,10 +1395,13 @@ class ClientSocket:
                 except socket.timeout:
                     raise ClientError(408, "the request headers took longer than %g s" % self.timeout)
             else:
+                self.idle = True
                 try:
                     self._fill(time.monotonic() + self.timeout)
                 except (socket.timeout, ConnectionClosed):
                     return None
+                finally:
+                    self.idle = False
 
     def read_exact(self, size):
         buffer = self.buffer
@@ -1507,6 +1617,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def serve(self, head, started):
         server = self.server
+        if server.stopping:
+            self.send_error(ClientError(503, "the worker is stopping; retry on another"), started=started)
+            return False
         try:
             parsed = RequestHead(head)
             body, framing_known = self.read_body(parsed)
@@ -1660,18 +1773,64 @@ class WorkerServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address, app, timeout=30.0, max_body=64 * 1024 * 1024, tls=None):
+    def __init__(self, address, app, timeout=30.0, max_body=64 * 1024 * 1024, tls=None,
+                 max_connections=1024):
         self.app = app
         self.tls = tls  # an ssl.SSLContext when serving HTTPS
         self.timeout = timeout
         self.max_body = max_body
+        self.max_connections = max_connections
+        self.connections = 0
+        self._connections_lock = threading.Lock()
         self.stopping = False
+        self.reporter = None  # the StatusReporter, for a last report on the way out
         self.deadlines = DeadlineWatcher()
         self._active = 0
         self._active_changed = threading.Condition()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, ConnectionHandler)
+
+    def process_request(self, request, client_address):
+        """A thread for the connection -- unless there are max_connections already: then the
+        oldest idle one is closed to make room, or, with none idle, this one is refused at once
+        (a thread and its memory for every caller is how a flood takes a server down)."""
+        with self._connections_lock:
+            full = self.connections >= self.max_connections
+            if not full or self.deadlines.close_oldest_idle():
+                self.connections += 1
+                full = False
+        if full:
+            return self.refuse(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connection_closed()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_closed()
+
+    def connection_closed(self):
+        with self._connections_lock:
+            self.connections -= 1
+
+    def refuse(self, sock, client_address):
+        body = error_response(503, "the worker has %d connections open; retry" % self.max_connections)._body
+        try:
+            sock.setblocking(False)  # never wait on a refused client: this is the accept thread
+            sock.send(("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                       "Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+                       % len(body)).encode("latin-1") + body)
+        except OSError:
+            pass
+        self.shutdown_request(sock)
+        if self.app is not None:
+            self.app.metrics.refused()
+        Log.write("info", "%s refused: %d connections open" % (client_address[0], self.max_connections))
 
     def server_bind(self):
         # HTTPServer.server_bind would look up our own fully qualified name: slow, and unused
@@ -1780,6 +1939,12 @@ class Metrics:
                 self.rejected += workload
             self.changed = True
 
+    def refused(self, workload=1.0):
+        """A connection turned away at the door (over --max-connections)."""
+        with self._lock:
+            self.rejected += workload
+            self.changed = True
+
     def snapshot(self):
         with self._lock:
             self.changed = False
@@ -1885,6 +2050,13 @@ class StatusReporter:
 
     def start(self):
         threading.Thread(target=self._report_forever, name="status", daemon=True).start()
+
+    def report_once(self):
+        """A last report, on the way out: one quick try."""
+        snapshot = self.metrics.snapshot()
+        if deliver(self.addresses, "/worker_status/", self.record(snapshot, self.state.phase),
+                   timeout=2.0, rounds=1):
+            self.metrics.acknowledge(snapshot)
 
     def record(self, snapshot, phase):
         state = self.state
@@ -2609,6 +2781,12 @@ def positive_seconds(text):
     return value
 
 
+def positive_int(text):
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("%r is not a positive whole number" % text)
+    return int(text)
+
+
 def port_number(text, source="--port"):
     if not text.strip().isdigit() or not 0 <= int(text) <= 65535:
         raise StartupError("%s=%r is not a port number (0-65535)" % (source, text))
@@ -2652,6 +2830,13 @@ def make_parser():
     parser.add_argument("--keyfile", metavar="FILE",
                         help="the certificate's private key, if not in the certificate file "
                              "(with USE_SSL=true: /etc/instance.key)")
+    parser.add_argument("--state-file", metavar="FILE",
+                        help="keep the Backend's state (its public JSON-able attributes, or those named in "
+                             "persist) in FILE: restored at start, saved before each answer that changed "
+                             "it (also $STATE_FILE)")
+    parser.add_argument("--max-connections", type=positive_int, default=1024, metavar="N",
+                        help="open connections at most; past it the oldest idle one is closed, or the new "
+                             "one gets 503 (default 1024)")
     parser.add_argument("--cache-dir", default=".", metavar="DIR",
                         help="where the benchmark result is cached (default: the current directory)")
     parser.add_argument("--log-level", choices=sorted(Log.LEVELS, key=Log.LEVELS.get), default="info",
@@ -2814,6 +2999,10 @@ class BackendPlan:
         if not isinstance(self.max_perf, (int, float)) or not self.max_perf > 0:
             raise StartupError("%s: max_perf must be a positive number" % path)
         self.reports_itself = reports_itself(module)
+        self.persist = getattr(module, "persist", getattr(module.Backend, "persist", None))
+        if self.persist is not None and not (isinstance(self.persist, (list, tuple, set)) and all(
+                isinstance(name, str) for name in self.persist)):
+            raise StartupError("%s: persist must be a list of attribute names" % path)
 
 
 def start(options, environ):
@@ -2847,19 +3036,28 @@ def start(options, environ):
     if plan.reports_itself:
         Log.write("info", "the backend reports to the autoscaler itself (it uses notify)")
     elif addresses:
-        StatusReporter(addresses, environ, port, scheme, _state, metrics,
-                       held_back=lambda: grants.waiting_for_key).start()
+        server.reporter = StatusReporter(addresses, environ, port, scheme, _state, metrics,
+                                         held_back=lambda: grants.waiting_for_key)
+        server.reporter.start()
+    store, saved = None, None
+    state_file = options.state_file or environ.get("STATE_FILE")
+    if state_file:
+        store = StateStore(state_file, plan.persist)
+        saved = store.load()
     try:
         backend = module.Backend(**backend_arguments(module.Backend, environ))
     except BaseException as exc:
         server.server_close()
         Log.write("debug", formatted_exception())
         raise StartupError("Backend() failed: %s%s" % (describe_exception(exc), where_in(exc, directory)))
+    if store is not None:
+        store.restore(backend, saved or {})
+        Log.write("info", "state %s %s" % ("restored from" if saved is not None else "will be saved in", store.path))
     if isinstance(getattr(backend, "max_perf", None), (int, float)) and backend.max_perf > 0:
         _state.max_perf = float(backend.max_perf)
     reports = InternalReports(environ.get("MASTER_TOKEN"), _state)
     server.app = BackendApp(backend, routes, plan.parallel, options.queue_time, plan.workload,
-                            reports=reports, metrics=metrics, grants=grants)
+                            reports=reports, metrics=metrics, grants=grants, store=store)
     Log.write("info", "vastworker %s serving %s on %s://%s:%d (%s)%s"
               % (__version__, name, scheme, host if ":" not in host else "[%s]" % host,
                  port, describe_routes(routes), "; handlers run in parallel" if plan.parallel else ""),
@@ -2878,7 +3076,8 @@ def start(options, environ):
 def listen(options, port, tls=None):
     """The listening server, bound before any backend is built so a busy port fails first."""
     try:
-        return WorkerServer((options.host, port), None, options.timeout, options.max_body, tls)
+        return WorkerServer((options.host, port), None, options.timeout, options.max_body, tls,
+                            options.max_connections)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise StartupError("port %d is already in use on %s (is another worker running?)"
@@ -2982,6 +3181,8 @@ def serve(server, grace):
         Log.write("info", "stopping: waiting up to %g s for %d request(s) in flight" % (grace, in_flight))
     if not server.wait_idle(grace):
         Log.write("warning", "stopping with %d request(s) unfinished" % server.active_requests)
+    if server.reporter is not None:
+        server.reporter.report_once()
     Log.write("info", "stopped", always=True)
     sys.stdout.flush()
     os._exit(0)  # the backend's own non-daemon threads must not keep the process alive
