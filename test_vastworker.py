@@ -2109,6 +2109,19 @@ def test_over_the_connection_cap_idle_ones_make_room_then_new_ones_get_503(start
             sock.close()
 
 
+def test_refused_connections_are_reported_as_rej_load(start_worker, write_backend, autoscaler):
+    worker = start_worker(write_backend(SLOW_AND_FAST.format(parallel="allow_parallel_requests = True")),
+                          "--max-connections", "2", env=reporting_env(autoscaler))
+    busy = [threading.Thread(target=worker.request, args=("GET", "/slow")) for _ in range(2)]
+    for thread in busy:
+        thread.start()
+    time.sleep(0.5)
+    assert worker.request("GET", "/fast")[0] == 503
+    for thread in busy:
+        thread.join()
+    autoscaler.wait_for(lambda r: r["rej_load"] == 1.0)
+
+
 def rss_kb(pid):
     with open("/proc/%d/status" % pid) as file:
         return int(re.search(r"VmRSS:\s+(\d+)", file.read()).group(1))

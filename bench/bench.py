@@ -14,6 +14,7 @@ Flask is only needed for the reference column (python3 -m pip install flask).
 
 import argparse
 import http.client
+import importlib.util
 import json
 import os
 import re
@@ -273,10 +274,9 @@ def main():
     run_load = wrk_load if use_wrk else builtin_load
     kinds = ["vastworker"]
     if not options.no_flask:
-        try:
-            import flask  # noqa: F401  (only to know whether the reference can run)
+        if importlib.util.find_spec("flask") is not None:
             kinds.append("flask")
-        except ImportError:
+        else:
             print("Flask is not installed: no reference column (python3 -m pip install flask)")
     concurrencies = [int(c) for c in options.concurrency.split(",")]
     print("machine: %d cores, %s; Python %s; load generator: %s; %d s per run after a 1 s warm-up"
