@@ -1566,6 +1566,7 @@ def http_date():
     return _date_cache[1]
 
 
+yield_core = getattr(os, "sched_yield", lambda: time.sleep(0))  # POSIX; elsewhere a GIL release
 HOP_BY_HOP = frozenset(("connection", "content-length", "keep-alive", "transfer-encoding"))
 SERVER_HEADER = "vastworker/" + __version__
 
@@ -1594,7 +1595,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if self.server.tls is not None:
                 self.client.handshake()
             while self.handle_one():
-                pass
+                # Give up the core between requests.  A thread whose next request is already
+                # waiting would otherwise take the GIL straight back, and threads woken by new
+                # data could wait for it again and again: measured at 64 busy connections, p99
+                # fell from 0.1-3 s to about 10 ms with this one call.
+                yield_core()
         except (ConnectionClosed, OSError):
             pass
 
