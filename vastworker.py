@@ -6,8 +6,10 @@ functions ``handler(backend, request)`` and a ``flask_dict`` mapping methods and
 handlers.  ``python3 vastworker.py NAME`` serves ``backends/NAME``; handlers written for the original
 Flask worker run unchanged because this file provides the ``flask`` module they import.
 
-Sections: configuration; Flask compatibility (request, response, abort, the ``flask`` module);
-dispatch; the HTTP server; command line.
+Sections: configuration; Flask compatibility (errors and abort, request, response, the ``flask``
+module); dispatch (the lock, persisted state); the HTTP server; autoscaler client (status reports,
+readiness, notify, benchmark, the stand-in autoscaler); request signatures (signed grants, TLS
+keys); log watching; command line.
 """
 
 import sys
