@@ -1255,10 +1255,16 @@ def test_loaded_record_then_updates_that_count_requests(start_worker, autoscaler
         worker.value()
     assert worker.request("GET", "/nothing")[0] == 404  # not a backend request: not counted
     autoscaler.wait_for(lambda r: r["num_requests_recieved"] == 8)
-    after_loaded = [r for r in autoscaler.records() if r["loadtime"] > 0]
-    assert sum(r["new_load"] for r in after_loaded) == 8.0  # workload 1 a request, reported once
-    assert sum(r["cur_perf"] for r in after_loaded) == 8.0
-    assert after_loaded[-1]["cur_load"] == 0.0 and after_loaded[-1]["num_requests_working"] == 0
+
+    def after_loaded():
+        return [r for r in autoscaler.records() if r["loadtime"] > 0]
+
+    # served is counted when a request ends, received when it starts: a report may fall between
+    wait_until(lambda: sum(r["cur_perf"] for r in after_loaded()) == 8.0)
+    wait_until(lambda: after_loaded()[-1]["num_requests_working"] == 0)
+    assert sum(r["new_load"] for r in after_loaded()) == 8.0  # workload 1 a request, reported once
+    assert sum(r["cur_perf"] for r in after_loaded()) == 8.0
+    assert after_loaded()[-1]["cur_load"] == 0.0
     assert re.search(r"worker_status id=123 loadtime=[\d.]+ max_perf=1\.0", autoscaler.log)
 
 
@@ -1279,7 +1285,8 @@ def test_a_backend_defines_its_workload(start_worker, autoscaler, write_backend)
     assert worker.request("POST", "/generate", {"tokens": 30})[0] == 200
     assert worker.request("POST", "/generate", {"tokens": 12})[0] == 200
     autoscaler.wait_for(lambda r: r["num_requests_recieved"] == 2)
-    assert sum(r["cur_perf"] for r in autoscaler.records()) == 42.0
+    wait_until(lambda: sum(r["cur_perf"] for r in autoscaler.records()) == 42.0)
+    assert sum(r["new_load"] for r in autoscaler.records()) == 42.0
 
 
 def test_reports_go_to_the_first_address_that_takes_them(start_worker, autoscaler):
@@ -2096,7 +2103,7 @@ def test_over_the_connection_cap_idle_ones_make_room_then_new_ones_get_503(start
         busy = [threading.Thread(target=worker.request, args=("GET", "/slow")) for _ in range(4)]
         for thread in busy:
             thread.start()
-        time.sleep(0.5)
+        time.sleep(1.0)  # all four admitted and running (each takes 1.5 s)
         started = time.monotonic()
         status, headers, body = worker.request("GET", "/fast")
         assert status == 503 and headers["Retry-After"] == "1" and time.monotonic() - started < 1
@@ -2115,7 +2122,7 @@ def test_refused_connections_are_reported_as_rej_load(start_worker, write_backen
     busy = [threading.Thread(target=worker.request, args=("GET", "/slow")) for _ in range(2)]
     for thread in busy:
         thread.start()
-    time.sleep(0.5)
+    time.sleep(1.0)  # both admitted and running (each takes 1.5 s)
     assert worker.request("GET", "/fast")[0] == 503
     for thread in busy:
         thread.join()
