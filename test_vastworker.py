@@ -1411,6 +1411,16 @@ def test_benchmark_sets_max_perf_and_is_cached(start_worker, write_backend, auto
     assert second.json("GET", "/calls") == (200, {"calls": 0})  # not run again
 
 
+def test_the_benchmark_passes_when_grants_are_required(start_worker, write_backend, autoscaler, tmp_path):
+    env = reporting_env(autoscaler)
+    del env["UNSECURED"]  # signatures required: the benchmark's own requests must still get through
+    worker = start_worker(write_backend(BENCHMARK_BACKEND.format(fail=False)), "--cache-dir", str(tmp_path),
+                          env=env)
+    loaded = autoscaler.wait_for(lambda r: r["loadtime"] > 0)[0]
+    assert loaded["max_perf"] > 0 and loaded["error_msg"] == ""
+    assert worker.json("POST", "/work", {"n": 1})[0] == 401  # while outsiders need a grant
+
+
 def test_a_benchmark_with_no_success_is_an_error(start_worker, write_backend, autoscaler, tmp_path):
     worker = start_worker(write_backend(BENCHMARK_BACKEND.format(fail=True)), "--cache-dir", str(tmp_path),
                           env=reporting_env(autoscaler))
