@@ -1689,6 +1689,14 @@ def test_tls_round_trip(start_worker, write_backend, keys):
     assert code == 1 and "cannot serve HTTPS with certificate /nonexistent.crt" in output
 
 
+def test_the_benchmark_runs_over_https_too(start_worker, write_backend, autoscaler, keys, tmp_path):
+    worker = start_worker(write_backend(BENCHMARK_BACKEND.format(fail=False)), "--cache-dir", str(tmp_path),
+                          "--certfile", str(keys / "tls.crt"), "--keyfile", str(keys / "tls.key"),
+                          env=reporting_env(autoscaler))
+    loaded = autoscaler.wait_for(lambda r: r["loadtime"] > 0 or r["error_msg"])[0]
+    assert loaded["error_msg"] == "" and loaded["max_perf"] > 0, worker.log
+
+
 def test_route_signed_request_over_https_end_to_end(start_worker, autoscaler, keys):
     port = free_port()
     env = {"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "9", "MASTER_TOKEN": "m",

@@ -2216,8 +2216,9 @@ class Benchmark:
     workload served per second, counting successes only.  The result is cached on disk under a
     key of the backend's name, its backend.py and this configuration, so a reboot skips it."""
 
-    def __init__(self, config, name, source, cache_file, address):
+    def __init__(self, config, name, source, cache_file, address, tls=False):
         self.config = config
+        self.tls = tls  # the worker serves HTTPS: so must its own requests be
         import hashlib
         digest = hashlib.sha256(source + json.dumps(config, sort_keys=True).encode()).hexdigest()
         self.key = "%s:%s" % (name, digest[:16])
@@ -2245,7 +2246,14 @@ class Benchmark:
 
     def one_request(self):
         config = self.config
-        connection = http.client.HTTPConnection(self.address[0], self.address[1], timeout=600)
+        if self.tls:  # to ourselves over loopback: the certificate names the public address
+            import ssl
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            connection = http.client.HTTPSConnection(self.address[0], self.address[1], timeout=600,
+                                                     context=context)
+        else:
+            connection = http.client.HTTPConnection(self.address[0], self.address[1], timeout=600)
         try:
             connection.request(config["method"], "/" + config["endpoint"], body=json.dumps(config["payload"]),
                                headers={"Content-Type": "application/json", INTERNAL_HEADER: INTERNAL_TOKEN})
@@ -3043,7 +3051,7 @@ def start(options, environ):
         with open(path, "rb") as file:
             benchmark = Benchmark(plan.benchmark, name, file.read(),
                                   os.path.join(options.cache_dir, "vastworker-benchmark.json"),
-                                  (loopback_for(host), port))
+                                  (loopback_for(host), port), tls is not None)
         _state.on_ready = lambda: benchmark.run(_state, metrics)
     if plan.log_actions is not None:
         LogWatcher(plan.model_log, plan.log_actions, _state).start()
