@@ -1116,15 +1116,17 @@ class StateStore:
         self.saved = self.snapshot(backend)
 
     def snapshot(self, backend):
-        state = {}
-        for name, value in vars(backend).items():
-            if name.startswith("_") or (self.names is not None and name not in self.names):
-                continue
+        state = {name: value for name, value in vars(backend).items()
+                 if not name.startswith("_") and (self.names is None or name in self.names)}
+        try:  # serialised once; attribute by attribute only when something cannot be
+            return json.dumps({"state": state}, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError):
+            pass
+        for name, value in list(state.items()):
             try:
                 json.dumps(value, allow_nan=False)
             except (TypeError, ValueError):
-                continue  # locks, threads, models: not state this file can hold
-            state[name] = value
+                del state[name]  # locks, threads, models: not state this file can hold
         return json.dumps({"state": state}, sort_keys=True, allow_nan=False)
 
     def save_if_changed(self, backend):
@@ -1882,23 +1884,32 @@ def report_addresses(value):
     return [address.strip().rstrip("/") for address in (value or "").split(",") if address.strip()]
 
 
-def post_json(url, body, timeout):
-    """POST body as JSON; True on a 2xx answer.  http.client, not urllib: it is already loaded."""
+def http_exchange(url, method="GET", body=None, headers=None, timeout=10.0, verify=True):
+    """One request on a connection of its own: (status, body).  http.client, not urllib: it is
+    already loaded.  verify=False is for the worker calling itself over loopback, where the
+    certificate names the public address."""
     parts = urlsplit(url)
     if parts.scheme == "https":
-        import ssl  # only a worker reporting over https pays for loading it
-        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
-                                                 context=ssl.create_default_context())
+        import ssl  # only a worker talking https pays for loading it
+        context = ssl.create_default_context()
+        if not verify:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
     else:
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        connection.request("POST", (parts.path or "/") + ("?" + parts.query if parts.query else ""),
-                           body=json.dumps(body), headers={"Content-Type": "application/json"})
+        connection.request(method, (parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                           body=body, headers=headers or {})
         response = connection.getresponse()
-        response.read()
-        return 200 <= response.status < 300
+        return response.status, response.read()
     finally:
         connection.close()
+
+
+def post_json(url, body, timeout):
+    """POST body as JSON; True on a 2xx answer."""
+    status, _ = http_exchange(url, "POST", json.dumps(body), {"Content-Type": "application/json"}, timeout)
+    return 200 <= status < 300
 
 
 def deliver(addresses, path, body, timeout=5.0, rounds=3, pause=2.0):
@@ -2218,12 +2229,12 @@ class Benchmark:
 
     def __init__(self, config, name, source, cache_file, address, tls=False):
         self.config = config
-        self.tls = tls  # the worker serves HTTPS: so must its own requests be
+        host = "[%s]" % address[0] if ":" in address[0] else address[0]
+        self.url = "%s://%s:%d/%s" % ("https" if tls else "http", host, address[1], config["endpoint"])
         import hashlib
         digest = hashlib.sha256(source + json.dumps(config, sort_keys=True).encode()).hexdigest()
         self.key = "%s:%s" % (name, digest[:16])
         self.cache_file = cache_file
-        self.address = address
 
     def cached(self):
         try:
@@ -2245,25 +2256,13 @@ class Benchmark:
         os.replace(temporary, self.cache_file)
 
     def one_request(self):
-        config = self.config
-        if self.tls:  # to ourselves over loopback: the certificate names the public address
-            import ssl
-            context = ssl.create_default_context()
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-            connection = http.client.HTTPSConnection(self.address[0], self.address[1], timeout=600,
-                                                     context=context)
-        else:
-            connection = http.client.HTTPConnection(self.address[0], self.address[1], timeout=600)
+        headers = {"Content-Type": "application/json", INTERNAL_HEADER: INTERNAL_TOKEN}
         try:
-            connection.request(config["method"], "/" + config["endpoint"], body=json.dumps(config["payload"]),
-                               headers={"Content-Type": "application/json", INTERNAL_HEADER: INTERNAL_TOKEN})
-            response = connection.getresponse()
-            response.read()
-            return 200 <= response.status < 300
+            status, _ = http_exchange(self.url, self.config["method"], json.dumps(self.config["payload"]),
+                                      headers, timeout=600, verify=False)
         except (OSError, http.client.HTTPException):
             return False
-        finally:
-            connection.close()
+        return 200 <= status < 300
 
     def measure(self):
         config = self.config
@@ -2671,22 +2670,12 @@ def fetch_public_key(addresses, checker):
         while True:
             for address in addresses:
                 try:
-                    parts = urlsplit(address + "/pubkey/")
-                    if parts.scheme == "https":
-                        import ssl
-                        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=10,
-                                                                 context=ssl.create_default_context())
-                    else:
-                        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
-                    connection.request("GET", parts.path)
-                    response = connection.getresponse()
-                    text = response.read().decode("ascii", "replace")
-                    connection.close()
-                    if response.status == 200:
-                        checker.key = RSAPublicKey.from_pem(text)
+                    status, text = http_exchange(address + "/pubkey/")
+                    if status == 200:
+                        checker.key = RSAPublicKey.from_pem(text.decode("ascii", "replace"))
                         Log.write("info", "public key from %s/pubkey/ (%d bits)" % (address, checker.key.n.bit_length()))
                         return
-                    Log.write("warning", "public key: %s/pubkey/ answered %d" % (address, response.status))
+                    Log.write("warning", "public key: %s/pubkey/ answered %d" % (address, status))
                 except (OSError, http.client.HTTPException, ValueError) as exc:
                     Log.write("warning", "public key: %s/pubkey/: %s" % (address, exc))
             time.sleep(pause)
