@@ -6,10 +6,21 @@ functions ``handler(backend, request)`` and a ``flask_dict`` mapping methods and
 handlers.  ``python3 vastworker.py NAME`` serves ``backends/NAME``; handlers written for the original
 Flask worker run unchanged because this file provides the ``flask`` module they import.
 
-Sections: configuration; Flask compatibility (errors and abort, request, response, the ``flask``
-module); dispatch (the lock, persisted state); the HTTP server; autoscaler client (status reports,
-readiness, notify, benchmark, the stand-in autoscaler); request signatures (signed grants, TLS
-keys); log watching; command line.
+The file reads in the order a request travels.  Each section uses only what is above it; only the
+command line at the bottom reaches everything.
+
+1. Core: configuration, the log, ``Refusal`` (the one way to answer a request with an error
+   status, from anywhere) and ``StartupError`` (why the worker cannot start).
+2. Wire: HTTP/1.1 on a socket -- headers, deadlines, the request head, ``encode_head`` (the one
+   place a response head is written), the connection loop and the listening server.
+3. Flask shim: the ``flask`` module backends import -- request, response, abort, jsonify.
+4. Worker: what a request meets inside -- worker state, metrics, the lock, the state store,
+   signed grants, and dispatch (``BackendApp``), which turns a request into a response.
+5. Outbound: what the worker sends and watches by itself -- status reports, notify, the
+   benchmark, the public-key fetch, the model server's log.
+6. Tools: RSA signing and the stand-in autoscaler (``python3 vastworker.py autoscaler``).
+7. Command line: options, loading a backend, and the ``Worker`` that plans, binds, builds and
+   runs everything above.
 """
 
 import sys
@@ -23,6 +34,7 @@ import email.parser
 import email.utils
 import errno
 import http
+import http.client
 import http.server
 import importlib.util
 import io
@@ -42,46 +54,19 @@ __version__ = "0.1.0"
 
 
 # ------------------------------------------------------------------------------------------------
-# Configuration
+# 1. Core: configuration, the log, refusals, start-up errors
 # ------------------------------------------------------------------------------------------------
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BACKENDS_DIR = os.path.join(HERE, "backends")
 DEFAULT_PORT = 3000
-SERVED_METHODS = ("DELETE", "GET", "HEAD", "POST", "PUT")  # the ones flask_dict may name
-ALLOW_HEADER = "DELETE, GET, HEAD, OPTIONS, POST, PUT"  # fixed order: deterministic for clients
 MAX_HEAD_BYTES = 65536  # request line plus headers
 MAX_HEADER_COUNT = 100
 MAX_FORM_BYTES = 500000  # Flask's MAX_FORM_MEMORY_SIZE
 MAX_FORM_PARTS = 1000
 STATUS_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
-
-ENVIRONMENT_HELP = """\
-environment variables:
-  WORKER_PORT, AUTH_PORT  port to listen on when --port is not given (in that order; else 3000)
-  REPORT_ADDR             autoscaler address(es), comma-separated, tried in order: status reports
-                          go to {address}/worker_status/; also Backend(control_server_url=...)
-  CONTAINER_ID            instance id: the reports' "id", and Backend(container_id=...)
-  MASTER_TOKEN            shared secret: the reports' "mtoken", the key to the internal
-                          /report_* endpoints (off without it), and Backend(master_token=...)
-  PUBLIC_IPADDR, VAST_TCP_PORT_<port>  the public address reported as "url"
-  MODEL_LOG               the model server's log, watched for the backend's log_actions
-  STATE_FILE              same as --state-file
-  VASTWORKER_PUBKEY       the autoscaler's public key (PEM text), instead of --pubkey
-  UNSECURED=true          same as --allow-unsigned
-  USE_SSL=true            serve HTTPS with /etc/instance.crt and /etc/instance.key (Vast's)
-
-backends:
-  BACKEND is a directory name under backends/ next to this file (e.g. helloworld), or a path
-  to any directory holding a backend.py.  backend.py defines Backend, its handlers and
-  flask_dict = {"POST": {"increment": increment_handler}, "GET": {"value": value_handler}}.
-  Handler calls are serialised by a lock; a backend whose handlers do their own locking sets
-  allow_parallel_requests = True in backend.py.  It may also set readiness, log_actions,
-  benchmark, workload and max_perf (see README.md).
-
-  python3 vastworker.py autoscaler [--port P]  runs a local stand-in for Vast's autoscaler
-  (default port 8081) that prints the status records workers send it.
-"""
+SERVER_HEADER = "vastworker/" + __version__
+STARTED = time.monotonic()  # loadtime counts from here: process start, near enough
 
 
 def formatted_exception():
@@ -91,9 +76,10 @@ def formatted_exception():
 
 
 class Log:
-    """Timestamped lines on stderr.  While serving, lines are queued and a background thread writes
-    them every 0.1 s (warnings and errors at once, in order): a write per request would be a system
-    call per request, and each one is a chance for the thread to lose the GIL for milliseconds."""
+    """Timestamped lines on stderr, one log for the process.  While serving, lines are queued and
+    a background thread writes them every 0.1 s (warnings and errors at once, in order): a write
+    per request would be a system call per request, and each one is a chance for the thread to
+    lose the GIL for milliseconds."""
 
     LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
     level = 20
@@ -137,50 +123,8 @@ class Log:
         cls.write("error", message + "\n" + formatted_exception())
 
 
-# ------------------------------------------------------------------------------------------------
-# Flask compatibility: errors and abort
-# ------------------------------------------------------------------------------------------------
-
-class HTTPError(Exception):
-    """Ends a handler with an HTTP error; raised by abort().  Carries the attributes Werkzeug's
-    HTTPException has (code, name, description) so code written against Flask can read them."""
-
-    def __init__(self, code, description=None, response=None):
-        super().__init__(code, description)
-        self.code = code
-        self.description = description
-        self.response = response
-
-    @property
-    def name(self):
-        return STATUS_PHRASES.get(self.code, "Unknown Error")
-
-    def get_response(self):
-        if self.response is not None:
-            return to_response(self.response)
-        return error_response(self.code, self.description)
-
-
-class BadRequestKeyError(KeyError):
-    """A lookup of a field the client did not send: a KeyError (as in Flask) that answers 400."""
-
-    code = 400
-
-    def __init__(self, key, description):
-        super().__init__(key)
-        self.description = description
-
-
-def abort(status, description=None, response=None):
-    """flask.abort: raise an HTTP error.  Any code from 400 to 599 is accepted (Flask only knows 31
-    of them), so a proxy backend can pass an upstream status through; abort(response) sends it."""
-    if isinstance(status, int) and not isinstance(status, bool):
-        if 400 <= status <= 599:
-            raise HTTPError(status, description, response)
-        raise LookupError("abort() needs an HTTP error code from 400 to 599, got %d" % status)
-    if is_response(status):
-        raise HTTPError(status.status_code, response=status)
-    raise LookupError("abort() needs an HTTP error code or a Response, got %r" % (status,))
+class StartupError(Exception):
+    """Why the worker cannot start, in one line for the user."""
 
 
 DEFAULT_DETAILS = {
@@ -196,8 +140,8 @@ DEFAULT_DETAILS = {
 }
 
 
-def error_response(code, detail=None):
-    """Our error body: short JSON in our own words, never a traceback."""
+def error_body(code, detail=None):
+    """Our error body: short JSON in our own words, never a traceback (decisions.md 8)."""
     if detail is None:
         detail = DEFAULT_DETAILS.get(code, STATUS_PHRASES.get(code, "error"))
     elif not isinstance(detail, (str, int, float, list, dict)):
@@ -208,27 +152,52 @@ def error_response(code, detail=None):
     except ValueError:
         body["detail"] = str(detail)
         text = json.dumps(body, ensure_ascii=True)
-    return Response(text + "\n", code, mimetype="application/json")
+    return (text + "\n").encode("ascii")
+
+
+class Refusal(Exception):
+    """Answer this request with an error status instead of serving it.  Every refusal raises one:
+    the HTTP layer's (a malformed request, 408, 413), dispatch's (404, 405), the worker's (still
+    loading, busy, a bad grant, a state that could not be saved) and a handler's abort().  Each
+    layer answers it in one place, with the JSON error body naming `detail` and the `headers`
+    given (`retry_after` adds Retry-After: the one way that header is set).  `response`, when
+    given, is sent instead of the error body (Flask's abort(response)).  `code`, `description`
+    and `name` are Werkzeug's names, so code written against Flask's HTTPException reads them."""
+
+    def __init__(self, code, detail=None, headers=None, retry_after=None, response=None):
+        super().__init__(code, detail)
+        self.code = code
+        self.detail = detail
+        self.headers = list(headers or ())
+        if retry_after is not None:
+            self.headers.append(("Retry-After", "%g" % retry_after))
+        self.response = response
+
+    @property
+    def description(self):
+        return self.detail
+
+    @property
+    def name(self):
+        return STATUS_PHRASES.get(self.code, "Unknown Error")
+
+    def body(self):
+        return error_body(self.code, self.detail)
 
 
 # ------------------------------------------------------------------------------------------------
-# Flask compatibility: request
+# 2. Wire: HTTP/1.1 on a socket
 # ------------------------------------------------------------------------------------------------
 
-class lazy:
-    """A property computed on first use and then stored on the instance: most requests read only
-    one or two of the many request attributes, so none is computed before it is asked for."""
+HOP_BY_HOP = frozenset(("connection", "content-length", "keep-alive", "transfer-encoding"))
+_HEAD_END = re.compile(rb"\n\r?\n")
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
+_HEX = re.compile(rb"^[0-9a-fA-F]{1,16}$")
 
-    def __init__(self, compute):
-        self.compute = compute
-        self.name = compute.__name__
-        self.__doc__ = compute.__doc__
 
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        value = instance.__dict__[self.name] = self.compute(instance)
-        return value
+class ConnectionClosed(Exception):
+    """The client went away before sending a whole request."""
 
 
 def _converted_one(value, type, default):
@@ -254,76 +223,33 @@ def _converted(values, type):
     return out
 
 
-class MultiDict:
-    """A read-only multi-valued mapping (Werkzeug's ImmutableMultiDict) for args, form, values,
-    files and cookies: item access gives the first value; a missing key is a 400."""
-
-    def __init__(self, pairs=(), what="field"):
-        self._lists = {}
-        for key, value in pairs:
-            self._lists.setdefault(key, []).append(value)
-        self._what = what
-
-    def __getitem__(self, key):
-        if key in self._lists:
-            return self._lists[key][0]
-        raise BadRequestKeyError(key, "missing %s %r" % (self._what, key))
-
-    def get(self, key, default=None, type=None):
-        if key not in self._lists:
-            return default
-        return _converted_one(self._lists[key][0], type, default)
-
-    def getlist(self, key, type=None):
-        return _converted(self._lists.get(key, ()), type)
-
-    def __contains__(self, key):
-        return key in self._lists
-
-    def __iter__(self):
-        return iter(self._lists)
-
-    def __len__(self):
-        return len(self._lists)
-
-    def keys(self):
-        return self._lists.keys()
-
-    def values(self):
-        return [values[0] for values in self._lists.values()]
-
-    def items(self, multi=False):
-        if multi:
-            return [(key, value) for key, values in self._lists.items() for value in values]
-        return [(key, values[0]) for key, values in self._lists.items()]
-
-    def lists(self):
-        return [(key, list(values)) for key, values in self._lists.items()]
-
-    def to_dict(self, flat=True):
-        if flat:
-            return {key: values[0] for key, values in self._lists.items()}
-        return {key: list(values) for key, values in self._lists.items()}
-
-    def __eq__(self, other):
-        if isinstance(other, MultiDict):
-            return self._lists == other._lists
-        if isinstance(other, dict):
-            return self.to_dict() == other
-        return NotImplemented
-
-    def __repr__(self):
-        return "MultiDict(%r)" % (self.items(multi=True),)
-
-
 class Headers:
     """Case-insensitive HTTP headers kept in order, with repeated names allowed (Werkzeug's
-    Headers, reduced).  Iterating gives (name, value) pairs, as Flask's headers do."""
+    Headers, reduced): a request's and a response's.  Iterating gives (name, value) pairs, as
+    Flask's headers do."""
 
     def __init__(self, items=None):
         self._items = []
         if items:
             self.extend(items)
+
+    @classmethod
+    def received(cls, pairs):
+        """A request's headers from its (name, value) lines, as Flask shows them: names
+        title-cased, a repeated name joined into one value (", ", or "; " for Cookie)."""
+        headers = cls()
+        items = headers._items
+        seen = {}
+        for name, value in pairs:
+            lower = name.lower()
+            if lower in seen:
+                index = seen[lower]
+                glue = "; " if lower == "cookie" else ", "
+                items[index] = (items[index][0], items[index][1] + glue + value)
+            else:
+                seen[lower] = len(items)
+                items.append((name.title(), value))
+        return headers
 
     @staticmethod
     def _pairs(items):
@@ -420,6 +346,741 @@ class Headers:
         return "Headers(%r)" % (self._items,)
 
 
+class DeadlineWatcher:
+    """Enforces every connection's deadline from one thread: a connection still waiting past its
+    deadline has its socket shut down, which wakes the thread blocked on it.  Sockets themselves
+    have no timeout, since a timeout costs a poll() before every recv() and send(), and each system
+    call is one more chance for a thread to lose the GIL for milliseconds."""
+
+    def __init__(self, interval=0.2):
+        self.interval = interval
+        self._clients = set()
+        threading.Thread(target=self._watch, name="deadlines", daemon=True).start()
+
+    def watch(self, client):
+        self._clients.add(client)
+
+    def forget(self, client):
+        self._clients.discard(client)
+
+    def close_oldest_idle(self):
+        """Make room: close the connection that has waited longest for its next request."""
+        idle = [client for client in list(self._clients) if client.idle and client.deadline is not None]
+        if not idle:
+            return False
+        min(idle, key=lambda client: client.deadline).expire()
+        return True
+
+    def _watch(self):
+        while True:
+            time.sleep(self.interval)
+            now = time.monotonic()
+            for client in list(self._clients):
+                deadline = client.deadline
+                if deadline is not None and now > deadline:
+                    client.expire()
+
+
+class ClientSocket:
+    """A client connection: buffered reads and whole writes, each under a deadline (the request
+    head must arrive within `timeout`; every other read or write may pause for `timeout`).  What
+    the client gets wrong raises Refusal; a client that leaves raises ConnectionClosed."""
+
+    def __init__(self, sock, timeout):
+        self.sock = sock
+        self.timeout = timeout
+        self.buffer = bytearray()
+        self.deadline = None  # when the DeadlineWatcher cuts the wait short
+        self.expired = False
+        self.writing = False
+        self.idle = False  # waiting for a next request: may be closed to make room
+
+    def expire(self):
+        """Called by the watcher: wake the thread waiting on this socket.  Only the read side is
+        shut while reading, so that a 408 can still be sent."""
+        self.expired = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR if self.writing else socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def _fill(self, deadline):
+        self.deadline = deadline
+        data = self.sock.recv(262144)
+        self.deadline = None
+        if not data:
+            if self.expired:
+                raise socket.timeout("deadline passed")
+            raise ConnectionClosed()
+        self.buffer += data
+
+    def handshake(self):
+        self.deadline = time.monotonic() + self.timeout
+        try:
+            self.sock.do_handshake()
+        finally:
+            self.deadline = None
+
+    def send(self, data):
+        self.deadline = time.monotonic() + self.timeout
+        self.writing = True
+        try:
+            self.sock.sendall(data)
+        finally:
+            self.writing = False
+            self.deadline = None
+
+    def read_head(self):
+        """The request line and headers (without the blank line), or None when the connection
+        ends or stays idle between requests."""
+        buffer = self.buffer
+        deadline = None
+        while True:
+            start = 0
+            while start < len(buffer) and buffer[start] in b"\r\n":  # blank lines before a request
+                start += 1
+            if start:
+                del buffer[:start]
+            if buffer:
+                match = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)
+                if match:
+                    head = bytes(buffer[:match.start()])
+                    del buffer[:match.end()]
+                    return head
+                if len(buffer) > MAX_HEAD_BYTES:
+                    if b"\n" not in buffer[:MAX_HEAD_BYTES]:
+                        raise Refusal(414, "the request line is longer than %d bytes" % MAX_HEAD_BYTES)
+                    raise Refusal(431, "the request headers are larger than %d bytes" % MAX_HEAD_BYTES)
+                if deadline is None:
+                    deadline = time.monotonic() + self.timeout
+                try:
+                    self._fill(deadline)
+                except socket.timeout:
+                    raise Refusal(408, "the request headers took longer than %g s" % self.timeout)
+            else:
+                self.idle = True
+                try:
+                    self._fill(time.monotonic() + self.timeout)
+                except (socket.timeout, ConnectionClosed):
+                    return None
+                finally:
+                    self.idle = False
+
+    def read_exact(self, size):
+        buffer = self.buffer
+        while len(buffer) < size:
+            self._fill(time.monotonic() + self.timeout)
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+    def read_line(self, limit):
+        buffer = self.buffer
+        while True:
+            end = buffer.find(b"\n", 0, limit + 1)
+            if end >= 0:
+                line = bytes(buffer[:end + 1])
+                del buffer[:end + 1]
+                return line
+            if len(buffer) > limit:
+                raise Refusal(400, "a chunk-size line is longer than %d bytes" % limit)
+            self._fill(time.monotonic() + self.timeout)
+
+    def read_chunked(self, max_body):
+        """A chunked request body, decoded; over max_body is a 413 as soon as it is known."""
+        parts, total = [], 0
+        while True:
+            line = self.read_line(1024).split(b";", 1)[0].strip()
+            if not _HEX.match(line):
+                raise Refusal(400, "invalid chunk size %r" % line[:20].decode("latin-1"))
+            size = int(line, 16)
+            if size == 0:
+                break
+            total += size
+            if total > max_body:
+                raise Refusal(413, "the request body is larger than %d bytes" % max_body)
+            parts.append(self.read_exact(size))
+            if self.read_exact(2) != b"\r\n":
+                raise Refusal(400, "a chunk is longer than its size says")
+        for _ in range(MAX_HEADER_COUNT + 1):  # trailer fields, ignored
+            if not self.read_line(MAX_HEAD_BYTES).strip():
+                return b"".join(parts)
+        raise Refusal(431, "too many trailer fields")
+
+
+def decode_path(raw):
+    """Percent-decode a request path as UTF-8, invalid bytes becoming U+FFFD (Werkzeug's rule)."""
+    if b"%" not in raw:
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            pass
+    return unquote_to_bytes(raw).decode("utf-8", "replace")
+
+
+class RequestHead:
+    """The parsed request line and headers, with the framing facts the server needs.  A head that
+    is not well-formed HTTP/1.x raises Refusal (400, 431, 501 or 505)."""
+
+    def __init__(self, head):
+        lines = head.split(b"\n")
+        self._parse_request_line(lines[0].rstrip(b"\r"))
+        if len(lines) - 1 > MAX_HEADER_COUNT:
+            raise Refusal(431, "more than %d request headers" % MAX_HEADER_COUNT)
+        self.fields, pairs = self._parse_fields(lines[1:])
+        self.headers = Headers.received(pairs)
+        self.connection = {token.strip().lower() for value in self.fields.get("connection", ())
+                           for token in value.split(",")}
+        self.content_length = self._content_length()
+        self.chunked = self._chunked()
+
+    def _parse_request_line(self, line):
+        """method, version, target, path and query_string from 'GET /value?x=1 HTTP/1.1'."""
+        request_line = line.decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3:
+            raise Refusal(400, "malformed request line %r" % request_line[:100])
+        method, _, version = parts
+        if not _TOKEN.match(method):
+            raise Refusal(400, "malformed request method %r" % method[:20])
+        version_match = _VERSION.match(version)
+        if not version_match:
+            raise Refusal(400, "malformed HTTP version %r" % version[:20])
+        if version_match.group(1) != "1":
+            raise Refusal(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        self.method = method.upper()
+        self.version = version
+        self.http11 = version != "HTTP/1.0"
+        self.absolute_host = None
+        raw_target = line.split(b" ")[1]
+        if raw_target[:7].lower() == b"http://" or raw_target[:8].lower() == b"https://":
+            authority, slash, rest = raw_target.split(b"//", 1)[1].partition(b"/")
+            self.absolute_host = authority.decode("latin-1")
+            raw_target = slash + rest or b"/"
+        raw_path, _, self.query_string = raw_target.partition(b"?")
+        if raw_path.startswith(b"//"):  # Werkzeug reads '//x' as '/x'
+            raw_path = b"/" + raw_path.lstrip(b"/")
+        self.target = raw_target.decode("latin-1")
+        self.path = decode_path(raw_path)
+
+    @staticmethod
+    def _parse_fields(lines):
+        """({lower-case name: [values]} for framing, [(name, value)] for the handler).  Names with
+        '_' are left out of the second, as Werkzeug does, against header spoofing via proxies."""
+        fields, pairs = {}, []
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if b"\r" in line or b"\0" in line:
+                raise Refusal(400, "a header line holds a stray CR or NUL byte")
+            if line[:1] in (b" ", b"\t"):
+                raise Refusal(400, "folded header lines are not accepted")
+            name, colon, value = line.partition(b":")
+            name = name.decode("latin-1")
+            if not colon or not _TOKEN.match(name):
+                raise Refusal(400, "malformed header line %r" % line[:100].decode("latin-1"))
+            value = value.strip(b" \t").decode("latin-1")
+            fields.setdefault(name.lower(), []).append(value)
+            if "_" not in name:
+                pairs.append((name, value))
+        return fields, pairs
+
+    def _content_length(self):
+        values = self.fields.get("content-length")
+        if not values:
+            return None
+        numbers = {value.strip() for joined in values for value in joined.split(",")}
+        if len(numbers) != 1:
+            raise Refusal(400, "conflicting Content-Length headers")
+        number = numbers.pop()
+        if not number.isdigit() or not number.isascii():
+            raise Refusal(400, "invalid Content-Length %r" % number[:30])
+        return int(number)
+
+    def _chunked(self):
+        values = self.fields.get("transfer-encoding")
+        if not values:
+            return False
+        codings = [coding.strip().lower() for value in values for coding in value.split(",")]
+        if codings != ["chunked"]:
+            raise Refusal(501, "only the chunked transfer coding is accepted, got %r"
+                          % ", ".join(codings)[:60])
+        if self.content_length is not None:
+            raise Refusal(400, "Content-Length and Transfer-Encoding together are ambiguous")
+        return True
+
+    @property
+    def keep_alive(self):
+        if "close" in self.connection:
+            return False
+        return self.http11 or "keep-alive" in self.connection
+
+
+class HTTPResponse:
+    """What the server writes back: a status, headers, and a body that is either bytes or an
+    iterable of chunks sent as they come.  The Flask shim's Response is one, with Flask's API on
+    top; a Refusal becomes one through refused()."""
+
+    def __init__(self, status_code, headers=None, body=b"", chunks=None):
+        self.status_code = status_code
+        self.phrase = STATUS_PHRASES.get(status_code, "Unknown")
+        self.headers = Headers(headers)
+        self.body = body
+        self.chunks = chunks
+
+    @classmethod
+    def refused(cls, refusal):
+        """The answer to a Refusal: our JSON error body with the refusal's headers."""
+        return cls(refusal.code, [("Content-Type", "application/json")] + refusal.headers, refusal.body())
+
+
+def encode_head(status_code, phrase, headers, date, length=None, chunked=False, connection=None):
+    """The one place a response head is written, for every answer on every socket: the status
+    line, the response's own headers (hop-by-hop ones dropped: the framing is ours), Date and
+    Server unless given, then Content-Length or chunked, and Connection when it is not the
+    default.  Latin-1, as HTTP heads are: a header that is not raises UnicodeEncodeError."""
+    lines = ["HTTP/1.1 %d %s\r\n" % (status_code, phrase)]
+    given = set()
+    for name, value in headers:
+        lower = name.lower()
+        given.add(lower)
+        if lower not in HOP_BY_HOP:
+            lines.append("%s: %s\r\n" % (name, value))
+    if "date" not in given:
+        lines.append("Date: %s\r\n" % date)
+    if "server" not in given:
+        lines.append("Server: %s\r\n" % SERVER_HEADER)
+    if length is not None:
+        lines.append("Content-Length: %d\r\n" % length)
+    elif chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    if connection is not None:
+        lines.append("Connection: %s\r\n" % connection)
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+yield_core = getattr(os, "sched_yield", lambda: time.sleep(0))  # POSIX; elsewhere a GIL release
+
+
+class ConnectionHandler(socketserver.BaseRequestHandler):
+    """One client connection: HTTP/1.1 requests read, handed to the server's app, and answered,
+    kept alive while the framing is certain.  (http.server's own request handler is not used: its
+    parser is slower, reads a header line at a time with no overall deadline, and does not decode
+    chunked bodies.)  The app promises respond(head, body, connection) -> (response, ticket) and
+    finish(ticket, status) once the response is sent, or the client left (status 499)."""
+
+    def setup(self):
+        sock = self.request
+        sock.settimeout(None)  # blocking: the DeadlineWatcher bounds every wait
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle delay on small writes
+        server = self.server
+        self.server_address = server.server_address
+        self.scheme = "http" if server.tls is None else "https"
+        if server.tls is not None:  # the handshake happens in handle(), under a deadline
+            sock = server.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        self.client = ClientSocket(sock, server.timeout)
+        server.deadlines.watch(self.client)
+
+    def finish(self):
+        self.server.deadlines.forget(self.client)
+        if self.client.sock is not self.request:  # the TLS socket: socketserver closes only its own
+            self.client.sock.close()
+
+    def handle(self):
+        try:
+            if self.server.tls is not None:
+                self.client.handshake()
+            while self.handle_one():
+                # Give up the core between requests.  A thread whose next request is already
+                # waiting would otherwise take the GIL straight back, and threads woken by new
+                # data could wait for it again and again: measured at 64 busy connections, p99
+                # fell from 0.1-3 s to about 10 ms with this one call.
+                yield_core()
+        except (ConnectionClosed, OSError):
+            pass
+
+    def handle_one(self):
+        """Serve one request; True when the connection may carry another."""
+        try:
+            raw_head = self.client.read_head()
+        except Refusal as refusal:
+            self.refuse(refusal, None, None)
+            return False
+        if raw_head is None:
+            return False
+        server = self.server
+        started = time.perf_counter()
+        server.request_started()
+        try:
+            return self.serve(raw_head, started)
+        finally:
+            server.request_finished()
+
+    def serve(self, raw_head, started):
+        """Parse, read the body, respond, send; True when the connection may carry another."""
+        server = self.server
+        head = None
+        try:
+            if server.stopping:
+                raise Refusal(503, "the worker is stopping; retry on another")
+            head = RequestHead(raw_head)
+            body, framing_known = self.read_body(head)
+        except Refusal as refusal:
+            self.refuse(refusal, head, started)
+            return False
+        except socket.timeout:
+            self.refuse(Refusal(408, "the request body stopped arriving"), head, started)
+            return False
+        response, ticket = server.app.respond(head, body, self)
+        keep_alive = head.keep_alive and framing_known and not server.stopping
+        status = 499  # the client left before the response was sent
+        try:
+            status, keep_alive = self.send(head, response, keep_alive, started)
+            return keep_alive
+        finally:
+            server.app.finish(ticket, status)
+
+    def read_body(self, head):
+        """The request body, and whether the connection's framing is still certain after it."""
+        max_body = self.server.max_body
+        length = head.content_length
+        if length is not None and length > max_body:
+            raise Refusal(413, "the request body is %d bytes; the limit is %d" % (length, max_body))
+        if (length or head.chunked) and head.http11 and \
+                "100-continue" in (value.lower() for value in head.fields.get("expect", ())):
+            self.client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if head.chunked:
+            return self.client.read_chunked(max_body), True
+        if length:
+            return self.client.read_exact(length), True
+        # No length: the body is empty, but a POST or PUT without one may have sent bytes anyway
+        return b"", length is not None or head.method not in ("POST", "PUT", "PATCH")
+
+    def refuse(self, refusal, head, started):
+        """Answer a request the protocol layer will not serve, and close: the rest of the
+        connection cannot be trusted."""
+        try:
+            self.send(head, HTTPResponse.refused(refusal), False, started, " (%s)" % refusal.detail)
+        except OSError:
+            pass
+
+    def send(self, head, response, keep_alive, started, note=""):
+        """Write one response -- a handler's, a refusal, an error: every answer goes out here --
+        and log it.  (status sent, whether the connection stays open): the status logged and
+        counted is the one on the wire, and a stream that fails midway closes the connection."""
+        method, target, http11 = (head.method, head.target, head.http11) if head else ("-", "-", True)
+        status, chunks = response.status_code, response.chunks
+        head_only = method == "HEAD" or status in (204, 304) or status < 200
+        length, chunked = None, False
+        if chunks is None:
+            if status not in (204, 304) and status >= 200:
+                length = len(response.body)
+        elif not head_only:
+            if http11:
+                chunked = True
+            else:
+                keep_alive = False  # an HTTP/1.0 client reads the stream until we close
+        connection = "close" if not keep_alive else (None if http11 else "keep-alive")
+        try:
+            data = encode_head(status, response.phrase, response.headers, self.server.http_date(),
+                               length, chunked, connection)
+        except UnicodeEncodeError:
+            Log.write("error", "%s %s: a response header is not Latin-1 text" % (method, target))
+            if chunks is not None and hasattr(chunks, "close"):
+                chunks.close()
+            return self.send(head, HTTPResponse.refused(Refusal(500)), keep_alive, started)
+        if head_only:
+            self.client.send(data)
+            size = 0
+            if chunks is not None and hasattr(chunks, "close"):
+                chunks.close()
+        elif chunks is None:
+            body = response.body
+            self.client.send(data + body if len(body) < 65536 else data)
+            if len(body) >= 65536:
+                self.client.send(body)
+            size = len(body)
+        else:
+            self.client.send(data)
+            size = self.send_stream(method, target, chunks, chunked)
+            if size is None:
+                self.log_access(method, target, status, "aborted", started)
+                return status, False
+        self.log_access(method, target, status, size, started, note)
+        return status, keep_alive
+
+    def send_stream(self, method, target, chunks, chunked):
+        """Send a streamed body item by item (empty items skipped: they would end a chunked body).
+        Returns the bytes sent, or None when the stream failed and the connection must close."""
+        size = 0
+        try:
+            for item in chunks:
+                if not item:
+                    continue
+                if isinstance(item, str):
+                    item = item.encode("utf-8")
+                elif not isinstance(item, (bytes, bytearray, memoryview)):
+                    raise TypeError("a streamed response yielded a %s, not str or bytes"
+                                    % type(item).__name__)
+                self.client.send(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
+                size += len(item)
+            if chunked:
+                self.client.send(b"0\r\n\r\n")
+            return size
+        except OSError:
+            Log.write("debug", "%s %s: the client left during the stream" % (method, target))
+            return None
+        except BaseException:
+            Log.exception("%s %s: the stream failed after %d bytes" % (method, target, size))
+            return None
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                try:
+                    close()
+                except Exception:
+                    Log.exception("%s %s: closing the stream failed" % (method, target))
+
+    def log_access(self, method, target, status, size, started, note=""):
+        if Log.level <= 20:
+            took = "" if started is None else " %.1fms" % ((time.perf_counter() - started) * 1000)
+            Log.write("info", "%s %s %s %s %s%s%s" % (self.client_address[0], method, target,
+                                                      status, size, took, note))
+
+
+def open_listener(host, port, backlog=1024):
+    """A bound, listening TCP socket.  SO_REUSEADDR, as http.server sets it, so a restarted
+    worker can bind while the old one's connections linger in TIME_WAIT; a deep backlog, since
+    the default of 5 drops connections under load."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class WorkerServer(http.server.ThreadingHTTPServer):
+    """Serves an app on a listening socket: a thread per connection, at most max_connections of
+    them, and a count of requests in flight for a graceful stop.  The app promises, besides what
+    ConnectionHandler needs, connection_refused() for a connection turned away at the door."""
+
+    daemon_threads = True
+
+    def __init__(self, listener, app, timeout=30.0, max_body=64 * 1024 * 1024, tls=None,
+                 max_connections=1024):
+        """Serve `app` on `listener`, an open_listener() socket; tls is an ssl.SSLContext or None."""
+        self.address_family = listener.family
+        super().__init__(listener.getsockname(), ConnectionHandler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
+        self.server_address = listener.getsockname()
+        self.server_name, self.server_port = self.server_address[:2]
+        self.app = app
+        self.tls = tls  # an ssl.SSLContext when serving HTTPS
+        self.timeout = timeout
+        self.max_body = max_body
+        self.max_connections = max_connections
+        self.connections = 0
+        self._connections_lock = threading.Lock()
+        self._tls_refusals = threading.BoundedSemaphore(8)
+        self.stopping = False
+        self.deadlines = DeadlineWatcher()
+        self._active = 0
+        self._active_changed = threading.Condition()
+        self._date = (0, "")
+
+    def http_date(self):
+        """The Date header, formatted once a second rather than once a request."""
+        now = int(time.time())
+        if now != self._date[0]:
+            self._date = (now, email.utils.formatdate(now, usegmt=True))
+        return self._date[1]
+
+    def process_request(self, request, client_address):
+        """A thread for the connection -- unless there are max_connections already: then the
+        oldest idle one is closed to make room, or, with none idle, this one is refused at once
+        (a thread and its memory for every caller is how a flood takes a server down)."""
+        with self._connections_lock:
+            full = self.connections >= self.max_connections
+            if not full or self.deadlines.close_oldest_idle():
+                self.connections += 1
+                full = False
+        if full:
+            return self.refuse_connection(request, client_address)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connection_closed()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_closed()
+
+    def connection_closed(self):
+        with self._connections_lock:
+            self.connections -= 1
+
+    def refuse_connection(self, sock, client_address):
+        """Over max_connections: 503 with Retry-After, then close.  This runs on the accept
+        thread, which must never wait on a client: plain HTTP is written without blocking (the
+        answer fits any socket buffer); over TLS, which needs a handshake first, a short-lived
+        thread answers under a 1 s deadline -- at most 8 at a time, past that it is just closed."""
+        self.app.connection_refused()
+        Log.write("info", "%s refused: %d connections open" % (client_address[0], self.max_connections))
+        response = HTTPResponse.refused(Refusal(503, "the worker has %d connections open; retry"
+                                                % self.max_connections, retry_after=1))
+        data = encode_head(503, response.phrase, response.headers, self.http_date(), len(response.body),
+                           connection="close") + response.body
+        if self.tls is None:
+            try:
+                sock.setblocking(False)
+                sock.send(data)
+            except OSError:
+                pass
+            self.shutdown_request(sock)
+        elif self._tls_refusals.acquire(blocking=False):
+            threading.Thread(target=self._refuse_over_tls, args=(sock, data), daemon=True).start()
+        else:
+            self.shutdown_request(sock)
+
+    def _refuse_over_tls(self, sock, data):
+        """The refusal thread: handshake and the 503, each under a 1 s deadline, then close."""
+        client = None
+        try:
+            client = ClientSocket(self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), 1.0)
+            self.deadlines.watch(client)
+            client.handshake()
+            client.send(data)
+        except OSError:
+            pass
+        finally:
+            if client is not None:
+                self.deadlines.forget(client)
+                client.sock.close()
+            sock.close()
+            self._tls_refusals.release()
+
+    def request_started(self):
+        with self._active_changed:
+            self._active += 1
+
+    def request_finished(self):
+        with self._active_changed:
+            self._active -= 1
+            if not self._active:
+                self._active_changed.notify_all()
+
+    def wait_idle(self, timeout):
+        """Wait until no request is in flight; False if some still are after timeout seconds."""
+        with self._active_changed:
+            return self._active_changed.wait_for(lambda: not self._active, timeout)
+
+    @property
+    def active_requests(self):
+        return self._active
+
+    def handle_error(self, request, client_address):
+        Log.exception("connection from %s failed" % (client_address[0],))
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Flask shim: the request a handler receives
+# ------------------------------------------------------------------------------------------------
+
+class BadRequestKeyError(Refusal, KeyError):
+    """A lookup of a field the client did not send: a KeyError, as in Flask, so a handler's own
+    `except KeyError` catches it; uncaught, it is refused with 400 naming the field."""
+
+    def __init__(self, key, description):
+        super().__init__(400, description)
+        self.args = (key,)
+
+
+class lazy:
+    """A property computed on first use and then stored on the instance: most requests read only
+    one or two of the many request attributes, so none is computed before it is asked for."""
+
+    def __init__(self, compute):
+        self.compute = compute
+        self.name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.compute(instance)
+        return value
+
+
+class MultiDict:
+    """A read-only multi-valued mapping (Werkzeug's ImmutableMultiDict) for args, form, values,
+    files and cookies: item access gives the first value; a missing key is a 400."""
+
+    def __init__(self, pairs=(), what="field"):
+        self._lists = {}
+        for key, value in pairs:
+            self._lists.setdefault(key, []).append(value)
+        self._what = what
+
+    def __getitem__(self, key):
+        if key in self._lists:
+            return self._lists[key][0]
+        raise BadRequestKeyError(key, "missing %s %r" % (self._what, key))
+
+    def get(self, key, default=None, type=None):
+        if key not in self._lists:
+            return default
+        return _converted_one(self._lists[key][0], type, default)
+
+    def getlist(self, key, type=None):
+        return _converted(self._lists.get(key, ()), type)
+
+    def __contains__(self, key):
+        return key in self._lists
+
+    def __iter__(self):
+        return iter(self._lists)
+
+    def __len__(self):
+        return len(self._lists)
+
+    def keys(self):
+        return self._lists.keys()
+
+    def values(self):
+        return [values[0] for values in self._lists.values()]
+
+    def items(self, multi=False):
+        if multi:
+            return [(key, value) for key, values in self._lists.items() for value in values]
+        return [(key, values[0]) for key, values in self._lists.items()]
+
+    def lists(self):
+        return [(key, list(values)) for key, values in self._lists.items()]
+
+    def to_dict(self, flat=True):
+        if flat:
+            return {key: values[0] for key, values in self._lists.items()}
+        return {key: list(values) for key, values in self._lists.items()}
+
+    def __eq__(self, other):
+        if isinstance(other, MultiDict):
+            return self._lists == other._lists
+        if isinstance(other, dict):
+            return self.to_dict() == other
+        return NotImplemented
+
+    def __repr__(self):
+        return "MultiDict(%r)" % (self.items(multi=True),)
+
+
 class JSONObject(dict):
     """A JSON object from the request: a real dict whose missing keys are the client's fault."""
 
@@ -442,12 +1103,12 @@ class JSONArray(list):
 
     def __getattr__(self, name):
         if name in ("keys", "items", "values", "get"):
-            raise HTTPError(400, "expected a JSON object, got an array")
+            raise Refusal(400, "expected a JSON object, got an array")
         raise AttributeError(name)
 
 
 class StrictJSONError(ValueError):
-    pass
+    """A number JSON allows only by Python's leniency (NaN, Infinity, one that overflows)."""
 
 
 def _reject_constant(name):
@@ -463,22 +1124,23 @@ def _finite_float(text):
 
 def parse_request_json(body):
     """Strict JSON (decisions.md 5): NaN, Infinity, overflowing numbers, invalid UTF-8 and nesting
-    too deep to parse are client errors, and so is a body that is just null."""
+    too deep to parse are client errors, and so is a body that is just null.  Objects come back
+    as JSONObject, a top-level array as JSONArray; what is refused raises Refusal(400)."""
     try:
         value = json.loads(body, object_pairs_hook=JSONObject, parse_float=_finite_float,
                            parse_constant=_reject_constant)
     except StrictJSONError as exc:
-        raise HTTPError(400, "invalid JSON: %s" % exc)
+        raise Refusal(400, "invalid JSON: %s" % exc)
     except UnicodeDecodeError:
-        raise HTTPError(400, "invalid JSON: the body is not valid UTF-8")
+        raise Refusal(400, "invalid JSON: the body is not valid UTF-8")
     except RecursionError:
-        raise HTTPError(400, "invalid JSON: nested too deeply")
+        raise Refusal(400, "invalid JSON: nested too deeply")
     except ValueError as exc:
         if not body.strip():
-            raise HTTPError(400, "the request body is empty; expected JSON")
-        raise HTTPError(400, "invalid JSON: %s" % exc)
+            raise Refusal(400, "the request body is empty; expected JSON")
+        raise Refusal(400, "invalid JSON: %s" % exc)
     if value is None:
-        raise HTTPError(400, "the JSON body is null; expected a value")
+        raise Refusal(400, "the JSON body is null; expected a value")
     if type(value) is list:
         value = JSONArray(value)
     return value
@@ -520,30 +1182,57 @@ def parse_content_type(value):
     return mimetype.strip().lower(), params
 
 
-class Request:
-    """The request a handler receives, with Flask's attributes and behaviour (flask-compat.md).
-    It is a plain object, valid for as long as anyone holds it, including a streaming generator."""
+def parse_multipart(content_type, body):
+    """multipart/form-data into (form, files).  Malformed input gives empty results, as in Flask."""
+    form, files = [], []
+    message = email.parser.BytesParser().parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if message.is_multipart():
+        parts = message.get_payload()
+        if len(parts) > MAX_FORM_PARTS:
+            raise Refusal(413, "more than %d form parts" % MAX_FORM_PARTS)
+        for part in parts:
+            name = part.get_param("name", header="content-disposition")
+            if name is None:
+                continue
+            data = part.get_payload(decode=True) or b""
+            filename = part.get_filename()
+            if filename is not None:
+                files.append((name, FileStorage(data, filename, name, part.get("Content-Type"))))
+            elif len(data) > MAX_FORM_BYTES:
+                raise Refusal(413, "form field %r over %d bytes" % (name, MAX_FORM_BYTES))
+            else:
+                charset = part.get_content_charset() or "utf-8"
+                form.append((name, data.decode(charset, "replace")))
+    return MultiDict(form, "form field"), MultiDict(files, "file")
 
-    def __init__(self, method, target, path, query_string, version, headers, client_address,
-                 server_address, content_length=None, body=b"", scheme="http", host=None):
-        self.method = method
-        self.target = target  # the raw request target, e.g. '/value?x=1'
-        self.path = path  # percent-decoded
-        self.query_string = query_string  # bytes, as sent
-        self.protocol = version
-        self.headers = headers
-        self.remote_addr = client_address[0]
-        self.remote_port = client_address[1]
-        self.server_address = server_address
-        self.content_length = content_length
+
+_MISSING = object()  # "not given" where None is a value
+
+
+class Request:
+    """The request a handler receives, with Flask's attributes and behaviour (flask-compat.md),
+    made from a RequestHead, the body and the connection it came on.  It is a plain object,
+    valid for as long as anyone holds it, including a streaming generator."""
+
+    def __init__(self, head, body, connection):
+        self.method = head.method
+        self.target = head.target  # the raw request target, e.g. '/value?x=1'
+        self.path = head.path  # percent-decoded
+        self.query_string = head.query_string  # bytes, as sent
+        self.protocol = head.version
+        self.headers = head.headers
+        self.content_length = head.content_length
+        self._absolute_host = head.absolute_host
+        self.remote_addr, self.remote_port = connection.client_address[:2]
+        self.server_address = connection.server_address
+        self.scheme = connection.scheme
         self._body = body
-        self.scheme = scheme
-        self._absolute_host = host
         self._cached_json = (_MISSING, _MISSING)
         self.auth = None  # the verified grant from the autoscaler, when the request carried one
 
-    def _replace_json(self, payload):
-        """What the handler sees once a signed grant is taken off: the payload alone."""
+    def replace_json(self, payload):
+        """What the handler sees once a signed grant is taken off the body: the payload alone."""
         self._body = json.dumps(payload).encode()
         self._cached_json = (payload, payload)
 
@@ -560,17 +1249,19 @@ class Request:
         return self._body
 
     def get_json(self, force=False, silent=False, cache=True):
+        """Flask's get_json: the body as JSON when the request says it is JSON (or force),
+        else 415; with silent, None instead of an error."""
         cached = self._cached_json[silent]
         if cache and cached is not _MISSING:
             return cached
         if not (force or self.is_json):
             if silent:
                 return None
-            raise HTTPError(415, "request.json needs Content-Type: application/json "
-                                 "(got %s)" % (self.content_type or "no Content-Type"))
+            raise Refusal(415, "request.json needs Content-Type: application/json "
+                               "(got %s)" % (self.content_type or "no Content-Type"))
         try:
             value = parse_request_json(self.get_data(cache=cache))
-        except HTTPError:
+        except Refusal:
             if not silent:
                 raise
             if cache:
@@ -623,7 +1314,7 @@ class Request:
         mimetype = self.mimetype
         if mimetype == "application/x-www-form-urlencoded":
             if len(self._body) > MAX_FORM_BYTES:
-                raise HTTPError(413, "form data over %d bytes" % MAX_FORM_BYTES)
+                raise Refusal(413, "form data over %d bytes" % MAX_FORM_BYTES)
             pairs = parse_qsl(self._body.decode("latin-1"), keep_blank_values=True,
                               encoding="utf-8", errors="replace")
             return MultiDict(pairs, "form field"), MultiDict((), "file")
@@ -728,61 +1419,36 @@ class Request:
         return "<Request %s %r>" % (self.method, self.target)
 
 
-_MISSING = object()
+class CurrentRequest(threading.local):
+    """The request each thread is handling, for flask.request: set by dispatch for the handler
+    call and the streaming of its response."""
 
-
-def parse_multipart(content_type, body):
-    """multipart/form-data into (form, files).  Malformed input gives empty results, as in Flask."""
-    form, files = [], []
-    message = email.parser.BytesParser().parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if message.is_multipart():
-        parts = message.get_payload()
-        if len(parts) > MAX_FORM_PARTS:
-            raise HTTPError(413, "more than %d form parts" % MAX_FORM_PARTS)
-        for part in parts:
-            name = part.get_param("name", header="content-disposition")
-            if name is None:
-                continue
-            data = part.get_payload(decode=True) or b""
-            filename = part.get_filename()
-            if filename is not None:
-                files.append((name, FileStorage(data, filename, name, part.get("Content-Type"))))
-            elif len(data) > MAX_FORM_BYTES:
-                raise HTTPError(413, "form field %r over %d bytes" % (name, MAX_FORM_BYTES))
-            else:
-                charset = part.get_content_charset() or "utf-8"
-                form.append((name, data.decode(charset, "replace")))
-    return MultiDict(form, "form field"), MultiDict(files, "file")
-
-
-_current = threading.local()
+    request = None
 
 
 class RequestProxy:
     """flask.request: the request the current thread is handling (the object handlers receive)."""
 
-    __slots__ = ()
+    __slots__ = ("_current",)
 
-    @staticmethod
-    def _get():
-        request = getattr(_current, "request", None)
-        if request is None:
-            raise RuntimeError("flask.request was used outside of a request")
-        return request
+    def __init__(self, current):
+        self._current = current
 
     def __getattr__(self, name):
-        return getattr(self._get(), name)
+        request = self._current.request
+        if request is None:
+            raise RuntimeError("flask.request was used outside of a request")
+        return getattr(request, name)
 
     def __bool__(self):
-        return getattr(_current, "request", None) is not None
+        return self._current.request is not None
 
     def __repr__(self):
-        return repr(getattr(_current, "request", None))
+        return repr(self._current.request)
 
 
 # ------------------------------------------------------------------------------------------------
-# Flask compatibility: response
+# 3. Flask shim: what a handler returns, abort(), the flask module
 # ------------------------------------------------------------------------------------------------
 
 CHARSET_MIMETYPES = frozenset(("application/ecmascript", "application/javascript",
@@ -799,19 +1465,21 @@ def content_type_for(mimetype):
 
 def is_response(value):
     """Ours or Werkzeug's (duck-typed): something with a status code, headers and a body."""
-    return isinstance(value, Response) or (
+    return isinstance(value, HTTPResponse) or (
         hasattr(value, "status_code") and hasattr(value, "headers")
         and (hasattr(value, "iter_encoded") or hasattr(value, "response")))
 
 
-class Response:
-    """flask.Response: a status, headers and a body that is either bytes or an iterable streamed
-    to the client chunk by chunk."""
+class Response(HTTPResponse):
+    """flask.Response: an HTTPResponse with Flask's constructor and attributes -- a status, headers,
+    and a body that is either bytes or an iterable streamed to the client chunk by chunk."""
 
     default_mimetype = "text/html"
 
     def __init__(self, response=None, status=None, headers=None, mimetype=None,
                  content_type=None, direct_passthrough=False):
+        """Flask's signature: a str, bytes or iterable body, a status (int or '201 Created'),
+        headers, and a mimetype or a whole content type (text/html by default)."""
         self.headers = Headers(headers)
         if content_type is None:
             if mimetype is None and "Content-Type" not in self.headers:
@@ -821,8 +1489,8 @@ class Response:
         if content_type is not None:
             self.headers["Content-Type"] = content_type
         self.status = 200 if status is None else status
-        self._body = b""
-        self._stream = None
+        self.body = b""
+        self.chunks = None
         if isinstance(response, (str, bytes, bytearray)):
             self.set_data(response)
         elif response is not None:
@@ -830,14 +1498,14 @@ class Response:
 
     def _set_iterable(self, iterable):
         if isinstance(iterable, (list, tuple)):
-            self._body = b"".join(item.encode() if isinstance(item, str) else bytes(item)
-                                  for item in iterable)
+            self.body = b"".join(item.encode() if isinstance(item, str) else bytes(item)
+                                 for item in iterable)
         else:
-            self._stream = iterable
+            self.chunks = iterable
 
     @property
     def status(self):
-        return "%d %s" % (self.status_code, self._phrase)
+        return "%d %s" % (self.status_code, self.phrase)
 
     @status.setter
     def status(self, value):
@@ -850,7 +1518,7 @@ class Response:
         if not 100 <= code <= 999:
             raise ValueError("status code %d is not a three-digit HTTP status" % code)
         self.status_code = code
-        self._phrase = phrase or STATUS_PHRASES.get(code, "Unknown")
+        self.phrase = phrase or STATUS_PHRASES.get(code, "Unknown")
 
     @property
     def status_code(self):
@@ -859,21 +1527,21 @@ class Response:
     @status_code.setter
     def status_code(self, code):
         self._status_code = code
-        self._phrase = STATUS_PHRASES.get(code, "Unknown")
+        self.phrase = STATUS_PHRASES.get(code, "Unknown")
 
     @property
     def is_streamed(self):
-        return self._stream is not None
+        return self.chunks is not None
 
     def get_data(self, as_text=False):
-        if self._stream is not None:  # reading a stream consumes it: keep what was read
-            self._set_iterable(list(self._stream))
-            self._stream = None
-        return self._body.decode("utf-8", "replace") if as_text else self._body
+        if self.chunks is not None:  # reading a stream consumes it: keep what was read
+            self._set_iterable(list(self.chunks))
+            self.chunks = None
+        return self.body.decode("utf-8", "replace") if as_text else self.body
 
     def set_data(self, value):
-        self._body = value.encode("utf-8") if isinstance(value, str) else bytes(value)
-        self._stream = None
+        self.body = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        self.chunks = None
 
     data = property(get_data, set_data)
 
@@ -943,31 +1611,9 @@ class BadReturnValue(TypeError):
     """A handler returned something that is not a response; the message says what to return."""
 
 
-def to_response(value):
-    """Convert what a handler returned into a Response, as Flask does (flask-compat.md §2)."""
-    if isinstance(value, Response):
-        return value
-    if isinstance(value, (str, bytes, bytearray)):
-        return Response(value)
-    if isinstance(value, (dict, list)):
-        try:
-            return Response(json_body(value), mimetype="application/json")
-        except (TypeError, ValueError) as exc:
-            raise BadReturnValue("the handler's result could not be sent as JSON: %s" % exc)
-    if isinstance(value, tuple):
-        return _tuple_response(value)
-    if is_response(value):
-        return _foreign_response(value)
-    if value is None:
-        raise BadReturnValue("the handler returned None; return a str, bytes, dict, list, "
-                             "tuple, Response or iterator")
-    if hasattr(value, "__next__") and hasattr(value, "__iter__"):
-        return Response(value)
-    raise BadReturnValue("the handler returned a %s; return a str, bytes, dict, list, tuple, "
-                         "Response or iterator" % type(value).__name__)
-
-
-def _tuple_response(value):
+def _tuple_parts(value):
+    """(body, status, headers) from a returned (body, status, headers), (body, status) or
+    (body, headers), as Flask reads them."""
     if len(value) == 3:
         body, status, headers = value
     elif len(value) == 2:
@@ -981,22 +1627,47 @@ def _tuple_response(value):
                              "or (body, headers); got %d items" % len(value))
     if isinstance(body, tuple):
         raise BadReturnValue("a returned tuple may not hold another tuple as its body")
-    response = to_response(body)
-    try:
-        if status is not None:
-            response.status = status
-        if headers:
-            response.headers.update(headers)
-    except (TypeError, ValueError) as exc:
-        raise BadReturnValue(str(exc))
-    return response
+    return body, status, headers
 
 
 def _foreign_response(value):
     """A Werkzeug response object built by the handler itself: copy it into ours."""
     body = value.iter_encoded() if hasattr(value, "iter_encoded") else value.response
-    response = Response(body, value.status_code, list(value.headers.items()))
-    return response
+    return Response(body, value.status_code, list(value.headers.items()))
+
+
+def to_response(value):
+    """Convert what a handler returned into a response, as Flask does (flask-compat.md §2);
+    raises BadReturnValue for what cannot be one."""
+    if isinstance(value, HTTPResponse):
+        return value
+    if isinstance(value, (str, bytes, bytearray)):
+        return Response(value)
+    if isinstance(value, (dict, list)):
+        try:
+            return Response(json_body(value), mimetype="application/json")
+        except (TypeError, ValueError) as exc:
+            raise BadReturnValue("the handler's result could not be sent as JSON: %s" % exc)
+    if isinstance(value, tuple):
+        body, status, headers = _tuple_parts(value)
+        response = to_response(body)
+        try:
+            if status is not None:
+                response.status = status
+            if headers:
+                response.headers.update(headers)
+        except (TypeError, ValueError) as exc:
+            raise BadReturnValue(str(exc))
+        return response
+    if is_response(value):
+        return _foreign_response(value)
+    if value is None:
+        raise BadReturnValue("the handler returned None; return a str, bytes, dict, list, "
+                             "tuple, Response or iterator")
+    if hasattr(value, "__next__") and hasattr(value, "__iter__"):
+        return Response(value)
+    raise BadReturnValue("the handler returned a %s; return a str, bytes, dict, list, tuple, "
+                         "Response or iterator" % type(value).__name__)
 
 
 def make_response(*args):
@@ -1010,981 +1681,67 @@ def stream_with_context(generator_or_function):
     return generator_or_function
 
 
-# ------------------------------------------------------------------------------------------------
-# Flask compatibility: the flask module
-# ------------------------------------------------------------------------------------------------
-
-FLASK_EXPORTS = {
-    "abort": abort, "Response": Response, "request": RequestProxy(), "jsonify": jsonify,
-    "make_response": make_response, "stream_with_context": stream_with_context,
-}
+def refused_response(refusal):
+    """The response a Refusal is answered with: the one it carries (abort(response)), else our
+    JSON error body."""
+    if refusal.response is not None:
+        return to_response(refusal.response)
+    return HTTPResponse.refused(refusal)
 
 
-def make_flask_module():
+class HTTPError(Refusal):
+    """What abort() raises: a Refusal with the rest of Werkzeug's HTTPException face."""
+
+    def __init__(self, code, description=None, response=None):
+        super().__init__(code, description, response=response)
+
+    def get_response(self):
+        return refused_response(self)
+
+
+def abort(status, description=None, response=None):
+    """flask.abort: raise an HTTP error.  Any code from 400 to 599 is accepted (Flask only knows 31
+    of them), so a proxy backend can pass an upstream status through; abort(response) sends it."""
+    if isinstance(status, int) and not isinstance(status, bool):
+        if 400 <= status <= 599:
+            raise HTTPError(status, description, response)
+        raise LookupError("abort() needs an HTTP error code from 400 to 599, got %d" % status)
+    if is_response(status):
+        raise HTTPError(status.status_code, response=status)
+    raise LookupError("abort() needs an HTTP error code or a Response, got %r" % (status,))
+
+
+def as_refusal(exc):
+    """A Werkzeug HTTPException that a backend raised itself (it imported werkzeug) read as the
+    Refusal it means; None for any other exception."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int) and 400 <= code <= 599 and hasattr(exc, "description"):
+        return Refusal(code, exc.description)
+    return None
+
+
+def make_flask_module(current):
     """The `flask` that backends import: ours whether or not Flask is installed, so behaviour never
-    depends on the machine.  A name it lacks fails at import time, saying so."""
+    depends on the machine, its `request` reading `current`.  A name it lacks fails at import
+    time, saying so."""
+    exports = {"abort": abort, "Response": Response, "request": RequestProxy(current), "jsonify": jsonify,
+               "make_response": make_response, "stream_with_context": stream_with_context}
     module = types.ModuleType("flask", "vastworker's standard-library stand-in for Flask")
-    module.__dict__.update(FLASK_EXPORTS)
+    module.__dict__.update(exports)
 
     def __getattr__(name):
         if name.startswith("__"):
             raise AttributeError(name)
         raise ImportError("flask.%s is not provided by vastworker (it provides %s)"
-                          % (name, ", ".join(sorted(FLASK_EXPORTS))))
+                          % (name, ", ".join(sorted(exports))))
 
     module.__getattr__ = __getattr__
     return module
 
 
 # ------------------------------------------------------------------------------------------------
-# Dispatch
+# 4. Worker: worker state and metrics
 # ------------------------------------------------------------------------------------------------
-
-class QueueLock:
-    """The lock that guards the Backend: first come, first served, with a bounded wait, so a
-    request that cannot get its turn in time is refused rather than piling up threads."""
-
-    def __init__(self):
-        self._mutex = threading.Lock()
-        self._held = False
-        self._waiters = collections.deque()
-
-    def acquire(self, timeout):
-        with self._mutex:
-            if not self._held:
-                self._held = True
-                return True
-            turn = threading.Lock()
-            turn.acquire()
-            self._waiters.append(turn)
-        if turn.acquire(timeout=timeout):
-            return True
-        with self._mutex:
-            try:
-                self._waiters.remove(turn)
-            except ValueError:  # handed the lock just as the wait ended: it is ours
-                return True
-            return False
-
-    def release(self):
-        with self._mutex:
-            if self._waiters:
-                self._waiters.popleft().release()  # hand over directly, in arrival order
-            else:
-                self._held = False
-
-
-class StateNotSaved(Exception):
-    """The state file could not be written; the change was undone."""
-
-
-class StateStore:
-    """The Backend's state in a JSON file (opt-in, --state-file): its public attributes whose values
-    JSON can hold, or only those named in the backend's `persist`.  Restored at start; written
-    atomically (temporary file, fsync, rename) after each handler call that changed it, before the
-    response is sent, so an acknowledged change survives even kill -9.  A file it cannot read is
-    never replaced: the worker stops and says why."""
-
-    def __init__(self, path, names=None):
-        self.path = os.path.abspath(path)
-        self.names = names
-        self.saved = None  # the text last written (or read)
-
-    def load(self):
-        """The saved attributes, or None when there is no file yet."""
-        try:
-            with open(self.path, "rb") as file:
-                text = file.read().decode("utf-8")
-        except FileNotFoundError:
-            return None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise StartupError("cannot read the state file %s: %s" % (self.path, getattr(exc, "strerror", None) or exc))
-        try:
-            document = json.loads(text)
-            if not isinstance(document, dict) or not isinstance(document.get("state"), dict):
-                raise ValueError('expected {"state": {...}}')
-        except ValueError as exc:
-            raise StartupError("the state file %s is not valid (%s); fix it or move it away -- it is "
-                               "never replaced unread" % (self.path, exc))
-        self.saved = text
-        return document["state"]
-
-    def restore(self, backend, state):
-        for name, value in state.items():
-            if self.names is None or name in self.names:
-                setattr(backend, name, value)
-        self.saved = self.snapshot(backend)
-
-    def snapshot(self, backend):
-        state = {name: value for name, value in vars(backend).items()
-                 if not name.startswith("_") and (self.names is None or name in self.names)}
-        try:  # serialised once; attribute by attribute only when something cannot be
-            return json.dumps({"state": state}, sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError):
-            pass
-        for name, value in list(state.items()):
-            try:
-                json.dumps(value, allow_nan=False)
-            except (TypeError, ValueError):
-                del state[name]  # locks, threads, models: not state this file can hold
-        return json.dumps({"state": state}, sort_keys=True, allow_nan=False)
-
-    def save_if_changed(self, backend):
-        text = self.snapshot(backend)
-        if text == self.saved:
-            return
-        try:
-            self.write(text)
-        except OSError as exc:
-            if self.saved is not None:
-                self.restore(backend, json.loads(self.saved)["state"])
-            raise StateNotSaved("could not write the state file %s: %s" % (self.path, exc.strerror or exc))
-        self.saved = text
-
-    def write(self, text):
-        temporary = "%s.%d.tmp" % (self.path, os.getpid())
-        with open(temporary, "wb") as file:
-            file.write(text.encode("utf-8"))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
-        directory = os.open(os.path.dirname(self.path), os.O_RDONLY)
-        try:
-            os.fsync(directory)  # the rename itself must survive a crash
-        finally:
-            os.close(directory)
-
-
-class BackendApp:
-    """One backend being served: its Backend instance, its flask_dict routes, the lock, and the
-    accounting the autoscaler reads.  Turns a Request into a Response; never raises."""
-
-    def __init__(self, backend, routes, parallel=False, queue_time=30.0, workload=None,
-                 state=None, reports=None, metrics=None, grants=None, store=None):
-        self.backend = backend
-        self.routes = routes
-        self.lock = None if parallel else QueueLock()
-        self.queue_time = queue_time
-        self.workload = workload  # backend.py's workload(backend, request); else 1 a request
-        self.state = _state if state is None else state
-        self.reports = reports  # the original's internal /report_* endpoints, or None
-        self.metrics = Metrics() if metrics is None else metrics
-        self.grants = grants  # a GrantChecker: the autoscaler's signed grants, or None
-        self.store = store  # a StateStore when the backend's state is persisted, else None
-        self.store_lock = threading.Lock()  # handlers may run in parallel; saves may not
-
-    def respond(self, request):
-        method, path = request.method, request.path
-        if path == "/":
-            return error_response(404, "nothing is served at /; endpoints are named paths")
-        if method == "OPTIONS":
-            response = Response()
-            response.headers["Allow"] = ALLOW_HEADER
-            return response
-        if method not in SERVED_METHODS:
-            response = error_response(405, "method %s is not served" % method)
-            response.headers["Allow"] = ALLOW_HEADER
-            return response
-        if method == "POST" and self.reports is not None and path[1:] in InternalReports.NAMES:
-            return self.reports.respond(path[1:], request)
-        handler = self.routes.get(method, {}).get(path[1:])
-        if handler is None:
-            return error_response(404, "no %s handler for %r" % (method, path[1:]))
-        if self.grants is not None:
-            refusal = self.grants.check(request)
-            if refusal is not None:
-                return refusal
-        if not self.state.accepting:
-            return self.state.refusal()
-        request._workload = self.workload_of(request)
-        self.metrics.started(request._workload)
-        return self.call(handler, request)
-
-    def run_handler(self, handler, request):
-        """The handler's response; with a state file, the state is saved first if it changed,
-        so an answered request is never lost (a failed save undoes the change)."""
-        try:
-            return to_response(handler(self.backend, request))
-        finally:
-            if self.store is not None:
-                with self.store_lock:
-                    self.store.save_if_changed(self.backend)
-
-    def workload_of(self, request):
-        if self.workload is None:
-            return 1.0
-        try:
-            value = float(self.workload(self.backend, request))
-            if value >= 0 and math.isfinite(value):
-                return value
-            raise ValueError("%r is not a finite, non-negative number" % value)
-        except Exception as exc:
-            Log.write("debug", "%s %s: workload() failed (%s); counting 1" % (request.method, request.path, exc))
-            return 1.0
-
-    def call(self, handler, request):
-        _current.request = request
-        try:
-            if self.lock is None:
-                return self.run_handler(handler, request)
-            if not self.lock.acquire(self.queue_time):
-                response = error_response(429, "the backend was busy for more than %g s; retry"
-                                          % self.queue_time)
-                response.headers["Retry-After"] = "1"
-                return response
-            try:  # converted under the lock: the result may be live backend state
-                return self.run_handler(handler, request)
-            finally:
-                self.lock.release()
-        except StateNotSaved as exc:
-            Log.write("error", "%s %s: %s" % (request.method, request.path, exc))
-            response = error_response(503, "the backend's state could not be saved, so the request "
-                                           "was not applied; retry")
-            response.headers["Retry-After"] = "1"
-            return response
-        except HTTPError as exc:
-            return exc.get_response()
-        except BadRequestKeyError as exc:
-            return error_response(400, exc.description)
-        except BadReturnValue as exc:
-            Log.write("error", "%s %s: %s" % (request.method, request.path, exc))
-            return error_response(500)
-        except BaseException as exc:
-            code = getattr(exc, "code", None)
-            if isinstance(code, int) and 400 <= code <= 599 and hasattr(exc, "description"):
-                return error_response(code, exc.description)  # a Werkzeug HTTPException
-            Log.exception("%s %s: the handler raised %s" % (request.method, request.path,
-                                                           type(exc).__name__))
-            return error_response(500)
-
-    def finish(self, request, status):
-        """The response has been sent (or the client left: status 499): account for it."""
-        _current.request = None
-        workload = request.__dict__.pop("_workload", None)
-        if workload is not None:
-            self.metrics.finished(workload, status)
-
-
-# ------------------------------------------------------------------------------------------------
-# The HTTP server
-# ------------------------------------------------------------------------------------------------
-
-class ClientError(Exception):
-    """The client broke the protocol: answer with this status and close the connection."""
-
-    def __init__(self, code, detail):
-        super().__init__(code, detail)
-        self.code = code
-        self.detail = detail
-
-
-class ConnectionClosed(Exception):
-    """The client went away before sending a whole request."""
-
-
-_HEAD_END = re.compile(rb"\n\r?\n")
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
-_HEX = re.compile(rb"^[0-9a-fA-F]{1,16}$")
-
-
-class DeadlineWatcher:
-    """Enforces every connection's deadline from one thread: a connection still waiting past its
-    deadline has its socket shut down, which wakes the thread blocked on it.  Sockets themselves
-    have no timeout, since a timeout costs a poll() before every recv() and send(), and each system
-    call is one more chance for a thread to lose the GIL for milliseconds."""
-
-    def __init__(self, interval=0.2):
-        self.interval = interval
-        self._clients = set()
-        threading.Thread(target=self._watch, name="deadlines", daemon=True).start()
-
-    def watch(self, client):
-        self._clients.add(client)
-
-    def forget(self, client):
-        self._clients.discard(client)
-
-    def close_oldest_idle(self):
-        """Make room: close the connection that has waited longest for its next request."""
-        idle = [client for client in list(self._clients) if client.idle and client.deadline is not None]
-        if not idle:
-            return False
-        min(idle, key=lambda client: client.deadline).expire()
-        return True
-
-    def _watch(self):
-        while True:
-            time.sleep(self.interval)
-            now = time.monotonic()
-            for client in list(self._clients):
-                deadline = client.deadline
-                if deadline is not None and now > deadline:
-                    client.expire()
-
-
-class ClientSocket:
-    """A client connection: buffered reads and whole writes, each under a deadline (the request
-    head must arrive within `timeout`; every other read or write may pause for `timeout`)."""
-
-    def __init__(self, sock, timeout):
-        self.sock = sock
-        self.timeout = timeout
-        self.buffer = bytearray()
-        self.deadline = None  # when the DeadlineWatcher cuts the wait short
-        self.expired = False
-        self.writing = False
-        self.idle = False  # waiting for a next request: may be closed to make room
-
-    def expire(self):
-        """Called by the watcher: wake the thread waiting on this socket.  Only the read side is
-        shut while reading, so that a 408 can still be sent."""
-        self.expired = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR if self.writing else socket.SHUT_RD)
-        except OSError:
-            pass
-
-    def _fill(self, deadline):
-        self.deadline = deadline
-        data = self.sock.recv(262144)
-        self.deadline = None
-        if not data:
-            if self.expired:
-                raise socket.timeout("deadline passed")
-            raise ConnectionClosed()
-        self.buffer += data
-
-    def handshake(self):
-        self.deadline = time.monotonic() + self.timeout
-        try:
-            self.sock.do_handshake()
-        finally:
-            self.deadline = None
-
-    def send(self, data):
-        self.deadline = time.monotonic() + self.timeout
-        self.writing = True
-        try:
-            self.sock.sendall(data)
-        finally:
-            self.writing = False
-            self.deadline = None
-
-    def read_head(self):
-        """The request line and headers (without the blank line), or None when the connection
-        ends or stays idle between requests."""
-        buffer = self.buffer
-        deadline = None
-        while True:
-            start = 0
-            while start < len(buffer) and buffer[start] in b"\r\n":  # blank lines before a request
-                start += 1
-            if start:
-                del buffer[:start]
-            if buffer:
-                match = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)
-                if match:
-                    head = bytes(buffer[:match.start()])
-                    del buffer[:match.end()]
-                    return head
-                if len(buffer) > MAX_HEAD_BYTES:
-                    if b"\n" not in buffer[:MAX_HEAD_BYTES]:
-                        raise ClientError(414, "the request line is longer than %d bytes" % MAX_HEAD_BYTES)
-                    raise ClientError(431, "the request headers are larger than %d bytes" % MAX_HEAD_BYTES)
-                if deadline is None:
-                    deadline = time.monotonic() + self.timeout
-                try:
-                    self._fill(deadline)
-                except socket.timeout:
-                    raise ClientError(408, "the request headers took longer than %g s" % self.timeout)
-            else:
-                self.idle = True
-                try:
-                    self._fill(time.monotonic() + self.timeout)
-                except (socket.timeout, ConnectionClosed):
-                    return None
-                finally:
-                    self.idle = False
-
-    def read_exact(self, size):
-        buffer = self.buffer
-        while len(buffer) < size:
-            self._fill(time.monotonic() + self.timeout)
-        data = bytes(buffer[:size])
-        del buffer[:size]
-        return data
-
-    def read_line(self, limit):
-        buffer = self.buffer
-        while True:
-            end = buffer.find(b"\n", 0, limit + 1)
-            if end >= 0:
-                line = bytes(buffer[:end + 1])
-                del buffer[:end + 1]
-                return line
-            if len(buffer) > limit:
-                raise ClientError(400, "a chunk-size line is longer than %d bytes" % limit)
-            self._fill(time.monotonic() + self.timeout)
-
-    def read_chunked(self, max_body):
-        """A chunked request body, decoded; over max_body is a 413 as soon as it is known."""
-        parts, total = [], 0
-        while True:
-            line = self.read_line(1024).split(b";", 1)[0].strip()
-            if not _HEX.match(line):
-                raise ClientError(400, "invalid chunk size %r" % line[:20].decode("latin-1"))
-            size = int(line, 16)
-            if size == 0:
-                break
-            total += size
-            if total > max_body:
-                raise ClientError(413, "the request body is larger than %d bytes" % max_body)
-            parts.append(self.read_exact(size))
-            if self.read_exact(2) != b"\r\n":
-                raise ClientError(400, "a chunk is longer than its size says")
-        for _ in range(MAX_HEADER_COUNT + 1):  # trailer fields, ignored
-            if not self.read_line(MAX_HEAD_BYTES).strip():
-                return b"".join(parts)
-        raise ClientError(431, "too many trailer fields")
-
-
-def decode_path(raw):
-    """Percent-decode a request path as UTF-8, invalid bytes becoming U+FFFD (Werkzeug's rule)."""
-    if b"%" not in raw:
-        try:
-            return raw.decode("ascii")
-        except UnicodeDecodeError:
-            pass
-    return unquote_to_bytes(raw).decode("utf-8", "replace")
-
-
-class RequestHead:
-    """The parsed request line and headers, with the framing facts the server needs."""
-
-    def __init__(self, head):
-        lines = head.split(b"\n")
-        request_line = lines[0].rstrip(b"\r").decode("latin-1")
-        parts = request_line.split(" ")
-        if len(parts) != 3:
-            raise ClientError(400, "malformed request line %r" % request_line[:100])
-        method, target, version = parts
-        if not _TOKEN.match(method):
-            raise ClientError(400, "malformed request method %r" % method[:20])
-        version_match = _VERSION.match(version)
-        if not version_match:
-            raise ClientError(400, "malformed HTTP version %r" % version[:20])
-        if version_match.group(1) != "1":
-            raise ClientError(505, "only HTTP/1.0 and HTTP/1.1 are served")
-        self.method = method.upper()
-        self.version = version
-        self.http11 = version != "HTTP/1.0"
-        if len(lines) - 1 > MAX_HEADER_COUNT:
-            raise ClientError(431, "more than %d request headers" % MAX_HEADER_COUNT)
-        self.absolute_host = None
-        raw_target = lines[0].rstrip(b"\r").split(b" ")[1]
-        if raw_target[:7].lower() == b"http://" or raw_target[:8].lower() == b"https://":
-            authority, slash, rest = raw_target.split(b"//", 1)[1].partition(b"/")
-            self.absolute_host = authority.decode("latin-1")
-            raw_target = slash + rest or b"/"
-        raw_path, _, self.query_string = raw_target.partition(b"?")
-        if raw_path.startswith(b"//"):  # Werkzeug reads '//x' as '/x'
-            raw_path = b"/" + raw_path.lstrip(b"/")
-        self.target = raw_target.decode("latin-1")
-        self.path = decode_path(raw_path)
-
-        fields = {}  # lower-case name -> [values]
-        pairs = []
-        for line in lines[1:]:
-            line = line.rstrip(b"\r")
-            if b"\r" in line or b"\0" in line:
-                raise ClientError(400, "a header line holds a stray CR or NUL byte")
-            if line[:1] in (b" ", b"\t"):
-                raise ClientError(400, "folded header lines are not accepted")
-            name, colon, value = line.partition(b":")
-            name = name.decode("latin-1")
-            if not colon or not _TOKEN.match(name):
-                raise ClientError(400, "malformed header line %r" % line[:100].decode("latin-1"))
-            value = value.strip(b" \t").decode("latin-1")
-            lower = name.lower()
-            fields.setdefault(lower, []).append(value)
-            if "_" not in name:  # dropped, as Werkzeug does, against header spoofing via proxies
-                pairs.append((name, lower, value))
-        self.fields = fields
-        headers = Headers()
-        seen = {}
-        for name, lower, value in pairs:  # repeated headers are joined, as in Flask
-            if lower in seen:
-                index = seen[lower]
-                glue = "; " if lower == "cookie" else ", "
-                headers._items[index] = (headers._items[index][0], headers._items[index][1] + glue + value)
-            else:
-                seen[lower] = len(headers._items)
-                headers._items.append((name.title(), value))
-        self.headers = headers
-        self.connection = {token.strip().lower() for value in fields.get("connection", ())
-                           for token in value.split(",")}
-        self.content_length = self._content_length()
-        self.chunked = self._chunked()
-
-    def _content_length(self):
-        values = self.fields.get("content-length")
-        if not values:
-            return None
-        numbers = {value.strip() for joined in values for value in joined.split(",")}
-        if len(numbers) != 1:
-            raise ClientError(400, "conflicting Content-Length headers")
-        number = numbers.pop()
-        if not number.isdigit() or not number.isascii():
-            raise ClientError(400, "invalid Content-Length %r" % number[:30])
-        return int(number)
-
-    def _chunked(self):
-        values = self.fields.get("transfer-encoding")
-        if not values:
-            return False
-        codings = [coding.strip().lower() for value in values for coding in value.split(",")]
-        if codings != ["chunked"]:
-            raise ClientError(501, "only the chunked transfer coding is accepted, got %r"
-                              % ", ".join(codings)[:60])
-        if self.content_length is not None:
-            raise ClientError(400, "Content-Length and Transfer-Encoding together are ambiguous")
-        return True
-
-    @property
-    def keep_alive(self):
-        if "close" in self.connection:
-            return False
-        return self.http11 or "keep-alive" in self.connection
-
-
-_date_cache = (0, "")
-
-
-def http_date():
-    """The Date header, formatted once a second rather than once a request."""
-    global _date_cache
-    now = int(time.time())
-    if now != _date_cache[0]:
-        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
-    return _date_cache[1]
-
-
-yield_core = getattr(os, "sched_yield", lambda: time.sleep(0))  # POSIX; elsewhere a GIL release
-HOP_BY_HOP = frozenset(("connection", "content-length", "keep-alive", "transfer-encoding"))
-SERVER_HEADER = "vastworker/" + __version__
-
-
-class ConnectionHandler(socketserver.BaseRequestHandler):
-    """One client connection: HTTP/1.1 requests, kept alive while the framing is certain.
-    (http.server's own request handler is not used: its parser is slower, reads a header line at
-    a time with no overall deadline, and does not decode chunked bodies.)"""
-
-    def setup(self):
-        sock = self.request
-        sock.settimeout(None)  # blocking: the DeadlineWatcher bounds every wait
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle delay on small writes
-        if self.server.tls is not None:  # the handshake happens in handle(), under a deadline
-            sock = self.server.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        self.client = ClientSocket(sock, self.server.timeout)
-        self.server.deadlines.watch(self.client)
-
-    def finish(self):
-        self.server.deadlines.forget(self.client)
-        if self.client.sock is not self.request:  # the TLS socket: socketserver closes only its own
-            self.client.sock.close()
-
-    def handle(self):
-        try:
-            if self.server.tls is not None:
-                self.client.handshake()
-            while self.handle_one():
-                # Give up the core between requests.  A thread whose next request is already
-                # waiting would otherwise take the GIL straight back, and threads woken by new
-                # data could wait for it again and again: measured at 64 busy connections, p99
-                # fell from 0.1-3 s to about 10 ms with this one call.
-                yield_core()
-        except (ConnectionClosed, OSError):
-            pass
-
-    def handle_one(self):
-        """Serve one request; True when the connection may carry another."""
-        try:
-            head = self.client.read_head()
-        except ClientError as exc:
-            self.send_error(exc)
-            return False
-        if head is None:
-            return False
-        server = self.server
-        started = time.perf_counter()
-        server.request_started()
-        try:
-            return self.serve(head, started)
-        finally:
-            server.request_finished()
-
-    def serve(self, head, started):
-        server = self.server
-        if server.stopping:
-            self.send_error(ClientError(503, "the worker is stopping; retry on another"), started=started)
-            return False
-        try:
-            parsed = RequestHead(head)
-            body, framing_known = self.read_body(parsed)
-        except ClientError as exc:
-            self.send_error(exc, started=started)
-            return False
-        except socket.timeout:
-            self.send_error(ClientError(408, "the request body stopped arriving"), started=started)
-            return False
-        request = Request(parsed.method, parsed.target, parsed.path, parsed.query_string,
-                          parsed.version, parsed.headers, self.client_address,
-                          server.server_address, parsed.content_length, body,
-                          "https" if server.tls is not None else "http", parsed.absolute_host)
-        response = server.app.respond(request)
-        keep_alive = parsed.keep_alive and framing_known and not server.stopping
-        status = 499  # the client left before the response was sent
-        try:
-            keep_alive = self.send(request, response, parsed.http11, keep_alive, started)
-            status = response.status_code
-            return keep_alive
-        finally:
-            server.app.finish(request, status)
-
-    def read_body(self, parsed):
-        """The request body, and whether the connection's framing is still certain after it."""
-        max_body = self.server.max_body
-        length = parsed.content_length
-        if length is not None and length > max_body:
-            raise ClientError(413, "the request body is %d bytes; the limit is %d" % (length, max_body))
-        if (length or parsed.chunked) and parsed.http11 and \
-                "100-continue" in (value.lower() for value in parsed.fields.get("expect", ())):
-            self.client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if parsed.chunked:
-            return self.client.read_chunked(max_body), True
-        if length:
-            return self.client.read_exact(length), True
-        # No length: the body is empty, but a POST or PUT without one may have sent bytes anyway
-        return b"", length is not None or parsed.method not in ("POST", "PUT", "PATCH")
-
-    def send(self, request, response, http11, keep_alive, started):
-        """Write the response; True when the connection stays open."""
-        status = response.status_code
-        stream = response._stream
-        head_only = request.method == "HEAD" or status in (204, 304) or status < 200
-        lines = ["HTTP/1.1 %s\r\n" % response.status]
-        for name, value in response.headers._items:
-            if name.lower() not in HOP_BY_HOP:
-                lines.append("%s: %s\r\n" % (name, value))
-        if "Date" not in response.headers:
-            lines.append("Date: %s\r\n" % http_date())
-        if "Server" not in response.headers:
-            lines.append("Server: %s\r\n" % SERVER_HEADER)
-        chunked = False
-        if stream is None:
-            body = response._body
-            if status not in (204, 304) and status >= 200:
-                lines.append("Content-Length: %d\r\n" % len(body))
-        else:
-            body = b""
-            if not head_only:
-                if http11:
-                    chunked = True
-                    lines.append("Transfer-Encoding: chunked\r\n")
-                else:
-                    keep_alive = False  # an HTTP/1.0 client reads the stream until we close
-        if not keep_alive:
-            lines.append("Connection: close\r\n")
-        elif not http11:
-            lines.append("Connection: keep-alive\r\n")
-        lines.append("\r\n")
-        try:
-            data = "".join(lines).encode("latin-1")
-        except UnicodeEncodeError:
-            Log.write("error", "%s %s: a response header is not Latin-1 text" % (request.method, request.path))
-            return self.send(request, error_response(500), http11, keep_alive, started)
-        if head_only:
-            self.client.send(data)
-            size = 0
-            if stream is not None and hasattr(stream, "close"):
-                stream.close()
-        elif stream is None:
-            self.client.send(data + body if len(body) < 65536 else data)
-            if len(body) >= 65536:
-                self.client.send(body)
-            size = len(body)
-        else:
-            self.client.send(data)
-            size = self.send_stream(request, stream, chunked)
-            if size is None:
-                self.log_access(request.method, request.target, status, "aborted", started)
-                return False
-        self.log_access(request.method, request.target, status, size, started)
-        return keep_alive
-
-    def send_stream(self, request, stream, chunked):
-        """Send a streamed body item by item (empty items skipped: they would end a chunked body).
-        Returns the bytes sent, or None when the stream failed and the connection must close."""
-        size = 0
-        try:
-            for item in stream:
-                if not item:
-                    continue
-                if isinstance(item, str):
-                    item = item.encode("utf-8")
-                elif not isinstance(item, (bytes, bytearray, memoryview)):
-                    raise TypeError("a streamed response yielded a %s, not str or bytes"
-                                    % type(item).__name__)
-                self.client.send(b"%x\r\n%s\r\n" % (len(item), item) if chunked else item)
-                size += len(item)
-            if chunked:
-                self.client.send(b"0\r\n\r\n")
-            return size
-        except OSError:
-            Log.write("debug", "%s %s: the client left during the stream" % (request.method, request.path))
-            return None
-        except BaseException:
-            Log.exception("%s %s: the stream failed after %d bytes" % (request.method, request.path, size))
-            return None
-        finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                try:
-                    close()
-                except Exception:
-                    Log.exception("%s %s: closing the stream failed" % (request.method, request.path))
-
-    def send_error(self, error, started=None):
-        """Answer a protocol error and close: the rest of the connection cannot be trusted."""
-        response = error_response(error.code, error.detail)
-        body = response._body
-        data = ("HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-                "Date: %s\r\nServer: %s\r\nConnection: close\r\n\r\n"
-                % (response.status, len(body), http_date(), SERVER_HEADER)).encode("latin-1") + body
-        try:
-            self.client.send(data)
-        except OSError:
-            pass
-        self.log_access("-", "-", error.code, len(body), started, " (%s)" % error.detail)
-
-    def log_access(self, method, target, status, size, started, note=""):
-        if Log.level <= 20:
-            took = "" if started is None else " %.1fms" % ((time.perf_counter() - started) * 1000)
-            Log.write("info", "%s %s %s %s %s%s%s" % (self.client_address[0], method, target,
-                                                      status, size, took, note))
-
-
-class WorkerServer(http.server.ThreadingHTTPServer):
-    """The listening socket: a thread per connection, a deep accept backlog (the default of 5
-    drops connections under load), and a count of requests in flight for a graceful stop."""
-
-    daemon_threads = True
-    request_queue_size = 1024
-
-    def __init__(self, address, app, timeout=30.0, max_body=64 * 1024 * 1024, tls=None,
-                 max_connections=1024):
-        self.app = app
-        self.tls = tls  # an ssl.SSLContext when serving HTTPS
-        self.timeout = timeout
-        self.max_body = max_body
-        self.max_connections = max_connections
-        self.connections = 0
-        self._connections_lock = threading.Lock()
-        self.stopping = False
-        self.reporter = None  # the StatusReporter, for a last report on the way out
-        self.deadlines = DeadlineWatcher()
-        self._active = 0
-        self._active_changed = threading.Condition()
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, ConnectionHandler)
-
-    def process_request(self, request, client_address):
-        """A thread for the connection -- unless there are max_connections already: then the
-        oldest idle one is closed to make room, or, with none idle, this one is refused at once
-        (a thread and its memory for every caller is how a flood takes a server down)."""
-        with self._connections_lock:
-            full = self.connections >= self.max_connections
-            if not full or self.deadlines.close_oldest_idle():
-                self.connections += 1
-                full = False
-        if full:
-            return self.refuse(request, client_address)
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.connection_closed()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.connection_closed()
-
-    def connection_closed(self):
-        with self._connections_lock:
-            self.connections -= 1
-
-    def refuse(self, sock, client_address):
-        body = error_response(503, "the worker has %d connections open; retry" % self.max_connections)._body
-        try:
-            sock.setblocking(False)  # never wait on a refused client: this is the accept thread
-            sock.send(("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                       "Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-                       % len(body)).encode("latin-1") + body)
-        except OSError:
-            pass
-        self.shutdown_request(sock)
-        if self.app is not None:
-            self.app.metrics.refused()
-        Log.write("info", "%s refused: %d connections open" % (client_address[0], self.max_connections))
-
-    def server_bind(self):
-        # HTTPServer.server_bind would look up our own fully qualified name: slow, and unused
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def request_started(self):
-        with self._active_changed:
-            self._active += 1
-
-    def request_finished(self):
-        with self._active_changed:
-            self._active -= 1
-            if not self._active:
-                self._active_changed.notify_all()
-
-    def wait_idle(self, timeout):
-        """Wait until no request is in flight; False if some still are after timeout seconds."""
-        with self._active_changed:
-            return self._active_changed.wait_for(lambda: not self._active, timeout)
-
-    @property
-    def active_requests(self):
-        return self._active
-
-    def handle_error(self, request, client_address):
-        Log.exception("connection from %s failed" % (client_address[0],))
-
-
-# ------------------------------------------------------------------------------------------------
-# Autoscaler client
-# ------------------------------------------------------------------------------------------------
-
-REPORT_INTERVAL = 10.0  # seconds between status reports when nothing changes
-INTERNAL_HEADER = "X-Vastworker-Internal"  # the worker's own requests (its benchmark) carry this
-INTERNAL_TOKEN = os.urandom(16).hex()  # ... with this value, known to no one outside the process
-STARTED = time.monotonic()  # loadtime counts from here: process start, near enough
-
-
-def report_addresses(value):
-    """REPORT_ADDR: one autoscaler address or an ordered, comma-separated list."""
-    return [address.strip().rstrip("/") for address in (value or "").split(",") if address.strip()]
-
-
-def http_exchange(url, method="GET", body=None, headers=None, timeout=10.0, verify=True):
-    """One request on a connection of its own: (status, body).  http.client, not urllib: it is
-    already loaded.  verify=False is for the worker calling itself over loopback, where the
-    certificate names the public address."""
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        import ssl  # only a worker talking https pays for loading it
-        context = ssl.create_default_context()
-        if not verify:
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
-    else:
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    try:
-        connection.request(method, (parts.path or "/") + ("?" + parts.query if parts.query else ""),
-                           body=body, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
-def post_json(url, body, timeout):
-    """POST body as JSON; True on a 2xx answer."""
-    status, _ = http_exchange(url, "POST", json.dumps(body), {"Content-Type": "application/json"}, timeout)
-    return 200 <= status < 300
-
-
-def deliver(addresses, path, body, timeout=5.0, rounds=3, pause=2.0):
-    """Post to the first address that takes it, in order; up to `rounds` passes, `pause` apart.
-    Blocking: call it from a background thread."""
-    for attempt in range(rounds):
-        for address in addresses:
-            try:
-                if post_json(address + path, body, timeout):
-                    return True
-            except (OSError, http.client.HTTPException, ValueError) as exc:
-                Log.write("debug", "report to %s%s failed: %s" % (address, path, exc))
-        if attempt + 1 < rounds:
-            time.sleep(pause)
-    return False
-
-
-class Metrics:
-    """The request accounting the status record carries, with the newest generation's meanings:
-    workload received and served since the last report, in flight now, and rejected."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.received = 0  # num_requests_recieved: requests, ever
-        self.working = 0  # num_requests_working
-        self.in_flight = 0.0  # cur_load: workload of the requests in flight
-        self.new_load = 0.0  # workload received since the last report
-        self.served = 0.0  # cur_perf: workload served since the last report
-        self.rejected = 0.0  # rej_load: workload refused since the last report
-        self.changed = False
-
-    def started(self, workload):
-        with self._lock:
-            self.received += 1
-            self.working += 1
-            self.in_flight += workload
-            self.new_load += workload
-            self.changed = True
-
-    def finished(self, workload, status):
-        with self._lock:
-            self.working -= 1
-            self.in_flight -= workload
-            if status < 400:
-                self.served += workload
-            elif status in (429, 503):
-                self.rejected += workload
-            self.changed = True
-
-    def refused(self, workload=1.0):
-        """A connection turned away at the door (over --max-connections)."""
-        with self._lock:
-            self.rejected += workload
-            self.changed = True
-
-    def snapshot(self):
-        with self._lock:
-            self.changed = False
-            return {"cur_load": self.in_flight, "new_load": self.new_load, "rej_load": self.rejected,
-                    "cur_perf": self.served, "num_requests_working": self.working,
-                    "num_requests_recieved": self.received}
-
-    def acknowledge(self, snapshot):
-        """A report went through: start the next interval (what arrived meanwhile is kept)."""
-        with self._lock:
-            self.new_load -= snapshot["new_load"]
-            self.served -= snapshot["cur_perf"]
-            self.rejected -= snapshot["rej_load"]
-
-    def restart(self):
-        """Forget the benchmark's traffic when the worker is declared loaded."""
-        with self._lock:
-            self.received = 0
-            self.new_load = self.served = self.rejected = 0.0
-
 
 class WorkerState:
     """Loading, then loaded -- or failed, for good: what the status record says and what requests
@@ -1998,7 +1755,7 @@ class WorkerState:
         self.max_perf = 0.0
         self.max_capacity = 0
         self.on_ready = None  # what the worker does when the model is ready (the benchmark)
-        self.changed = threading.Event()
+        self.phase_changed = threading.Event()
         self._lock = threading.Lock()
 
     def _move(self, allowed_from, phase):
@@ -2006,7 +1763,7 @@ class WorkerState:
             if self.phase not in allowed_from:
                 return False
             self.phase = phase
-        self.changed.set()
+        self.phase_changed.set()
         return True
 
     def ready(self):
@@ -2036,349 +1793,226 @@ class WorkerState:
         return self.phase in ("loaded", "benchmarking")
 
     def refusal(self):
-        """The 503 a backend request gets while the worker is not ready."""
+        """The Refusal a backend request gets while the worker is not ready."""
         if self.phase == "failed":
-            response = error_response(503, "the backend failed: %s" % self.error)
-        else:
-            response = error_response(503, "the backend is still loading")
-            response.headers["Retry-After"] = "5"
-        return response
+            return Refusal(503, "the backend failed: %s" % self.error)
+        return Refusal(503, "the backend is still loading", retry_after=5)
 
 
-_state = WorkerState()
-ready = _state.ready
-failed = _state.failed
-
-
-class StatusReporter:
-    """Sends the status record to {REPORT_ADDR}/worker_status/ from one background thread: every
-    10 s while loading, at once on loaded or failed, then when something changed (at most once a
-    second) or every 10 s.  A slow or dead autoscaler delays nothing but this thread, and counts
-    are only reset after a report went through, so nothing is lost between reports."""
-
-    def __init__(self, addresses, environ, port, scheme, state, metrics, held_back=None):
-        self.addresses = addresses
-        self.held_back = held_back  # reported as loading while this is true (no public key yet)
-        container_id = environ.get("CONTAINER_ID", "")
-        self.identity = {"id": int(container_id) if container_id.isdigit() else container_id,
-                         "mtoken": environ.get("MASTER_TOKEN", ""), "version": __version__}
-        public_ip, public_port = environ.get("PUBLIC_IPADDR"), environ.get("VAST_TCP_PORT_%d" % port)
-        self.url = "%s://%s:%s" % (scheme, public_ip, public_port) if public_ip and public_port else ""
-        self.state = state
-        self.metrics = metrics
-        self._disk_used = disk_used_gb()
-
-    def start(self):
-        threading.Thread(target=self._report_forever, name="status", daemon=True).start()
-
-    def report_once(self):
-        """A last report, on the way out: one quick try."""
-        snapshot = self.metrics.snapshot()
-        if deliver(self.addresses, "/worker_status/", self.record(snapshot, self.state.phase),
-                   timeout=2.0, rounds=1):
-            self.metrics.acknowledge(snapshot)
-
-    def record(self, snapshot, phase):
-        state = self.state
-        record = dict(self.identity, loadtime=state.loadtime if phase == "loaded" else 0.0,
-                      error_msg=state.error, max_perf=state.max_perf if phase == "loaded" else 0.0,
-                      cur_capacity=0, max_capacity=state.max_capacity,
-                      additional_disk_usage=round(disk_used_gb() - self._disk_used, 3),
-                      working_request_idxs=[], url=self.url)
-        record.update(snapshot)
-        return record
-
-    def _report_forever(self):
-        last_sent, sent_phase = 0.0, None
-        while True:
-            self.state.changed.wait(1.0)
-            self.state.changed.clear()
-            now = time.monotonic()
-            phase = self.state.phase
-            if phase == "benchmarking" or (phase == "loaded" and self.held_back and self.held_back()):
-                phase = "loading"  # not ready for traffic yet
-            due = phase != sent_phase or now - last_sent >= REPORT_INTERVAL or (
-                phase == "loaded" and self.metrics.changed)
-            if not due:
-                continue
-            snapshot = self.metrics.snapshot()
-            record = self.record(snapshot, phase)
-            last_sent = now
-            if deliver(self.addresses, "/worker_status/", record):
-                self.metrics.acknowledge(snapshot)
-                self._disk_used += record["additional_disk_usage"]
-                sent_phase = phase
-            else:
-                self.metrics.changed = True
-                Log.write("warning", "could not report to %s; retrying in %g s"
-                          % (", ".join(self.addresses), REPORT_INTERVAL))
-
-
-def disk_used_gb():
-    stats = os.statvfs("/")
-    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize / 1e9
-
-
-class Postbox:
-    """Posts queued by the notify helpers, sent in order by one background thread, so that a
-    backend's call returns at once even when no autoscaler answers.  At most 100 wait: during a
-    long outage the oldest are dropped (newer reports supersede them)."""
+class Metrics:
+    """The request accounting the status record carries, with the newest generation's meanings:
+    workload received and served since the last report, in flight now, and rejected.  A report
+    takes a snapshot and acknowledges it once delivered, so what arrives in between is kept."""
 
     def __init__(self):
-        self._queue = collections.deque(maxlen=100)
-        self._ready = threading.Condition()
-        self._thread = None
-
-    def post(self, addresses, path, body):
-        with self._ready:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._send_forever, name="notify", daemon=True)
-                self._thread.start()
-            self._queue.append((addresses, path, body))
-            self._ready.notify()
-
-    def _send_forever(self):
-        while True:
-            with self._ready:
-                while not self._queue:
-                    self._ready.wait()
-                addresses, path, body = self._queue.popleft()
-            if not deliver(addresses, path, body, timeout=2.0):
-                Log.write("warning", "notify: could not post to %s" % ", ".join(addresses))
-
-
-_postbox = Postbox()
-
-
-def make_notify_module():
-    """The `notify` the autoscaler guide's backend imports: loaded(), update() and error() post
-    its data plus the named fields to {autoscaler_address}/worker_status/, without waiting."""
-    module = types.ModuleType("notify", "vastworker's notify helpers for backends that report "
-                                        "to the autoscaler themselves")
-
-    def post(data, autoscaler_address, **fields):
-        addresses = report_addresses(autoscaler_address)
-        if addresses:
-            _postbox.post(addresses, "/worker_status/", dict(data or {}, **fields))
-        else:
-            Log.write("debug", "notify: no autoscaler address; not posting %r" % (fields,))
-
-    def loaded(data, autoscaler_address, load_time, max_perf):
-        post(data, autoscaler_address, loadtime=load_time, max_perf=max_perf)
-
-    def update(data, autoscaler_address, cur_load, num_requests_recieved):
-        post(data, autoscaler_address, cur_load=cur_load, num_requests_recieved=num_requests_recieved)
-
-    def error(data, autoscaler_address, error_msg):
-        post(data, autoscaler_address, error_msg=error_msg)
-
-    for function in (loaded, update, error):
-        function.__module__ = "notify"
-        setattr(module, function.__name__, function)
-    return module
-
-
-def reports_itself(module):
-    """Does the backend use notify (the module or its functions)?  Then the worker stays quiet."""
-    return any(isinstance(value, types.ModuleType) and value.__name__ == "notify"
-               or isinstance(value, types.FunctionType) and value.__module__ == "notify"
-               for value in vars(module).values())
-
-
-class InternalReports:
-    """The original worker's internal POST endpoints (/report_loaded, /report_error, ...), kept for
-    log watchers written for it.  They need the MASTER_TOKEN in the body and are all refused when
-    no token is configured (the original defaulted to the literal 'mtoken')."""
-
-    NAMES = ("report_loading", "report_loaded", "report_error", "report_capacity", "report_done")
-
-    def __init__(self, token, state):
-        self.token = token
-        self.state = state
-
-    def respond(self, name, request):
-        if not self.token:
-            return error_response(403, "internal report endpoints are off: MASTER_TOKEN is not set")
-        import hmac
-        data = request.get_json(force=True, silent=True)
-        if not isinstance(data, dict) or not hmac.compare_digest(
-                str(data.get("mtoken", "")).encode(), self.token.encode()):
-            return error_response(401, "a valid mtoken is required")
-        try:
-            if name == "report_loaded":
-                if data.get("max_perf") is not None:
-                    self.state.loaded(float(data["max_perf"]))
-                else:
-                    self.state.ready()
-            elif name == "report_error":
-                self.state.failed(data.get("error_msg", "reported by %s" % request.remote_addr))
-            elif name == "report_capacity":
-                self.state.max_capacity = int(data.get("max_capacity") or 0)
-            elif name == "report_loading":
-                Log.write("info", "the model is loading")
-        except (TypeError, ValueError):
-            return error_response(400, "max_perf and max_capacity must be numbers")
-        return Response("ok")
-
-
-class Benchmark:
-    """Measures max_perf: a warm-up request, then `runs` rounds of `concurrency` simultaneous
-    requests of the backend's benchmark payload through the worker itself; the best round's
-    workload served per second, counting successes only.  The result is cached on disk under a
-    key of the backend's name, its backend.py and this configuration, so a reboot skips it."""
-
-    def __init__(self, config, name, source, cache_file, address, tls=False):
-        self.config = config
-        host = "[%s]" % address[0] if ":" in address[0] else address[0]
-        self.url = "%s://%s:%d/%s" % ("https" if tls else "http", host, address[1], config["endpoint"])
-        import hashlib
-        digest = hashlib.sha256(source + json.dumps(config, sort_keys=True).encode()).hexdigest()
-        self.key = "%s:%s" % (name, digest[:16])
-        self.cache_file = cache_file
-
-    def cached(self):
-        try:
-            with open(self.cache_file) as file:
-                return float(json.load(file)[self.key])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-    def store(self, max_perf):
-        try:
-            with open(self.cache_file) as file:
-                cache = json.load(file)
-        except (OSError, ValueError):
-            cache = {}
-        cache[self.key] = max_perf
-        temporary = self.cache_file + ".tmp"
-        with open(temporary, "w") as file:
-            json.dump(cache, file, indent=1, sort_keys=True)
-        os.replace(temporary, self.cache_file)
-
-    def one_request(self):
-        headers = {"Content-Type": "application/json", INTERNAL_HEADER: INTERNAL_TOKEN}
-        try:
-            status, _ = http_exchange(self.url, self.config["method"], json.dumps(self.config["payload"]),
-                                      headers, timeout=600, verify=False)
-        except (OSError, http.client.HTTPException):
-            return False
-        return 200 <= status < 300
-
-    def measure(self):
-        config = self.config
-        self.one_request()  # warm-up, not counted
-        best = 0.0
-        for _ in range(config["runs"]):
-            results = []
-            threads = [threading.Thread(target=lambda: results.append(self.one_request()))
-                       for _ in range(config["concurrency"])]
-            started = time.monotonic()
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            elapsed = max(time.monotonic() - started, 1e-6)
-            best = max(best, sum(results) * config["workload"] / elapsed)
-        return round(best, 3)
-
-    def run(self, state, metrics):
-        """The on_ready step: cached result, else measure; loaded with it, or failed.  The
-        benchmark's own requests are not reported as traffic."""
-        max_perf = self.cached()
-        if max_perf is not None:
-            Log.write("info", "benchmark: %g workload/s (cached in %s)" % (max_perf, self.cache_file))
-        else:
-            Log.write("info", "benchmark: %(runs)d rounds of %(concurrency)d %(method)s /%(endpoint)s" % self.config)
-            max_perf = self.measure()
-            if max_perf <= 0:
-                return state.failed("benchmark: no successful response from %(method)s /%(endpoint)s" % self.config)
-            Log.write("info", "benchmark: %g workload/s" % max_perf)
-            try:
-                self.store(max_perf)
-            except OSError as exc:
-                Log.write("warning", "benchmark: could not cache the result in %s: %s" % (self.cache_file, exc))
-        metrics.restart()
-        state.loaded(max_perf)
-
-
-def benchmark_config(value, path, parallel):
-    """backend.py's `benchmark`, checked, with its defaults filled in."""
-    if not isinstance(value, dict) or not isinstance(value.get("endpoint"), str) or "payload" not in value:
-        raise StartupError('%s: benchmark must be a dict like {"endpoint": "generate", "payload": {...}}' % path)
-    unknown = set(value) - {"endpoint", "payload", "method", "runs", "concurrency", "workload"}
-    if unknown:
-        raise StartupError("%s: benchmark has unknown keys %s" % (path, ", ".join(sorted(unknown))))
-    config = {"method": "POST", "runs": 3, "concurrency": 10 if parallel else 1, "workload": 1.0}
-    config.update(value)
-    for key in ("runs", "concurrency"):
-        if not isinstance(config[key], int) or config[key] < 1:
-            raise StartupError("%s: benchmark %s must be a whole number of at least 1" % (path, key))
-    if not isinstance(config["workload"], (int, float)) or not config["workload"] > 0:
-        raise StartupError("%s: benchmark workload must be a positive number" % path)
-    return config
-
-
-class StandInAutoscaler:
-    """`python3 vastworker.py autoscaler`: a local stand-in for Vast's autoscaler.  It prints and
-    keeps the status records workers send, so a backend's reports can be watched before
-    deploying; GET /records returns them."""
-
-    def __init__(self, shape="g3"):
-        self.records = []
-        self.shape = "g3" if shape == "auto" else shape
-        self.key = RSAPrivateKey.generate()
-        self.reqnum = 0
         self._lock = threading.Lock()
+        self.received = 0  # num_requests_recieved: requests, ever
+        self.working = 0  # num_requests_working
+        self.in_flight = 0.0  # cur_load: workload of the requests in flight
+        self.new_load = 0.0  # workload received since the last report
+        self.served = 0.0  # cur_perf: workload served since the last report
+        self.rejected = 0.0  # rej_load: workload refused since the last report
+        self.has_news = False  # something happened since the last snapshot
 
-    def pubkey(self, _, request):
-        return Response(self.key.public_pem(), mimetype="text/plain")
-
-    def route(self, _, request):
-        """Like Vast's /route/: a signed grant for a loaded worker (its reported url), or no url."""
-        ask = request.get_json(force=True)
-        if not isinstance(ask, dict) or not isinstance(ask.get("endpoint"), str):
-            abort(400, 'expected {"endpoint": NAME, "cost": WORKLOAD}')
-        ready = [record for record in self.records
-                 if record.get("url") and record.get("loadtime") and not record.get("error_msg")]
-        if not ready:
-            return {"endpoint": ask["endpoint"], "status": "no ready worker"}
+    def started(self, workload):
         with self._lock:
-            self.reqnum += 1
-            grant = {"cost": float(ask.get("cost", 1.0)), "endpoint": ask["endpoint"],
-                     "reqnum": self.reqnum, "request_idx": self.reqnum, "url": ready[-1]["url"]}
-        grant["signature"] = self.key.sign(signed_message(grant, self.shape).encode())
-        return grant
+            self.received += 1
+            self.working += 1
+            self.in_flight += workload
+            self.new_load += workload
+            self.has_news = True
 
-    def worker_status(self, _, request):
-        record = request.get_json(force=True)
-        self.records.append(record)
-        fields = ("id", "loadtime", "max_perf", "cur_load", "new_load", "cur_perf",
-                  "num_requests_working", "num_requests_recieved", "error_msg")
-        print("%s worker_status %s" % (time.strftime("%H:%M:%S"), " ".join(
-            "%s=%s" % (name, json.dumps(record[name])) for name in fields if name in record)), flush=True)
-        return {"ok": True}
+    def finished(self, workload, status):
+        with self._lock:
+            self.working -= 1
+            self.in_flight -= workload
+            if status < 400:
+                self.served += workload
+            elif status in (429, 503):
+                self.rejected += workload
+            self.has_news = True
 
-    def list_records(self, _, request):
-        return list(self.records)
+    def refused(self, workload=1.0):
+        """A connection turned away at the door (over --max-connections)."""
+        with self._lock:
+            self.rejected += workload
+            self.has_news = True
 
-    def routes(self):
-        return {"POST": {"worker_status/": self.worker_status, "route/": self.route},
-                "GET": {"records": self.list_records, "pubkey/": self.pubkey}}
+    def snapshot(self):
+        with self._lock:
+            self.has_news = False
+            return {"cur_load": self.in_flight, "new_load": self.new_load, "rej_load": self.rejected,
+                    "cur_perf": self.served, "num_requests_working": self.working,
+                    "num_requests_recieved": self.received}
+
+    def acknowledge(self, snapshot):
+        """A report went through: start the next interval (what arrived meanwhile is kept)."""
+        with self._lock:
+            self.new_load -= snapshot["new_load"]
+            self.served -= snapshot["cur_perf"]
+            self.rejected -= snapshot["rej_load"]
+
+    def restart(self):
+        """Forget the benchmark's traffic when the worker is declared loaded."""
+        with self._lock:
+            self.received = 0
+            self.new_load = self.served = self.rejected = 0.0
 
 
 # ------------------------------------------------------------------------------------------------
-# Request signatures
+# 4. Worker: the lock and the state store
 # ------------------------------------------------------------------------------------------------
+
+class QueueLock:
+    """The lock that guards the Backend: first come, first served, with a bounded wait, so a
+    request that cannot get its turn in time is refused rather than piling up threads."""
+
+    def __init__(self):
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters = collections.deque()
+
+    def acquire(self, timeout):
+        """True when the lock is ours (at once, or handed over in arrival order); False when
+        `timeout` seconds passed first."""
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiters.append(turn)
+        if turn.acquire(timeout=timeout):
+            return True
+        with self._mutex:
+            try:
+                self._waiters.remove(turn)
+            except ValueError:  # handed the lock just as the wait ended: it is ours
+                return True
+            return False
+
+    def release(self):
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()  # hand over directly, in arrival order
+            else:
+                self._held = False
+
+
+class StateStore:
+    """The Backend's state in a JSON file (opt-in, --state-file): its public attributes whose values
+    JSON can hold, or only those named in the backend's `persist`.  Restored at start; written
+    atomically (temporary file, fsync, rename) after each handler call that changed it, before the
+    response is sent, so an acknowledged change survives even kill -9.  A change that cannot be
+    written is undone and refused with 503.  A file it cannot read is never replaced: the worker
+    stops and says why."""
+
+    def __init__(self, path, names=None):
+        self.path = os.path.abspath(path)
+        self.names = names
+        self.saved = None  # the text last written (or read)
+
+    def load(self):
+        """The saved attributes, or None when there is no file yet."""
+        try:
+            with open(self.path, "rb") as file:
+                text = file.read().decode("utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StartupError("cannot read the state file %s: %s" % (self.path, getattr(exc, "strerror", None) or exc))
+        try:
+            document = json.loads(text)
+            if not isinstance(document, dict) or not isinstance(document.get("state"), dict):
+                raise ValueError('expected {"state": {...}}')
+        except ValueError as exc:
+            raise StartupError("the state file %s is not valid (%s); fix it or move it away -- it is "
+                               "never replaced unread" % (self.path, exc))
+        self.saved = text
+        return document["state"]
+
+    def restore(self, backend, attributes):
+        for name, value in attributes.items():
+            if self.names is None or name in self.names:
+                setattr(backend, name, value)
+        self.saved = self.snapshot(backend)
+
+    def snapshot(self, backend):
+        """The file's text for the backend's attributes as they are now."""
+        attributes = {name: value for name, value in vars(backend).items()
+                      if not name.startswith("_") and (self.names is None or name in self.names)}
+        try:  # serialised once; attribute by attribute only when something cannot be
+            return json.dumps({"state": attributes}, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError):
+            pass
+        for name, value in list(attributes.items()):
+            try:
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):
+                del attributes[name]  # locks, threads, models: not state this file can hold
+        return json.dumps({"state": attributes}, sort_keys=True, allow_nan=False)
+
+    def save_if_changed(self, backend):
+        """Write the file if the attributes changed; if it cannot be written, put them back as
+        last saved and refuse the request (503), so nothing is answered that was not saved."""
+        text = self.snapshot(backend)
+        if text == self.saved:
+            return
+        try:
+            self.write(text)
+        except OSError as exc:
+            if self.saved is not None:
+                self.restore(backend, json.loads(self.saved)["state"])
+            Log.write("error", "could not write the state file %s: %s; the change was undone"
+                      % (self.path, exc.strerror or exc))
+            raise Refusal(503, "the backend's state could not be saved, so the request was not "
+                               "applied; retry", retry_after=1)
+        self.saved = text
+
+    def write(self, text):
+        temporary = "%s.%d.tmp" % (self.path, os.getpid())
+        with open(temporary, "wb") as file:
+            file.write(text.encode("utf-8"))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
+        directory = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the rename itself must survive a crash
+        finally:
+            os.close(directory)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Worker: signed grants
+# ------------------------------------------------------------------------------------------------
+#
+# A client asks the autoscaler's /route/ for a worker and gets a grant: this worker's url, the
+# endpoint, the request's cost (its workload), reqnum and request_idx (the autoscaler's
+# counters), and a signature -- RSA PKCS#1 v1.5 over SHA-256, base64 -- made with the key that
+# {REPORT_ADDR}/pubkey/ serves.  The client sends the grant with its payload: beside it, as the
+# original generation's flat fields, or as {"auth_data": grant, "payload": ...}.  Which bytes are
+# signed has changed with Vast's worker generations; these are the grant shapes:
+#
+#   g1  the original worker (2023-24), and g2 (2024-25), which signed the same bytes:
+#       {"cost", "endpoint", "reqnum", "url"} in that order, json.dumps(indent=4)
+#   g3  late 2025: all five fields, request_idx too, json.dumps(indent=4, sort_keys=True)
+#   g4  Vast's current worker (2026): {"url": url} alone, json.dumps(indent=4, sort_keys=True).
+#       Only the url is authenticated: the signature is the same for every request to a worker
+#
+# The message is rebuilt from the JSON the client sent, so a value's type matters (242.0 is
+# not 242).  --grant-shape auto tries g4, g3 and g1 in turn.
 
 GRANT_FIELDS = ("cost", "endpoint", "reqnum", "request_idx", "url")  # what /route/ grants carry
 GRANT_SHAPES = ("auto", "g4", "g3", "g1")
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 RSA_ENCRYPTION_OID = bytes.fromhex("2a864886f70d010101")
+INTERNAL_HEADER = "X-Vastworker-Internal"  # the worker's own requests (its benchmark) carry this
+INTERNAL_TOKEN = os.urandom(16).hex()  # ... with this value, known to no one outside the process
 
 
 def signed_message(grant, shape):
-    """The text the autoscaler signed for a grant, in one of the shapes Vast has used (protocol.md
-    3.3): g1 and g2 the four fields in that order, g3 all five sorted, g4 the url alone."""
+    """The text the autoscaler signed for a grant, in one of the shapes above."""
     if shape == "g1":
         return json.dumps({name: grant[name] for name in ("cost", "endpoint", "reqnum", "url")}, indent=4)
     if shape == "g3":
@@ -2465,83 +2099,12 @@ class RSAPublicKey:
         return hmac.compare_digest(decrypted, self.expected_encoding(message))
 
 
-class RSAPrivateKey(RSAPublicKey):
-    """A key the stand-in autoscaler generates to sign grants: pure Python, no dependency."""
-
-    def __init__(self, n, e, d):
-        super().__init__(n, e)
-        self.d = d
-
-    @classmethod
-    def generate(cls, bits=2048):
-        e = 65537
-        while True:
-            p, q = random_prime(bits // 2), random_prime(bits // 2)
-            n, phi = p * q, (p - 1) * (q - 1)
-            if p != q and n.bit_length() == bits and math.gcd(e, phi) == 1:
-                return cls(n, e, pow(e, -1, phi))
-
-    def sign(self, message):
-        import base64
-        number = int.from_bytes(self.expected_encoding(message), "big")
-        return base64.b64encode(pow(number, self.d, self.n).to_bytes(self.size, "big")).decode()
-
-    def public_pem(self):
-        """SubjectPublicKeyInfo PEM, as Vast's /pubkey/ serves it."""
-        import base64
-        rsa = der(0x30, der_integer(self.n) + der_integer(self.e))
-        info = der(0x30, der(0x30, der(0x06, RSA_ENCRYPTION_OID) + der(0x05, b"")) + der(0x03, b"\x00" + rsa))
-        text = base64.b64encode(info).decode()
-        return "-----BEGIN PUBLIC KEY-----\n%s\n-----END PUBLIC KEY-----\n" % "\n".join(
-            text[i:i + 64] for i in range(0, len(text), 64))
-
-
-def der(tag, content):
-    length = len(content)
-    if length < 0x80:
-        return bytes((tag, length)) + content
-    size = length.to_bytes((length.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(size))) + size + content
-
-
-def der_integer(value):
-    return der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
-
-
-def random_prime(bits):
-    import secrets
-    small_primes = [p for p in range(3, 2000, 2) if all(p % d for d in range(3, int(p ** 0.5) + 1, 2))]
-    while True:
-        candidate = secrets.randbits(bits) | (3 << (bits - 2)) | 1
-        if all(candidate % p for p in small_primes) and probably_prime(candidate):
-            return candidate
-
-
-def probably_prime(n, rounds=40):
-    """Miller-Rabin."""
-    import secrets
-    d, r = n - 1, 0
-    while d % 2 == 0:
-        d, r = d // 2, r + 1
-    for _ in range(rounds):
-        x = pow(secrets.randbelow(n - 3) + 2, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(r - 1):
-            x = pow(x, 2, n)
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
 class GrantChecker:
-    """Checks the signed grant that the autoscaler's /route/ gives a client, in either form a
-    request may carry it: the original generation's flat fields beside the payload, or the
-    {"auth_data": {...}, "payload": {...}} envelope.  The handler then sees the payload alone as
-    request.json, and the verified grant as request.auth.  Replays are refused as the original
-    did: a reqnum far below the highest seen, or a grant among the last 100 accepted."""
+    """Checks the signed grant a request carries, in either form (flat fields or the auth_data
+    envelope).  The handler then sees the payload alone as request.json, and the verified grant
+    as request.auth.  Replays are refused as the original did: a reqnum far below the highest
+    seen, or a grant among the last 100 accepted.  Every refusal is a Refusal: 401 for a grant
+    that does not verify, 422 for an incomplete envelope, 503 while the key is awaited."""
 
     HISTORY = 100
 
@@ -2575,57 +2138,52 @@ class GrantChecker:
                                  "requests are served without checking signatures")
 
     def check(self, request):
-        """None if the request may go to its handler (unwrapped), else the refusal."""
+        """Let the request through to its handler (unwrapped from its grant), or raise Refusal."""
         internal = request.headers.get(INTERNAL_HEADER)
         if internal is not None:
             import hmac
             if hmac.compare_digest(internal.encode(), INTERNAL_TOKEN.encode()):
-                return None  # the worker's own benchmark: it has no grant to show
-        body = request._body
+                return  # the worker's own benchmark: it has no grant to show
+        body = request.get_data()
         data = None
         if b'"signature"' in body or b'"auth_data"' in body:  # parsed here only if it may carry one
             try:
                 data = parse_request_json(body)
-            except HTTPError:
+            except Refusal:
                 pass
         grant, payload = self.grant_of(data)
-        if isinstance(grant, Response):
-            return grant
         if grant is not None:
-            request._replace_json(payload)
+            request.replace_json(payload)
         if self.key is None:
             if self.key_expected and not self.allow_unsigned:
-                response = error_response(503, "waiting for the autoscaler's public key")
-                response.headers["Retry-After"] = "5"
-                return response
+                raise Refusal(503, "waiting for the autoscaler's public key", retry_after=5)
             request.auth = grant
-            return None
+            return
         if grant is None:
             if self.allow_unsigned:
-                return None
-            return error_response(401, "this worker needs a signed grant from the autoscaler's /route/")
+                return
+            raise Refusal(401, "this worker needs a signed grant from the autoscaler's /route/")
         problem = self.verify(grant)
         if problem:
-            return error_response(401, problem)
+            raise Refusal(401, problem)
         request.auth = grant
-        return None
 
     @staticmethod
     def grant_of(data):
-        """(grant, payload) from a request's JSON; (None, None) when it carries no grant; a 422
-        Response when the envelope is incomplete."""
+        """(grant, payload) from a request's JSON; (None, None) when it carries no grant; an
+        incomplete envelope is refused with 422 naming what is missing."""
         if not isinstance(data, dict):
             return None, None
         if "auth_data" in data:
             grant, payload = data.get("auth_data"), data.get("payload", _MISSING)
             if not isinstance(grant, dict):
-                return error_response(422, {"auth_data": "must be an object"}), None
+                raise Refusal(422, {"auth_data": "must be an object"})
             missing = {name: "missing parameter" for name in ("signature", "cost", "endpoint", "reqnum", "url")
                        if name not in grant}
             if missing:
-                return error_response(422, {"auth_data": missing}), None
+                raise Refusal(422, {"auth_data": missing})
             if payload is _MISSING:
-                return error_response(422, {"payload": "field missing"}), None
+                raise Refusal(422, {"payload": "field missing"})
             return {name: grant[name] for name in ("signature",) + GRANT_FIELDS if name in grant}, payload
         if "signature" in data:
             grant = {name: data[name] for name in ("signature",) + GRANT_FIELDS if name in data}
@@ -2663,9 +2221,469 @@ class GrantChecker:
         return None
 
 
+# ------------------------------------------------------------------------------------------------
+# 4. Worker: dispatch
+# ------------------------------------------------------------------------------------------------
+
+SERVED_METHODS = ("DELETE", "GET", "HEAD", "POST", "PUT")  # the ones flask_dict may name
+ALLOW_HEADER = "DELETE, GET, HEAD, OPTIONS, POST, PUT"  # fixed order: deterministic for clients
+
+
+class ReportEndpoints:
+    """The original worker's internal POST endpoints (/report_loaded, /report_error, ...), kept for
+    log watchers written for it.  They need the MASTER_TOKEN in the body and are all refused when
+    no token is configured (the original defaulted to the literal 'mtoken')."""
+
+    NAMES = ("report_loading", "report_loaded", "report_error", "report_capacity", "report_done")
+
+    def __init__(self, token, state):
+        self.token = token
+        self.state = state
+
+    def respond(self, name, request):
+        """'ok' once the report is applied to the worker state; a Refusal when not allowed."""
+        if not self.token:
+            raise Refusal(403, "internal report endpoints are off: MASTER_TOKEN is not set")
+        import hmac
+        data = request.get_json(force=True, silent=True)
+        if not isinstance(data, dict) or not hmac.compare_digest(
+                str(data.get("mtoken", "")).encode(), self.token.encode()):
+            raise Refusal(401, "a valid mtoken is required")
+        try:
+            if name == "report_loaded":
+                if data.get("max_perf") is not None:
+                    self.state.loaded(float(data["max_perf"]))
+                else:
+                    self.state.ready()
+            elif name == "report_error":
+                self.state.failed(data.get("error_msg", "reported by %s" % request.remote_addr))
+            elif name == "report_capacity":
+                self.state.max_capacity = int(data.get("max_capacity") or 0)
+            elif name == "report_loading":
+                Log.write("info", "the model is loading")
+        except (TypeError, ValueError):
+            raise Refusal(400, "max_perf and max_capacity must be numbers")
+        return Response("ok")
+
+
+class BackendApp:
+    """Dispatch: one backend being served -- its Backend instance, its flask_dict routes and the
+    lock -- and the checks a request passes on its way to a handler: the route, the signed
+    grant, the worker's state, the lock's queue.  It is the app the server calls: respond()
+    turns a request into a response and never raises; finish() accounts for it once sent."""
+
+    def __init__(self, backend, routes, state, metrics, current, parallel=False, queue_time=30.0,
+                 workload=None, report_endpoints=None, grants=None, store=None):
+        """`current` is the CurrentRequest flask.request reads; the rest as named below."""
+        self.backend = backend
+        self.routes = routes
+        self.state = state  # the WorkerState: requests wait for "loaded"
+        self.metrics = metrics
+        self.current = current  # the CurrentRequest that flask.request reads
+        self.lock = None if parallel else QueueLock()
+        self.queue_time = queue_time
+        self.workload = workload  # backend.py's workload(backend, request); else 1 a request
+        self.report_endpoints = report_endpoints  # the original's /report_* endpoints, or None
+        self.grants = grants  # a GrantChecker: the autoscaler's signed grants, or None
+        self.store = store  # a StateStore when the backend's state is persisted, else None
+        self.store_lock = threading.Lock()  # handlers may run in parallel; saves may not
+
+    def respond(self, head, body, connection):
+        """(the response, the ticket finish() takes): a request's way to its handler and back.
+        Every refusal on the way -- route, grant, state, lock, the handler's abort(), a state that
+        could not be saved -- is a Refusal, answered here and nowhere else."""
+        request = Request(head, body, connection)
+        self.current.request = request
+        workload = None
+        try:
+            handler = self.routes.get(request.method, {}).get(request.path[1:])
+            if handler is None or request.path[1:] in ReportEndpoints.NAMES:
+                answer = self.direct_answer(request)
+                if answer is not None:
+                    return answer, None
+                if handler is None:
+                    raise Refusal(404, "no %s handler for %r" % (request.method, request.path[1:]))
+            if self.grants is not None:
+                self.grants.check(request)
+            if not self.state.accepting:
+                raise self.state.refusal()
+            workload = self.workload_of(request)
+            self.metrics.started(workload)
+            return self.call(handler, request), workload
+        except Refusal as refusal:
+            return refused_response(refusal), workload
+
+    def direct_answer(self, request):
+        """The answer to a request that no handler sees -- OPTIONS, the original's /report_*
+        endpoints -- or None; a path or method that is never served is refused (404, 405)."""
+        method, endpoint = request.method, request.path[1:]
+        if not endpoint:
+            raise Refusal(404, "nothing is served at /; endpoints are named paths")
+        if method == "OPTIONS":
+            return Response(headers={"Allow": ALLOW_HEADER})
+        if method not in SERVED_METHODS:
+            raise Refusal(405, "method %s is not served" % method, headers=[("Allow", ALLOW_HEADER)])
+        if method == "POST" and self.report_endpoints is not None and endpoint in ReportEndpoints.NAMES:
+            return self.report_endpoints.respond(endpoint, request)
+        return None
+
+    def workload_of(self, request):
+        """What the request counts for in the status record: backend.py's workload(), else 1."""
+        if self.workload is None:
+            return 1.0
+        try:
+            value = float(self.workload(self.backend, request))
+            if value >= 0 and math.isfinite(value):
+                return value
+            raise ValueError("%r is not a finite, non-negative number" % value)
+        except Exception as exc:
+            Log.write("debug", "%s %s: workload() failed (%s); counting 1" % (request.method, request.path, exc))
+            return 1.0
+
+    def call(self, handler, request):
+        """The handler's response, under the lock unless the backend runs handlers in parallel.
+        A Refusal passes up to respond(); any other failure is logged and refused with 500."""
+        try:
+            if self.lock is None:
+                return self.run_handler(handler, request)
+            if not self.lock.acquire(self.queue_time):
+                raise Refusal(429, "the backend was busy for more than %g s; retry" % self.queue_time,
+                              retry_after=1)
+            try:  # converted under the lock: the result may be live backend state
+                return self.run_handler(handler, request)
+            finally:
+                self.lock.release()
+        except Refusal:
+            raise
+        except BadReturnValue as exc:
+            Log.write("error", "%s %s: %s" % (request.method, request.path, exc))
+            raise Refusal(500)
+        except BaseException as exc:
+            refusal = as_refusal(exc)
+            if refusal is not None:
+                raise refusal
+            Log.exception("%s %s: the handler raised %s" % (request.method, request.path,
+                                                           type(exc).__name__))
+            raise Refusal(500)
+
+    def run_handler(self, handler, request):
+        """The handler's response; with a state file, the state is saved first if it changed,
+        so an answered request is never lost (a failed save undoes the change)."""
+        try:
+            return to_response(handler(self.backend, request))
+        finally:
+            if self.store is not None:
+                with self.store_lock:
+                    self.store.save_if_changed(self.backend)
+
+    def finish(self, workload, status):
+        """The response has been sent (or the client left: status 499): account for it."""
+        self.current.request = None
+        if workload is not None:
+            self.metrics.finished(workload, status)
+
+    def connection_refused(self):
+        self.metrics.refused()
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Outbound: status reports and notify
+# ------------------------------------------------------------------------------------------------
+
+REPORT_INTERVAL = 10.0  # seconds between status reports when nothing changes
+
+
+def report_addresses(value):
+    """REPORT_ADDR: one autoscaler address or an ordered, comma-separated list."""
+    return [address.strip().rstrip("/") for address in (value or "").split(",") if address.strip()]
+
+
+def http_exchange(url, method="GET", body=None, headers=None, timeout=10.0, verify=True):
+    """One request on a connection of its own: (status, body).  http.client, not urllib: it is
+    already loaded.  verify=False is for the worker calling itself over loopback, where the
+    certificate names the public address."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        import ssl  # only a worker talking https pays for loading it
+        context = ssl.create_default_context()
+        if not verify:
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
+    else:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        connection.request(method, (parts.path or "/") + ("?" + parts.query if parts.query else ""),
+                           body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def post_json(url, body, timeout):
+    """POST body as JSON; True on a 2xx answer."""
+    status, _ = http_exchange(url, "POST", json.dumps(body), {"Content-Type": "application/json"}, timeout)
+    return 200 <= status < 300
+
+
+def deliver(addresses, path, body, timeout=5.0, rounds=3, pause=2.0):
+    """Post to the first address that takes it, in order; up to `rounds` passes, `pause` apart.
+    Blocking: call it from a background thread."""
+    for attempt in range(rounds):
+        for address in addresses:
+            try:
+                if post_json(address + path, body, timeout):
+                    return True
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                Log.write("debug", "report to %s%s failed: %s" % (address, path, exc))
+        if attempt + 1 < rounds:
+            time.sleep(pause)
+    return False
+
+
+def disk_used_gb():
+    stats = os.statvfs("/")
+    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize / 1e9
+
+
+class StatusReporter:
+    """Sends the status record to {REPORT_ADDR}/worker_status/ from one background thread: every
+    10 s while loading, at once on loaded or failed, then when something changed (at most once a
+    second) or every 10 s.  A slow or dead autoscaler delays nothing but this thread, and counts
+    are only reset after a report went through, so nothing is lost between reports.  record()
+    is the one place the record's fields are set."""
+
+    def __init__(self, addresses, environ, port, scheme, state, metrics, held_back=None):
+        self.addresses = addresses
+        self.held_back = held_back  # reported as loading while this is true (no public key yet)
+        container_id = environ.get("CONTAINER_ID", "")
+        self.identity = {"id": int(container_id) if container_id.isdigit() else container_id,
+                         "mtoken": environ.get("MASTER_TOKEN", ""), "version": __version__}
+        public_ip, public_port = environ.get("PUBLIC_IPADDR"), environ.get("VAST_TCP_PORT_%d" % port)
+        self.url = "%s://%s:%s" % (scheme, public_ip, public_port) if public_ip and public_port else ""
+        self.state = state
+        self.metrics = metrics
+        self._disk_used = disk_used_gb()
+
+    def start(self):
+        threading.Thread(target=self._report_forever, name="status", daemon=True).start()
+
+    def report_once(self):
+        """A last report, on the way out: one quick try."""
+        snapshot = self.metrics.snapshot()
+        if deliver(self.addresses, "/worker_status/", self.record(snapshot, self.state.phase),
+                   timeout=2.0, rounds=1):
+            self.metrics.acknowledge(snapshot)
+
+    def record(self, snapshot, phase):
+        """The status record for a metrics snapshot, as of `phase`."""
+        state = self.state
+        record = dict(self.identity, loadtime=state.loadtime if phase == "loaded" else 0.0,
+                      error_msg=state.error, max_perf=state.max_perf if phase == "loaded" else 0.0,
+                      cur_capacity=0, max_capacity=state.max_capacity,
+                      additional_disk_usage=round(disk_used_gb() - self._disk_used, 3),
+                      working_request_idxs=[], url=self.url)
+        record.update(snapshot)
+        return record
+
+    def _report_forever(self):
+        """The reporter thread: a record when one is due, and acknowledged once delivered."""
+        last_sent, sent_phase = 0.0, None
+        while True:
+            self.state.phase_changed.wait(1.0)
+            self.state.phase_changed.clear()
+            now = time.monotonic()
+            phase = self.state.phase
+            if phase == "benchmarking" or (phase == "loaded" and self.held_back and self.held_back()):
+                phase = "loading"  # not ready for traffic yet
+            due = phase != sent_phase or now - last_sent >= REPORT_INTERVAL or (
+                phase == "loaded" and self.metrics.has_news)
+            if not due:
+                continue
+            snapshot = self.metrics.snapshot()
+            record = self.record(snapshot, phase)
+            last_sent = now
+            if deliver(self.addresses, "/worker_status/", record):
+                self.metrics.acknowledge(snapshot)
+                self._disk_used += record["additional_disk_usage"]
+                sent_phase = phase
+            else:
+                self.metrics.has_news = True  # what the snapshot held is still to be reported
+                Log.write("warning", "could not report to %s; retrying in %g s"
+                          % (", ".join(self.addresses), REPORT_INTERVAL))
+
+
+class Postbox:
+    """Posts queued by the notify helpers, sent in order by one background thread, so that a
+    backend's call returns at once even when no autoscaler answers.  At most 100 wait: during a
+    long outage the oldest are dropped (newer reports supersede them)."""
+
+    def __init__(self):
+        self._queue = collections.deque(maxlen=100)
+        self._ready = threading.Condition()
+        self._thread = None
+
+    def post(self, addresses, path, body):
+        with self._ready:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._send_forever, name="notify", daemon=True)
+                self._thread.start()
+            self._queue.append((addresses, path, body))
+            self._ready.notify()
+
+    def _send_forever(self):
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                addresses, path, body = self._queue.popleft()
+            if not deliver(addresses, path, body, timeout=2.0):
+                Log.write("warning", "notify: could not post to %s" % ", ".join(addresses))
+
+
+def make_notify_module(postbox):
+    """The `notify` the autoscaler guide's backend imports: loaded(), update() and error() post
+    its data plus the named fields to {autoscaler_address}/worker_status/ through `postbox`,
+    without waiting."""
+    module = types.ModuleType("notify", "vastworker's notify helpers for backends that report "
+                                        "to the autoscaler themselves")
+
+    def post(data, autoscaler_address, **fields):
+        addresses = report_addresses(autoscaler_address)
+        if addresses:
+            postbox.post(addresses, "/worker_status/", dict(data or {}, **fields))
+        else:
+            Log.write("debug", "notify: no autoscaler address; not posting %r" % (fields,))
+
+    def loaded(data, autoscaler_address, load_time, max_perf):
+        post(data, autoscaler_address, loadtime=load_time, max_perf=max_perf)
+
+    def update(data, autoscaler_address, cur_load, num_requests_recieved):
+        post(data, autoscaler_address, cur_load=cur_load, num_requests_recieved=num_requests_recieved)
+
+    def error(data, autoscaler_address, error_msg):
+        post(data, autoscaler_address, error_msg=error_msg)
+
+    for function in (loaded, update, error):
+        function.__module__ = "notify"
+        setattr(module, function.__name__, function)
+    return module
+
+
+def uses_notify(module):
+    """Does the backend use notify (the module or its functions)?  Then it reports to the
+    autoscaler itself, and the worker stays quiet."""
+    return any(isinstance(value, types.ModuleType) and value.__name__ == "notify"
+               or isinstance(value, types.FunctionType) and value.__module__ == "notify"
+               for value in vars(module).values())
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Outbound: the benchmark and the public key
+# ------------------------------------------------------------------------------------------------
+
+class Benchmark:
+    """Measures max_perf: a warm-up request, then `runs` rounds of `concurrency` simultaneous
+    requests of the backend's benchmark payload through the worker itself; the best round's
+    workload served per second, counting successes only.  The result is cached on disk under a
+    key of the backend's name, its backend.py and this configuration, so a reboot skips it."""
+
+    def __init__(self, config, name, source, cache_file, address, tls=False):
+        self.config = config
+        host = "[%s]" % address[0] if ":" in address[0] else address[0]
+        self.url = "%s://%s:%d/%s" % ("https" if tls else "http", host, address[1], config["endpoint"])
+        import hashlib
+        digest = hashlib.sha256(source + json.dumps(config, sort_keys=True).encode()).hexdigest()
+        self.key = "%s:%s" % (name, digest[:16])
+        self.cache_file = cache_file
+
+    def cached(self):
+        try:
+            with open(self.cache_file) as file:
+                return float(json.load(file)[self.key])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def store(self, max_perf):
+        try:
+            with open(self.cache_file) as file:
+                cache = json.load(file)
+        except (OSError, ValueError):
+            cache = {}
+        cache[self.key] = max_perf
+        temporary = self.cache_file + ".tmp"
+        with open(temporary, "w") as file:
+            json.dump(cache, file, indent=1, sort_keys=True)
+        os.replace(temporary, self.cache_file)
+
+    def one_request(self):
+        headers = {"Content-Type": "application/json", INTERNAL_HEADER: INTERNAL_TOKEN}
+        try:
+            status, _ = http_exchange(self.url, self.config["method"], json.dumps(self.config["payload"]),
+                                      headers, timeout=600, verify=False)
+        except (OSError, http.client.HTTPException):
+            return False
+        return 200 <= status < 300
+
+    def measure(self):
+        """The best round's workload per second (the warm-up is not counted)."""
+        config = self.config
+        self.one_request()  # warm-up, not counted
+        best = 0.0
+        for _ in range(config["runs"]):
+            results = []
+            threads = [threading.Thread(target=lambda: results.append(self.one_request()))
+                       for _ in range(config["concurrency"])]
+            started = time.monotonic()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = max(time.monotonic() - started, 1e-6)
+            best = max(best, sum(results) * config["workload"] / elapsed)
+        return round(best, 3)
+
+    def run(self, state, metrics):
+        """The on_ready step: cached result, else measure; loaded with it, or failed.  The
+        benchmark's own requests are not reported as traffic."""
+        max_perf = self.cached()
+        if max_perf is not None:
+            Log.write("info", "benchmark: %g workload/s (cached in %s)" % (max_perf, self.cache_file))
+        else:
+            Log.write("info", "benchmark: %(runs)d rounds of %(concurrency)d %(method)s /%(endpoint)s" % self.config)
+            max_perf = self.measure()
+            if max_perf <= 0:
+                return state.failed("benchmark: no successful response from %(method)s /%(endpoint)s" % self.config)
+            Log.write("info", "benchmark: %g workload/s" % max_perf)
+            try:
+                self.store(max_perf)
+            except OSError as exc:
+                Log.write("warning", "benchmark: could not cache the result in %s: %s" % (self.cache_file, exc))
+        metrics.restart()
+        state.loaded(max_perf)
+
+
+def benchmark_config(value, path, parallel):
+    """backend.py's `benchmark`, checked, with its defaults filled in."""
+    if not isinstance(value, dict) or not isinstance(value.get("endpoint"), str) or "payload" not in value:
+        raise StartupError('%s: benchmark must be a dict like {"endpoint": "generate", "payload": {...}}' % path)
+    unknown = set(value) - {"endpoint", "payload", "method", "runs", "concurrency", "workload"}
+    if unknown:
+        raise StartupError("%s: benchmark has unknown keys %s" % (path, ", ".join(sorted(unknown))))
+    config = {"method": "POST", "runs": 3, "concurrency": 10 if parallel else 1, "workload": 1.0}
+    config.update(value)
+    for key in ("runs", "concurrency"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise StartupError("%s: benchmark %s must be a whole number of at least 1" % (path, key))
+    if not isinstance(config["workload"], (int, float)) or not config["workload"] > 0:
+        raise StartupError("%s: benchmark workload must be a positive number" % path)
+    return config
+
+
 def fetch_public_key(addresses, checker):
     """Fetch {REPORT_ADDR}/pubkey/ in the background until it arrives: 1, 2, 4 ... 60 s apart."""
     def fetch_forever():
+        """Try each address in turn until one serves a key that parses."""
         pause = 1.0
         while True:
             for address in addresses:
@@ -2685,7 +2703,7 @@ def fetch_public_key(addresses, checker):
 
 
 # ------------------------------------------------------------------------------------------------
-# Log watching
+# 5. Outbound: the model server's log
 # ------------------------------------------------------------------------------------------------
 
 class LogWatcher:
@@ -2720,6 +2738,7 @@ class LogWatcher:
         return file
 
     def _watch_forever(self):
+        """The watcher thread: whole lines to handle(), reopening the file when it is replaced."""
         file, partial = None, b""
         while True:
             if file is None:
@@ -2758,6 +2777,7 @@ class LogWatcher:
 
 
 def log_actions_config(value, path):
+    """backend.py's `log_actions`, checked."""
     if not isinstance(value, dict) or set(value) - {"loaded", "error", "info"} or not all(
             isinstance(patterns, (list, tuple)) and all(isinstance(p, str) and p for p in patterns)
             for patterns in value.values()):
@@ -2767,11 +2787,172 @@ def log_actions_config(value, path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line
+# 6. Tools: RSA signing and the stand-in autoscaler
 # ------------------------------------------------------------------------------------------------
 
-class StartupError(Exception):
-    """Why the worker cannot start, in one line for the user."""
+def der(tag, content):
+    length = len(content)
+    if length < 0x80:
+        return bytes((tag, length)) + content
+    size = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + content
+
+
+def der_integer(value):
+    return der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def probably_prime(n, rounds=40):
+    """Miller-Rabin."""
+    import secrets
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for _ in range(rounds):
+        x = pow(secrets.randbelow(n - 3) + 2, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def random_prime(bits):
+    import secrets
+    small_primes = [p for p in range(3, 2000, 2) if all(p % d for d in range(3, int(p ** 0.5) + 1, 2))]
+    while True:
+        candidate = secrets.randbits(bits) | (3 << (bits - 2)) | 1
+        if all(candidate % p for p in small_primes) and probably_prime(candidate):
+            return candidate
+
+
+class RSAPrivateKey(RSAPublicKey):
+    """A key the stand-in autoscaler generates to sign grants: pure Python, no dependency."""
+
+    def __init__(self, n, e, d):
+        super().__init__(n, e)
+        self.d = d
+
+    @classmethod
+    def generate(cls, bits=2048):
+        e = 65537
+        while True:
+            p, q = random_prime(bits // 2), random_prime(bits // 2)
+            n, phi = p * q, (p - 1) * (q - 1)
+            if p != q and n.bit_length() == bits and math.gcd(e, phi) == 1:
+                return cls(n, e, pow(e, -1, phi))
+
+    def sign(self, message):
+        import base64
+        number = int.from_bytes(self.expected_encoding(message), "big")
+        return base64.b64encode(pow(number, self.d, self.n).to_bytes(self.size, "big")).decode()
+
+    def public_pem(self):
+        """SubjectPublicKeyInfo PEM, as Vast's /pubkey/ serves it."""
+        import base64
+        rsa = der(0x30, der_integer(self.n) + der_integer(self.e))
+        info = der(0x30, der(0x30, der(0x06, RSA_ENCRYPTION_OID) + der(0x05, b"")) + der(0x03, b"\x00" + rsa))
+        text = base64.b64encode(info).decode()
+        return "-----BEGIN PUBLIC KEY-----\n%s\n-----END PUBLIC KEY-----\n" % "\n".join(
+            text[i:i + 64] for i in range(0, len(text), 64))
+
+
+class StandInAutoscaler:
+    """`python3 vastworker.py autoscaler`: a local stand-in for Vast's autoscaler, served as a
+    backend.  It prints and keeps the status records workers send, so a backend's reports can
+    be watched before deploying (GET /records returns them), serves its public key and signs
+    grants at /route/ for the workers that reported themselves loaded.  Its key is generated in
+    the background (about a second of pure-Python arithmetic), so it answers at once; /pubkey/
+    and /route/ wait for the key."""
+
+    def __init__(self, shape="g3"):
+        self.records = []
+        self.shape = "g3" if shape == "auto" else shape
+        self._key = None
+        self._key_made = threading.Event()
+        self.reqnum = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._make_key, name="stand-in key", daemon=True).start()
+
+    def _make_key(self):
+        self._key = RSAPrivateKey.generate()
+        self._key_made.set()
+
+    @property
+    def key(self):
+        self._key_made.wait()
+        return self._key
+
+    def pubkey(self, _, request):
+        return Response(self.key.public_pem(), mimetype="text/plain")
+
+    def route(self, _, request):
+        """Like Vast's /route/: a signed grant for a loaded worker (its reported url), or no url."""
+        ask = request.get_json(force=True)
+        if not isinstance(ask, dict) or not isinstance(ask.get("endpoint"), str):
+            abort(400, 'expected {"endpoint": NAME, "cost": WORKLOAD}')
+        ready = [record for record in self.records
+                 if record.get("url") and record.get("loadtime") and not record.get("error_msg")]
+        if not ready:
+            return {"endpoint": ask["endpoint"], "status": "no ready worker"}
+        with self._lock:
+            self.reqnum += 1
+            grant = {"cost": float(ask.get("cost", 1.0)), "endpoint": ask["endpoint"],
+                     "reqnum": self.reqnum, "request_idx": self.reqnum, "url": ready[-1]["url"]}
+        grant["signature"] = self.key.sign(signed_message(grant, self.shape).encode())
+        return grant
+
+    def worker_status(self, _, request):
+        record = request.get_json(force=True)
+        self.records.append(record)
+        fields = ("id", "loadtime", "max_perf", "cur_load", "new_load", "cur_perf",
+                  "num_requests_working", "num_requests_recieved", "error_msg")
+        print("%s worker_status %s" % (time.strftime("%H:%M:%S"), " ".join(
+            "%s=%s" % (name, json.dumps(record[name])) for name in fields if name in record)), flush=True)
+        return {"ok": True}
+
+    def list_records(self, _, request):
+        return list(self.records)
+
+    def routes(self):
+        return {"POST": {"worker_status/": self.worker_status, "route/": self.route},
+                "GET": {"records": self.list_records, "pubkey/": self.pubkey}}
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Command line: options, loading a backend, the Worker
+# ------------------------------------------------------------------------------------------------
+
+ENVIRONMENT_HELP = """\
+environment variables:
+  WORKER_PORT, AUTH_PORT  port to listen on when --port is not given (in that order; else 3000)
+  REPORT_ADDR             autoscaler address(es), comma-separated, tried in order: status reports
+                          go to {address}/worker_status/; also Backend(control_server_url=...)
+  CONTAINER_ID            instance id: the reports' "id", and Backend(container_id=...)
+  MASTER_TOKEN            shared secret: the reports' "mtoken", the key to the internal
+                          /report_* endpoints (off without it), and Backend(master_token=...)
+  PUBLIC_IPADDR, VAST_TCP_PORT_<port>  the public address reported as "url"
+  MODEL_LOG               the model server's log, watched for the backend's log_actions
+  STATE_FILE              same as --state-file
+  VASTWORKER_PUBKEY       the autoscaler's public key (PEM text), instead of --pubkey
+  UNSECURED=true          same as --allow-unsigned
+  USE_SSL=true            serve HTTPS with /etc/instance.crt and /etc/instance.key (Vast's)
+
+backends:
+  BACKEND is a directory name under backends/ next to this file (e.g. helloworld), or a path
+  to any directory holding a backend.py.  backend.py defines Backend, its handlers and
+  flask_dict = {"POST": {"increment": increment_handler}, "GET": {"value": value_handler}}.
+  Handler calls are serialised by a lock; a backend whose handlers do their own locking sets
+  allow_parallel_requests = True in backend.py.  It may also set readiness, log_actions,
+  benchmark, workload and max_perf (see README.md).
+
+  python3 vastworker.py autoscaler [--port P]  runs a local stand-in for Vast's autoscaler
+  (default port 8081) that prints the status records workers send it.
+"""
 
 
 def byte_size(text):
@@ -2805,6 +2986,7 @@ def port_number(text, source="--port"):
 
 
 def make_parser():
+    """The command line: the backend, then options, each with its default in --help."""
     parser = argparse.ArgumentParser(
         prog="vastworker.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a pyworker-style backend (backend.py with Backend and flask_dict) "
@@ -2892,12 +3074,28 @@ def available_backends():
                   if os.path.isfile(os.path.join(BACKENDS_DIR, name, "backend.py")))
 
 
-def install_modules():
-    """Make `import flask` and `import notify` give ours, and `import vastworker` this very module
-    even when it runs as __main__ (a second copy would have globals, and a state, of its own)."""
-    sys.modules["flask"] = make_flask_module()
-    sys.modules["notify"] = make_notify_module()
+def install_modules(current, postbox):
+    """Make `import flask` and `import notify` give ours -- reading the worker's current request
+    and posting through its postbox -- and `import vastworker` this very module even when it
+    runs as __main__ (a second copy would have globals, and a Worker, of its own)."""
+    sys.modules["flask"] = make_flask_module(current)
+    sys.modules["notify"] = make_notify_module(postbox)
     sys.modules.setdefault("vastworker", sys.modules[__name__])
+
+
+def describe_exception(exc):
+    return "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+
+
+def where_in(exc, directory):
+    """' (at backend.py line 3)': the innermost frame of the backend's own code."""
+    if isinstance(exc, SyntaxError):
+        return ""
+    import traceback
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if os.path.abspath(frame.filename).startswith(directory + os.sep):
+            return " (at %s line %s)" % (os.path.relpath(frame.filename, directory), frame.lineno)
+    return ""
 
 
 def import_backend(directory):
@@ -2914,21 +3112,6 @@ def import_backend(directory):
         raise StartupError("%s failed to import: %s%s" % (path, describe_exception(exc),
                                                          where_in(exc, directory)))
     return module
-
-
-def describe_exception(exc):
-    return "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
-
-
-def where_in(exc, directory):
-    """' (at backend.py line 3)': the innermost frame of the backend's own code."""
-    if isinstance(exc, SyntaxError):
-        return ""
-    import traceback
-    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        if os.path.abspath(frame.filename).startswith(directory + os.sep):
-            return " (at %s line %s)" % (os.path.relpath(frame.filename, directory), frame.lineno)
-    return ""
 
 
 def validate_routes(module, path):
@@ -2984,10 +3167,14 @@ def describe_routes(routes):
 
 
 class BackendPlan:
-    """What backend.py declares beyond its routes, checked before anything starts: readiness,
-    log actions, a benchmark, a workload function, max_perf and parallelism."""
+    """What backend.py declares, checked before anything starts: its routes, readiness, log
+    actions, a benchmark, a workload function, max_perf, parallelism and what is persisted."""
 
-    def __init__(self, module, path, environ):
+    def __init__(self, module, directory, environ):
+        """Read backend.py's declarations from `module`; StartupError names the first mistake."""
+        path = os.path.join(directory, "backend.py")
+        self.module, self.path = module, path
+        self.routes = validate_routes(module, path)
         self.parallel = bool(getattr(module, "allow_parallel_requests", False))
         self.readiness = getattr(module, "readiness", "start")
         if self.readiness not in ("start", "log", "call"):
@@ -3009,91 +3196,11 @@ class BackendPlan:
         self.max_perf = getattr(module, "max_perf", 1.0)
         if not isinstance(self.max_perf, (int, float)) or not self.max_perf > 0:
             raise StartupError("%s: max_perf must be a positive number" % path)
-        self.reports_itself = reports_itself(module)
+        self.uses_notify = uses_notify(module)
         self.persist = getattr(module, "persist", getattr(module.Backend, "persist", None))
         if self.persist is not None and not (isinstance(self.persist, (list, tuple, set)) and all(
                 isinstance(name, str) for name in self.persist)):
             raise StartupError("%s: persist must be a list of attribute names" % path)
-
-
-def start(options, environ):
-    """Everything up to a listening server with a constructed backend; raises StartupError."""
-    if options.backend == "autoscaler":
-        return start_stand_in(options, environ)
-    directory = find_backend(options.backend)
-    name = os.path.basename(directory)
-    port = resolve_port(options.port, environ)
-    install_modules()
-    module = import_backend(directory)
-    path = os.path.join(directory, "backend.py")
-    routes = validate_routes(module, path)
-    plan = BackendPlan(module, path, environ)
-    addresses = report_addresses(environ.get("REPORT_ADDR"))
-    grants, key_source = grant_checker(options, environ, addresses)
-    tls = tls_context(options, environ)
-    server = listen(options, port, tls)
-    host, port = server.server_address[:2]
-    scheme = "https" if tls is not None else "http"
-    _state.max_perf = float(plan.max_perf)
-    metrics = Metrics()
-    if plan.benchmark is not None:
-        with open(path, "rb") as file:
-            benchmark = Benchmark(plan.benchmark, name, file.read(),
-                                  os.path.join(options.cache_dir, "vastworker-benchmark.json"),
-                                  (loopback_for(host), port), tls is not None)
-        _state.on_ready = lambda: benchmark.run(_state, metrics)
-    if plan.log_actions is not None:
-        LogWatcher(plan.model_log, plan.log_actions, _state).start()
-    if plan.reports_itself:
-        Log.write("info", "the backend reports to the autoscaler itself (it uses notify)")
-    elif addresses:
-        server.reporter = StatusReporter(addresses, environ, port, scheme, _state, metrics,
-                                         held_back=lambda: grants.waiting_for_key)
-        server.reporter.start()
-    store, saved = None, None
-    state_file = options.state_file or environ.get("STATE_FILE")
-    if state_file:
-        store = StateStore(state_file, plan.persist)
-        saved = store.load()
-    try:
-        backend = module.Backend(**backend_arguments(module.Backend, environ))
-    except BaseException as exc:
-        server.server_close()
-        Log.write("debug", formatted_exception())
-        raise StartupError("Backend() failed: %s%s" % (describe_exception(exc), where_in(exc, directory)))
-    if store is not None:
-        store.restore(backend, saved or {})
-        Log.write("info", "state %s %s" % ("restored from" if saved is not None else "will be saved in", store.path))
-    if isinstance(getattr(backend, "max_perf", None), (int, float)) and backend.max_perf > 0:
-        _state.max_perf = float(backend.max_perf)
-    reports = InternalReports(environ.get("MASTER_TOKEN"), _state)
-    server.app = BackendApp(backend, routes, plan.parallel, options.queue_time, plan.workload,
-                            reports=reports, metrics=metrics, grants=grants, store=store)
-    Log.write("info", "vastworker %s serving %s on %s://%s:%d (%s)%s"
-              % (__version__, name, scheme, host if ":" not in host else "[%s]" % host,
-                 port, describe_routes(routes), "; handlers run in parallel" if plan.parallel else ""),
-              always=True)
-    grants.describe(key_source)
-    if grants.key_expected:
-        fetch_public_key(addresses, grants)
-    if plan.readiness == "start":
-        _state.ready()
-    else:
-        Log.write("info", "waiting for the backend to be ready (%s)" % (
-            "a loaded line in %s" % plan.model_log if plan.readiness == "log" else "vastworker.ready()"))
-    return server
-
-
-def listen(options, port, tls=None):
-    """The listening server, bound before any backend is built so a busy port fails first."""
-    try:
-        return WorkerServer((options.host, port), None, options.timeout, options.max_body, tls,
-                            options.max_connections)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise StartupError("port %d is already in use on %s (is another worker running?)"
-                               % (port, options.host))
-        raise StartupError("cannot listen on %s:%d: %s" % (options.host, port, exc.strerror or exc))
 
 
 def grant_checker(options, environ, addresses):
@@ -3137,18 +3244,184 @@ def loopback_for(host):
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def start_stand_in(options, environ):
-    """The local autoscaler stand-in, served by the same machinery as a backend."""
-    stand_in = StandInAutoscaler(options.grant_shape)
-    routes = stand_in.routes()
-    server = listen(options, port_number(options.port, "--port") if options.port else 8081)
-    always_loaded = WorkerState()
-    always_loaded.phase = "loaded"
-    server.app = BackendApp(stand_in, routes, state=always_loaded)
-    host, port = server.server_address[:2]
-    Log.write("info", "vastworker %s autoscaler stand-in on http://%s:%d: point REPORT_ADDR at it "
-                      "(%s)" % (__version__, host, port, describe_routes(routes)), always=True)
-    return server
+class Worker:
+    """One worker process: a backend (or the stand-in autoscaler) behind a WorkerServer, with the
+    worker state, metrics, status reporter and background services that go with it.
+
+    start() is plan, bind, build: plan reads and checks all that the options and backend.py name,
+    so a mistake is one StartupError line before anything runs; bind takes the port before the
+    backend is built, so a busy port fails in a moment rather than after a model has loaded;
+    build constructs the Backend and everything that serves it.  run() then serves until
+    SIGTERM or SIGINT.  Worker.running is the one this process serves: vastworker.ready() and
+    failed() reach it there."""
+
+    running = None
+
+    def __init__(self, options, environ):
+        self.options = options
+        self.environ = environ
+        self.state = WorkerState()
+        self.metrics = Metrics()
+        self.current = CurrentRequest()  # what flask.request reads
+        self.postbox = Postbox()  # what notify posts through
+        self.server = None
+        self.reporter = None
+
+    def start(self):
+        """Plan, bind and build; raises StartupError, having started nothing that outlives it."""
+        Worker.running = self
+        if self.options.backend == "autoscaler":
+            return self.start_stand_in()
+        self.plan()
+        self.bind(self.port)
+        self.build()
+
+    def plan(self):
+        options, environ = self.options, self.environ
+        self.directory = find_backend(options.backend)
+        self.port = resolve_port(options.port, environ)
+        install_modules(self.current, self.postbox)
+        self.backend_plan = BackendPlan(import_backend(self.directory), self.directory, environ)
+        self.addresses = report_addresses(environ.get("REPORT_ADDR"))
+        self.grants, self.key_source = grant_checker(options, environ, self.addresses)
+        self.tls = tls_context(options, environ)
+        self.store, self.saved = None, None
+        state_file = options.state_file or environ.get("STATE_FILE")
+        if state_file:
+            self.store = StateStore(state_file, self.backend_plan.persist)
+            self.saved = self.store.load()
+
+    def bind(self, port):
+        host = self.options.host
+        try:
+            self.listener = open_listener(host, port)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError("port %d is already in use on %s (is another worker running?)" % (port, host))
+            raise StartupError("cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
+
+    def build(self):
+        """The background services, the Backend, its app and the server, in the order that lets
+        the autoscaler hear of a model that loads slowly in Backend()."""
+        options, environ, plan, state = self.options, self.environ, self.backend_plan, self.state
+        host, port = self.listener.getsockname()[:2]
+        scheme = "https" if self.tls is not None else "http"
+        state.max_perf = float(plan.max_perf)
+        if plan.benchmark is not None:
+            with open(plan.path, "rb") as file:
+                benchmark = Benchmark(plan.benchmark, os.path.basename(self.directory), file.read(),
+                                      os.path.join(options.cache_dir, "vastworker-benchmark.json"),
+                                      (loopback_for(host), port), self.tls is not None)
+            state.on_ready = lambda: benchmark.run(state, self.metrics)
+        if plan.log_actions is not None:
+            LogWatcher(plan.model_log, plan.log_actions, state).start()
+        if plan.uses_notify:
+            Log.write("info", "the backend reports to the autoscaler itself (it uses notify)")
+        elif self.addresses:
+            self.reporter = StatusReporter(self.addresses, environ, port, scheme, state, self.metrics,
+                                           held_back=lambda: self.grants.waiting_for_key)
+            self.reporter.start()
+        backend = self.construct_backend()
+        app = BackendApp(backend, plan.routes, state, self.metrics, self.current, plan.parallel,
+                         options.queue_time, plan.workload,
+                         ReportEndpoints(environ.get("MASTER_TOKEN"), state), self.grants, self.store)
+        self.server = WorkerServer(self.listener, app, options.timeout, options.max_body, self.tls,
+                                   options.max_connections)
+        Log.write("info", "vastworker %s serving %s on %s://%s:%d (%s)%s"
+                  % (__version__, os.path.basename(self.directory), scheme,
+                     host if ":" not in host else "[%s]" % host, port, describe_routes(plan.routes),
+                     "; handlers run in parallel" if plan.parallel else ""), always=True)
+        self.grants.describe(self.key_source)
+        if self.grants.key_expected:
+            fetch_public_key(self.addresses, self.grants)
+        if plan.readiness == "start":
+            state.ready()
+        else:
+            Log.write("info", "waiting for the backend to be ready (%s)" % (
+                "a loaded line in %s" % plan.model_log if plan.readiness == "log" else "vastworker.ready()"))
+
+    def construct_backend(self):
+        """Backend(), its saved state restored; the one place a backend's own start-up runs."""
+        backend_class = self.backend_plan.module.Backend
+        try:
+            backend = backend_class(**backend_arguments(backend_class, self.environ))
+        except BaseException as exc:
+            self.listener.close()
+            Log.write("debug", formatted_exception())
+            raise StartupError("Backend() failed: %s%s" % (describe_exception(exc), where_in(exc, self.directory)))
+        if self.store is not None:
+            self.store.restore(backend, self.saved or {})
+            Log.write("info", "state %s %s" % ("restored from" if self.saved is not None else "will be saved in",
+                                              self.store.path))
+        if isinstance(getattr(backend, "max_perf", None), (int, float)) and backend.max_perf > 0:
+            self.state.max_perf = float(backend.max_perf)
+        return backend
+
+    def start_stand_in(self):
+        """The local autoscaler stand-in, served by the same machinery as a backend."""
+        options = self.options
+        stand_in = StandInAutoscaler(options.grant_shape)
+        routes = stand_in.routes()
+        self.bind(port_number(options.port, "--port") if options.port else 8081)
+        self.state.phase = "loaded"  # nothing to load: it serves at once
+        app = BackendApp(stand_in, routes, self.state, self.metrics, self.current)
+        self.server = WorkerServer(self.listener, app, options.timeout, options.max_body,
+                                   max_connections=options.max_connections)
+        host, port = self.server.server_address[:2]
+        Log.write("info", "vastworker %s autoscaler stand-in on http://%s:%d: point REPORT_ADDR at it "
+                          "(%s)" % (__version__, host, port, describe_routes(routes)), always=True)
+
+    def run(self):
+        """Serve until SIGTERM or SIGINT, then stop accepting, let in-flight requests finish (for
+        up to --grace seconds), send a last status report and exit 0, whatever threads the
+        backend left running."""
+        server, grace, stop = self.server, self.options.grace, threading.Event()
+
+        def on_signal(signum, frame):
+            if stop.is_set():
+                Log.write("warning", "second signal: exiting now")
+                os._exit(1)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        Log.start_flusher()
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                                  name="accept", daemon=True)
+        thread.start()
+        while not stop.wait(1.0):
+            if not thread.is_alive():
+                Log.write("error", "the server loop ended unexpectedly")
+                break
+        server.stopping = True
+        server.shutdown()
+        server.server_close()
+        in_flight = server.active_requests
+        if in_flight:
+            Log.write("info", "stopping: waiting up to %g s for %d request(s) in flight" % (grace, in_flight))
+        if not server.wait_idle(grace):
+            Log.write("warning", "stopping with %d request(s) unfinished" % server.active_requests)
+        if self.reporter is not None:
+            self.reporter.report_once()
+        Log.write("info", "stopped", always=True)
+        sys.stdout.flush()
+        os._exit(0)  # the backend's own non-daemon threads must not keep the process alive
+
+
+def running_worker():
+    if Worker.running is None:
+        raise RuntimeError("no worker is running in this process (python3 vastworker.py BACKEND starts one)")
+    return Worker.running
+
+
+def ready():
+    """A backend with readiness = "call" says its model is ready: benchmark, then loaded."""
+    running_worker().state.ready()
+
+
+def failed(message):
+    """A backend says its model failed, for good: reported as error_msg; requests get 503."""
+    running_worker().state.failed(message)
 
 
 def report_startup_failure(environ, message):
@@ -3163,54 +3436,19 @@ def report_startup_failure(environ, message):
             sys.stderr.write("vastworker: could not report the failure to %s\n" % ", ".join(addresses))
 
 
-def serve(server, grace):
-    """Serve until SIGTERM or SIGINT, then stop accepting, let in-flight requests finish (for up to
-    `grace` seconds) and exit 0, whatever threads the backend left running."""
-    stop = threading.Event()
-
-    def on_signal(signum, frame):
-        if stop.is_set():
-            Log.write("warning", "second signal: exiting now")
-            os._exit(1)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    Log.start_flusher()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                              name="accept", daemon=True)
-    thread.start()
-    while not stop.wait(1.0):
-        if not thread.is_alive():
-            Log.write("error", "the server loop ended unexpectedly")
-            break
-    server.stopping = True
-    server.shutdown()
-    server.server_close()
-    in_flight = server.active_requests
-    if in_flight:
-        Log.write("info", "stopping: waiting up to %g s for %d request(s) in flight" % (grace, in_flight))
-    if not server.wait_idle(grace):
-        Log.write("warning", "stopping with %d request(s) unfinished" % server.active_requests)
-    if server.reporter is not None:
-        server.reporter.report_once()
-    Log.write("info", "stopped", always=True)
-    sys.stdout.flush()
-    os._exit(0)  # the backend's own non-daemon threads must not keep the process alive
-
-
 def main(argv=None, environ=None):
     environ = os.environ if environ is None else environ
     options = make_parser().parse_args(argv)
     Log.level = Log.LEVELS["warning" if options.quiet else options.log_level]
+    worker = Worker(options, environ)
     try:
-        server = start(options, environ)
+        worker.start()
     except StartupError as exc:
         sys.stderr.write("vastworker: error: %s\n" % exc)
         sys.stderr.flush()
         report_startup_failure(environ, str(exc))
         os._exit(1)  # not sys.exit: a half-built backend's threads must not keep us alive
-    serve(server, options.grace)
+    worker.run()
 
 
 if __name__ == "__main__":
