@@ -951,13 +951,19 @@ class WorkerServer(http.server.ThreadingHTTPServer):
             self.shutdown_request(sock)
 
     def _refuse_over_tls(self, sock, data):
-        """The refusal thread: handshake and the 503, each under a 1 s deadline, then close."""
+        """The refusal thread: handshake and the 503, each under a 1 s deadline, then close --
+        after reading what the client sent meanwhile (for up to 1 s), since closing a socket
+        with unread data resets it, and a reset can destroy the answer before it is read."""
         client = None
         try:
             client = ClientSocket(self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), 1.0)
             self.deadlines.watch(client)
             client.handshake()
             client.send(data)
+            client.sock.shutdown(socket.SHUT_WR)
+            client.deadline = time.monotonic() + 1.0
+            while client.sock.recv(65536):
+                pass
         except OSError:
             pass
         finally:

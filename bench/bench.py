@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,8 +27,8 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VASTWORKER = os.path.join(ROOT, "vastworker.py")
+from harness import ROOT, VASTWORKER, free_port, rss_kb, value_at, wait_until
+
 HELLOWORLD = os.path.join(ROOT, "backends", "helloworld")
 
 # The original worker's host: a catch-all route dispatching through flask_dict, app.run(threaded).
@@ -71,12 +70,6 @@ wrk.method = "POST"
 wrk.body = '{"amount": 1}'
 wrk.headers["Content-Type"] = "application/json"
 """
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Cores:
@@ -121,15 +114,10 @@ class Server:
 
     @property
     def rss_mb(self):
-        with open("/proc/%d/status" % self.proc.pid) as file:
-            return int(re.search(r"VmRSS:\s+(\d+)", file.read()).group(1)) / 1024
+        return rss_kb(self.proc.pid) / 1024
 
     def get_value(self):
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        connection.request("GET", "/value")
-        value = json.loads(connection.getresponse().read())["value"]
-        connection.close()
-        return value
+        return value_at(self.port)
 
     def __enter__(self):
         return self
@@ -149,18 +137,23 @@ class Server:
 
 
 def wait_for_200(port, proc, path="/value", timeout=30):
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
+    """The moment the server first answers 200 (polled every 2 ms, for the start-up time)."""
+    def answered():
         if proc.poll() is not None:
             raise SystemExit("a server exited at start-up (exit status %s)" % proc.returncode)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
         try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             connection.request("GET", path)
-            if connection.getresponse().status == 200:
-                return time.perf_counter()
+            return connection.getresponse().status == 200 and time.perf_counter()
         except OSError:
-            time.sleep(0.002)
-    raise SystemExit("no 200 from port %d within %d s" % (port, timeout))
+            return False
+        finally:
+            connection.close()
+
+    try:
+        return wait_until(answered, timeout, 0.002)
+    except AssertionError:
+        raise SystemExit("no 200 from port %d within %d s" % (port, timeout))
 
 
 class Load:

@@ -1,0 +1,151 @@
+"""Starting vastworker processes and talking to them over loopback, written once for the tests
+(test_vastworker.py) and the benchmark (bench/bench.py).  Standard library only."""
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VASTWORKER = os.path.join(ROOT, "vastworker.py")
+JSON = {"Content-Type": "application/json"}
+
+
+def free_port():
+    """A loopback port that nothing listens on just now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rss_kb(pid):
+    """A process's resident memory, in KiB."""
+    with open("/proc/%d/status" % pid) as file:
+        return int(re.search(r"VmRSS:\s+(\d+)", file.read()).group(1))
+
+
+def wait_until(predicate, timeout=10, interval=0.05, failure=None):
+    """Poll until predicate() is true and return its value; after `timeout` seconds, raise
+    AssertionError with failure() (or a plain message) as its text."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(failure() if failure else "not within %s s" % timeout)
+        time.sleep(interval)
+
+
+def value_at(port, timeout=10):
+    """helloworld's counter: GET /value on a new connection."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", "/value")
+        return json.loads(connection.getresponse().read())["value"]
+    finally:
+        connection.close()
+
+
+def read_until_close(sock):
+    """Everything the peer sends until it closes; b"<timeout>" appended if it stalls instead."""
+    chunks = []
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    except socket.timeout:
+        chunks.append(b"<timeout>")
+    return b"".join(chunks)
+
+
+class WorkerProcess:
+    """A vastworker subprocess started as an instance would run it, with no site-packages
+    (python3 -I -S: an accidental dependency fails), on a loopback port, its log collected as it
+    is written.  The port is read from the line that says it is serving."""
+
+    def __init__(self, backend, *args, python=sys.executable, env=None, port="0"):
+        command = [python, "-I", "-S", VASTWORKER, backend, "--host", "127.0.0.1"]
+        command += ["--port", port] if port is not None else []
+        self.proc = subprocess.Popen(command + list(args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),
+                                     cwd=ROOT)
+        self.lines = []
+        self.port = None
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            match = re.search(r"(?:serving .*|autoscaler stand-in) on https?://127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def log(self):
+        return "\n".join(self.lines)
+
+    def wait_ready(self, timeout=15):
+        self._ready.wait(timeout)
+        if self.port is None:
+            self.stop()
+            raise AssertionError("worker did not start:\n" + self.log)
+        return self
+
+    def connect(self, timeout=10):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+
+    def request(self, method, path, body=None, headers=None):
+        """One request on a new connection: (status, headers dict, body bytes)."""
+        connection = self.connect()
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body)
+                headers = dict(JSON, **(headers or {}))
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def json(self, method, path, body=None, headers=None):
+        status, _, data = self.request(method, path, body, headers)
+        return status, json.loads(data)
+
+    def value(self):
+        return value_at(self.port)
+
+    def raw(self, data, timeout=5):
+        """Send raw bytes; everything the worker sends back until it closes (or timeout)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            return read_until_close(sock)
+
+    def wait_for_log(self, pattern, timeout=5):
+        return wait_until(lambda: re.search(pattern, self.log), timeout, 0.02,
+                          lambda: "%r not in the log:\n%s" % (pattern, self.log))
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        """Stop the worker; its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
