@@ -283,6 +283,12 @@ def test_a_refusal_carries_its_status_detail_and_retry_after():
         ("WWW-Authenticate", "Bearer")]
 
 
+def test_reason_phrases_are_the_same_on_every_python():
+    phrases = vastworker.STATUS_PHRASES  # http.HTTPStatus renamed four in 3.13, and 3.8 lacks three
+    assert (phrases[413], phrases[422], phrases[418], phrases[425]) == (
+        "Request Entity Too Large", "Unprocessable Entity", "I'm a Teapot", "Too Early")
+
+
 def test_error_bodies_are_short_json_in_our_own_words():
     assert vastworker.error_body(404) == b'{"error": "Not Found", "detail": "nothing is served at this path"}\n'
     assert json.loads(vastworker.error_body(422, {"payload": "field missing"}))["detail"] == {
