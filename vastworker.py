@@ -3290,8 +3290,12 @@ class Worker:
         self.metrics = Metrics()
         self.current = CurrentRequest()  # what flask.request reads
         self.postbox = Postbox()  # what notify posts through
-        self.server = None
-        self.reporter = None
+        # plan(): what the options and backend.py name
+        self.directory = self.port = self.backend_plan = self.tls = None
+        self.addresses, self.grants, self.key_source = [], None, None
+        self.store, self.saved = None, None  # the StateStore and the attributes it read
+        self.listener = None  # bind()
+        self.server = self.reporter = None  # build()
 
     def start(self):
         """Plan, bind and build; raises StartupError, having started nothing that outlives it."""
@@ -3303,6 +3307,8 @@ class Worker:
         self.build()
 
     def plan(self):
+        """Find and import the backend, check what it declares, and read the options' files
+        (public key, certificate, state file)."""
         options, environ = self.options, self.environ
         self.directory = find_backend(options.backend)
         self.port = resolve_port(options.port, environ)
@@ -3311,13 +3317,13 @@ class Worker:
         self.addresses = report_addresses(environ.get("REPORT_ADDR"))
         self.grants, self.key_source = grant_checker(options, environ, self.addresses)
         self.tls = tls_context(options, environ)
-        self.store, self.saved = None, None
         state_file = options.state_file or environ.get("STATE_FILE")
         if state_file:
             self.store = StateStore(state_file, self.backend_plan.persist)
             self.saved = self.store.load()
 
     def bind(self, port):
+        """Take the port, or say in one line why not."""
         host = self.options.host
         try:
             self.listener = open_listener(host, port)
