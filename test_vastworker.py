@@ -315,8 +315,11 @@ def test_a_request_head_is_parsed_with_its_framing():
     old = vastworker.RequestHead(b"GET http://example.com:9//v?q HTTP/1.0")
     assert (old.absolute_host, old.path, old.query_string, old.keep_alive) == ("example.com:9", "/v", b"q", False)
     assert vastworker.RequestHead(b"GET / HTTP/1.0\r\nConnection: keep-alive").keep_alive
-    assert not vastworker.RequestHead(b"GET / HTTP/1.1\r\nConnection: close").keep_alive
-    assert vastworker.RequestHead(b"POST / HTTP/1.1\r\nTransfer-Encoding: Chunked").chunked
+    assert not vastworker.RequestHead(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close").keep_alive
+    assert vastworker.RequestHead(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked").chunked
+    assert not vastworker.RequestHead(b"POST / HTTP/1.0\r\nConnection: keep-alive\r\n"
+                                      b"Transfer-Encoding: chunked").keep_alive  # RFC 9112 6.1
+    assert vastworker.RequestHead(b"OPTIONS * HTTP/1.1\r\nHost: h").path == "/*"
 
 
 @pytest.mark.parametrize("raw, code, detail", [
@@ -327,11 +330,19 @@ def test_a_request_head_is_parsed_with_its_framing():
     (b"GET /v HTTP/1.1\r\nX: a\r\n folded", 400, "folded"),
     (b"GET /v HTTP/1.1\r\nBad Header", 400, "malformed header line"),
     (b"GET /v HTTP/1.1\r\nX: a\rb", 400, "stray CR"),
+    (b"GET /v HTTP/1.1\r\nX: a\x0cb", 400, "stray CR, NUL, VT or FF"),
     (b"GET /v HTTP/1.1" + b"\r\nX: 1" * 101, 431, "more than 100"),
-    (b"POST /v HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6", 400, "conflicting"),
-    (b"POST /v HTTP/1.1\r\nContent-Length: +5", 400, "invalid Content-Length"),
-    (b"POST /v HTTP/1.1\r\nTransfer-Encoding: gzip", 501, "only the chunked"),
-    (b"POST /v HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3", 400, "ambiguous"),
+    (b"GET /v HTTP/1.1\r\nX: 1", 400, "needs one Host header, not 0"),
+    (b"GET /v HTTP/1.0\r\nHost: a\r\nHost: b", 400, "needs one Host header, not 2"),
+    (b"GET v HTTP/1.1\r\nHost: h", 400, "does not start with '/'"),
+    (b"GET * HTTP/1.1\r\nHost: h", 400, "does not start with '/'"),
+    (b"GET https:///v HTTP/1.1\r\nHost: h", 400, "names no host"),
+    (b"GET /\x7f HTTP/1.1\r\nHost: h", 400, "not printable ASCII"),
+    (b"POST /v HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6", 400, "conflicting"),
+    (b"POST /v HTTP/1.1\r\nHost: h\r\nContent-Length: +5", 400, "invalid Content-Length"),
+    (b"POST /v HTTP/1.1\r\nHost: h\r\nContent-Length: 1234567890123456789", 400, "19 digits"),
+    (b"POST /v HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip", 501, "only the chunked"),
+    (b"POST /v HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3", 400, "ambiguous"),
 ])
 def test_a_malformed_request_head_is_refused(raw, code, detail):
     with pytest.raises(vastworker.Refusal) as caught:
@@ -611,6 +622,140 @@ def test_the_status_logged_and_counted_is_the_status_sent(start_worker, write_ba
     worker.wait_for_log(r"GET /euro 500 ")
     autoscaler.wait_for(lambda r: r["num_requests_recieved"] == 1 and r["num_requests_working"] == 0)
     assert sum(record["cur_perf"] for record in autoscaler.records()) == 0.0  # not counted as served
+
+
+def test_trickling_connections_at_the_cap_do_not_lock_out_a_fresh_client(start_worker):
+    """More connections than the cap, each sending its head or its body at 1 byte/s and coming
+    back when closed (an attacker's loop); a fresh client must still be answered, within 1 s."""
+    worker = start_worker("helloworld", "--max-connections", "64", "--log-level", "error")
+    stop, connected = threading.Event(), []
+    starts = [b"GET /value HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+              b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n"]
+
+    def trickle(index):
+        sock = None
+        while not stop.is_set():
+            try:
+                if sock is None:
+                    sock = socket.create_connection(("127.0.0.1", worker.port), timeout=2)
+                    sock.sendall(starts[index % 2])
+                    connected.append(index)
+                sock.sendall(b"1")
+            except OSError:
+                if sock is not None:
+                    sock.close()
+                sock = None
+                continue
+            stop.wait(1.0)
+        if sock is not None:
+            sock.close()
+
+    attackers = [threading.Thread(target=trickle, args=(index,)) for index in range(96)]
+    for thread in attackers:
+        thread.start()
+    try:
+        wait_until(lambda: len(set(connected)) == 96)
+        answered, tries, deadline = 0, 0, time.monotonic() + 4
+        while time.monotonic() < deadline:
+            tries += 1
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=1)
+                connection.request("GET", "/value")
+                answered += connection.getresponse().status == 200
+                connection.close()
+            except OSError:
+                pass
+            stop.wait(0.1)
+    finally:
+        stop.set()
+        for thread in attackers:
+            thread.join(10)
+    print("fresh clients answered within 1 s among 96 tricklers at a cap of 64: %d of %d" % (answered, tries))
+    assert answered >= 0.9 * tries
+    assert worker.proc.poll() is None
+
+
+def test_a_body_of_one_byte_chunks_costs_about_its_decoded_size(start_worker):
+    worker = start_worker("helloworld", "--log-level", "warning")
+    assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
+    before = rss_kb(worker.proc.pid, "VmHWM")
+    body = b'{"amount": 1, "pad": "' + b"x" * 400000 + b'"}'
+    chunks = b"".join(b"1\r\n%c\r\n" % byte for byte in body) + b"0\r\n\r\n"  # 2.4 MB on the wire
+    raw = worker.raw(b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks, timeout=60)
+    assert status_of(raw) == 200
+    grown = (rss_kb(worker.proc.pid, "VmHWM") - before) / 1024
+    print("a 0.4 MB body in one-byte chunks raised the worker's peak memory by %.1f MB" % grown)
+    assert grown < 4 and worker.value() == 2
+
+
+def test_bodies_in_memory_have_a_worker_wide_budget(start_worker):
+    worker = start_worker("helloworld", "--max-body", "1M", "--body-memory", "2M")
+    body = b'{"amount": 1, "pad": "' + b"x" * (1000000 - 26) + b'"}'
+    head = (b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n" % len(body))
+    holders = [socket.create_connection(("127.0.0.1", worker.port), timeout=10) for _ in range(2)]
+    try:
+        for sock in holders:
+            sock.sendall(head)
+            assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"  # its 1 MB is set aside
+        refused = worker.raw(head)
+        assert status_of(refused) == 503 and b"Retry-After: 1" in refused and b"100 Continue" not in refused
+        assert "request bodies" in json.loads(body_of(refused))["detail"]
+        for sock in holders:
+            sock.sendall(body)
+            assert status_of(read_until_close(sock)) == 200
+    finally:
+        for sock in holders:
+            sock.close()
+    assert worker.request("POST", "/increment", body, JSON)[0] == 200  # given back once answered
+    assert worker.value() == 3
+    code, output = run_cli("helloworld", "--port", "0", "--max-body", "64M", "--body-memory", "16M")
+    assert code == 1 and "--max-body" in output and "--body-memory" in output
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET Xvalue HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # served as /value before
+    (b"GET http:///value HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET /value HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
+    (b"GET /value HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", 400),
+    (b"GET /val\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # not printable ASCII
+    (b"GET /value HTTP/1.1\r\nHost: x\r\nX-A: a\x0bb\r\n\r\n", 400),
+    (b"POST /increment HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: \x0bchunked\r\n\r\n", 400),
+    (b"POST /increment HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n d\r\n{\"amount\": 1}\r\n0\r\n\r\n", 400),
+    (b"POST /increment HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\x0cd\r\n{\"amount\": 1}\r\n0\r\n\r\n", 400),
+    (b"POST /increment HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nd\n{\"amount\": 1}\r\n0\r\n\r\n", 400),
+    (b"POST /increment HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nd\r\n{\"amount\": 1}\r\n0\r\n \r\n", 400),
+    (b"POST /increment HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nd\r\n{\"amount\": 1}\r\n0\r\nno colon\r\n\r\n", 400),
+    (b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"1" * 4301 + b"\r\n\r\n", 400),
+], ids=["no-slash", "empty-authority", "no-host", "two-hosts", "raw-utf8", "vt-in-value", "vt-coding",
+        "space-before-size", "ff-before-size", "bare-lf-size", "space-ends-trailers", "bad-trailer",
+        "4301-digit-length"])
+def test_lenient_parsing_that_could_change_what_runs_is_refused(hello, request_bytes, status):
+    raw = hello.raw(request_bytes)
+    assert status_of(raw) == status, raw[:300]
+    assert b"Connection: close" in raw and json.loads(body_of(raw))["detail"]
+    assert hello.value() == 0
+    assert "Traceback" not in hello.log
+
+
+def test_options_asterisk_and_a_chunked_http10_request(hello):
+    raw = hello.raw(b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(raw) == 200 and b"Allow: DELETE, GET, HEAD, OPTIONS, POST, PUT" in raw
+    with socket.create_connection(("127.0.0.1", hello.port), timeout=5) as sock:  # RFC 9112 6.1
+        sock.sendall(b"POST /increment HTTP/1.0\r\nContent-Type: application/json\r\nConnection: keep-alive\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\nd\r\n{\"amount\": 1}\r\n0\r\n\r\n")
+        raw = read_until_close(sock)  # answered, then closed: its framing is not to be trusted
+    assert status_of(raw) == 200 and b"Connection: close" in raw
+
+
+def test_control_characters_from_a_request_are_escaped_in_the_log(start_worker):
+    worker = start_worker("helloworld")
+    worker.raw(b"GET /value%1b[31m%0aFAKE HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    worker.raw(b"GET /\x1b[2J HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    worker.wait_for_log(r"GET /value%1b\[31m%0aFAKE 404")
+    worker.wait_for_log(r"\\x1b\[2J")
+    assert "\x1b" not in worker.log and "\nFAKE" not in worker.log
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1187,6 +1332,21 @@ def test_the_state_store_undoes_and_refuses_a_change_it_cannot_write(tmp_path):
     assert backend.count == 1
 
 
+def test_the_state_store_undoes_and_refuses_a_value_json_cannot_hold(tmp_path):
+    backend = Attributes()
+    backend.count, backend.lock = 1.5, threading.Lock()
+    store = vastworker.StateStore(str(tmp_path / "state.json"))
+    store.restore(backend, {})
+    backend.count, backend.total = float("inf"), 2
+    with pytest.raises(vastworker.Refusal) as caught:
+        store.save_if_changed(backend)
+    assert caught.value.code == 422 and "'count'" in caught.value.detail
+    assert backend.count == 1.5  # every saved attribute is put back as it was saved
+    backend.total = float("nan")  # never saved before, but of a JSON type: state all the same
+    with pytest.raises(vastworker.Refusal):
+        store.save_if_changed(backend)
+
+
 def test_the_state_store_never_replaces_a_file_it_cannot_read(tmp_path):
     path = tmp_path / "state.json"
     for text in ('{"state": {"count": 4', '{"count": 4}', '[]'):
@@ -1213,15 +1373,27 @@ def test_the_signed_message_of_each_grant_shape():
 
 
 @pytest.mark.parametrize("shape", ["g1", "g3", "g4"])
-def test_the_grant_checker_verifies_each_shape_and_refuses_a_replay(signer, shape):
+def test_the_grant_checker_verifies_each_shape_and_only_signed_fields_move_its_history(signer, shape):
     checker = vastworker.GrantChecker(signer, "auto")
     grant = {"cost": 100.0, "endpoint": "e", "reqnum": 5, "request_idx": 5, "url": "http://w:1"}
     grant["signature"] = signer.sign(vastworker.signed_message(grant, shape).encode())
     assert checker.verify(dict(grant, url="http://other:1")) == "the grant's signature does not verify"
     assert checker.verify(dict(grant)) is None
-    assert checker.verify(dict(grant)) == "the grant was already used"
     assert vastworker.GrantChecker(signer, "g1" if shape != "g1" else "g3").verify(dict(grant)) == (
         "the grant's signature does not verify")  # a pinned shape accepts no other
+    if shape == "g4":  # the url alone is signed: the same for every request, nothing to replay
+        assert checker.verify(dict(grant)) is None
+        assert checker.verify(dict(grant, reqnum=10 ** 18)) is None
+        assert checker.history() is None
+        return
+    assert checker.verify(dict(grant)) == "the grant was already used"
+    assert checker.history()["highest_reqnum"] == 5
+    restarted = vastworker.GrantChecker(signer, "auto")
+    restarted.restore_history(json.loads(json.dumps(checker.history())))
+    assert restarted.verify(dict(grant)) == "the grant was already used"
+    for bad in ({"recent": "x"}, {"recent": ["zz"]}, {"recent": [], "other": 1}, {"recent": [], "highest_reqnum": "1"}):
+        with pytest.raises(ValueError):
+            restarted.restore_history(bad)
 
 
 def test_an_incomplete_grant_envelope_is_refused_naming_what_is_missing():
@@ -1687,6 +1859,86 @@ def test_internal_report_endpoints_need_the_master_token(start_worker, write_bac
                                                  "detail": "the backend failed: boom"})
 
 
+def test_an_unsigned_reqnum_cannot_lock_out_genuine_grants(signed_worker, keys):
+    worker = signed_worker()
+    forged = make_grant(keys, "g4", reqnum=1)
+    forged["reqnum"] = 10 ** 18  # under the url-only shape nothing but the url is signed
+    assert worker.json("POST", "/increment", {"auth_data": forged, "payload": {"amount": 1}})[0] == 200
+    genuine = make_grant(keys, "g4", reqnum=2)
+    status, data = worker.json("POST", "/increment", {"auth_data": genuine, "payload": {"amount": 1}})
+    assert status == 200, data
+
+
+def test_a_replay_with_its_signature_written_differently_is_refused(signed_worker, keys):
+    worker = signed_worker()
+    grant = make_grant(keys, "g3", reqnum=7)
+    assert worker.json("POST", "/increment", {"auth_data": grant, "payload": {"amount": 1}})[0] == 200
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    signature = grant["signature"]  # 256 bytes: the last character before "==" has 4 unused bits
+    same_bytes = signature[:-3] + alphabet[alphabet.index(signature[-3]) ^ 1] + signature[-2:]
+    status, data = worker.json("POST", "/increment", {"auth_data": dict(grant, signature=same_bytes),
+                                                      "payload": {"amount": 1}})
+    assert status == 401 and data["detail"] == "the grant was already used"
+
+
+def test_a_grant_replayed_after_a_restart_is_refused(signed_worker, keys, tmp_path):
+    state = str(tmp_path / "state.json")
+    grant = make_grant(keys, "g3", reqnum=3)
+    first = signed_worker("--state-file", state)
+    assert first.json("POST", "/increment", {"auth_data": grant, "payload": {"amount": 1}})[0] == 200
+    first.stop()
+    again = signed_worker("--state-file", state)
+    status, data = again.json("POST", "/increment", {"auth_data": grant, "payload": {"amount": 1}})
+    assert status == 401 and data["detail"] == "the grant was already used"
+    assert again.json("POST", "/increment", {"auth_data": make_grant(keys, "g3", reqnum=4),
+                                             "payload": {"amount": 1}})[0] == 200
+
+
+@pytest.mark.parametrize("amount", [1e308, 10 ** 4299 * 9], ids=["1e308", "4300-digits"])
+def test_a_change_the_state_file_cannot_hold_is_refused_and_nothing_is_lost(start_worker, tmp_path, amount):
+    if isinstance(amount, int) and not hasattr(sys, "set_int_max_str_digits"):
+        pytest.skip("this Python writes integers of any length")
+    state = tmp_path / "state.json"
+    worker = start_worker("helloworld", "--state-file", str(state))
+    for _ in range(5):
+        assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
+    body = b'{"amount": %s}' % (repr(amount).encode())
+    assert worker.request("POST", "/increment", body, JSON)[0] == 200
+    status, data = worker.json("POST", "/increment", body, JSON)  # the sum is too large to write
+    assert status == 422 and "'count'" in data["detail"], data
+    saved = json.loads(state.read_text(), parse_float=str, parse_int=str)["state"]
+    assert saved["count"] != "5" and worker.request("GET", "/value")[0] == 200
+    worker.stop()
+    again = start_worker("helloworld", "--state-file", str(state))
+    assert again.request("GET", "/value")[0] == 200 and "restored" in again.log
+
+
+def test_the_state_files_temporary_name_cannot_be_planted(start_worker, tmp_path):
+    state, victim = tmp_path / "state.json", tmp_path / "victim"
+    victim.write_text("precious")
+    worker = start_worker("helloworld", "--state-file", str(state))
+    (tmp_path / ("state.json.%d.tmp" % worker.proc.pid)).symlink_to(victim)
+    assert worker.request("POST", "/increment", {"amount": 2})[0] == 200
+    assert victim.read_text() == "precious" and json.loads(state.read_text()) == {"state": {"count": 2}}
+    assert sorted(path.name for path in tmp_path.iterdir() if not path.is_symlink()) == ["state.json", "victim"]
+
+
+def test_report_endpoints_take_only_usable_numbers(start_worker, write_backend):
+    worker = start_worker(write_backend("""
+        readiness = "call"
+
+        class Backend:
+            pass
+
+        flask_dict = {"GET": {"hello": lambda backend, request: "hello"}}
+    """), env={"MASTER_TOKEN": "s3cret"})
+    for bad in ("nan", "inf", -1, 0, "x", [1]):
+        status, data = worker.json("POST", "/report_loaded", {"mtoken": "s3cret", "max_perf": bad})
+        assert status == 400 and "max_perf" in data["detail"], bad
+    assert worker.json("POST", "/report_capacity", {"mtoken": "s3cret", "max_capacity": -3})[0] == 400
+    assert worker.request("GET", "/hello")[0] == 503  # still loading: nothing bad was taken
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Outbound: status reports, the benchmark, notify, the public key
 # ------------------------------------------------------------------------------------------------
@@ -1694,7 +1946,7 @@ def test_internal_report_endpoints_need_the_master_token(start_worker, write_bac
 @pytest.fixture
 def autoscaler(start_worker):
     """The stand-in autoscaler (python3 vastworker.py autoscaler), recording what workers send."""
-    stand_in = start_worker("autoscaler")
+    stand_in = start_worker("autoscaler", env={"MASTER_TOKEN": "secret"})  # the token it hands out
     stand_in.url = "http://127.0.0.1:%d" % stand_in.port
 
     def records():
@@ -1727,8 +1979,8 @@ def test_loaded_record_then_updates_that_count_requests(start_worker, autoscaler
                       "num_requests_working": int, "num_requests_recieved": int,
                       "additional_disk_usage": float, "working_request_idxs": list, "url": str}
     assert {name: type(loaded[name]) for name in expected_types} == expected_types
-    assert (loaded["id"], loaded["mtoken"], loaded["url"], loaded["error_msg"], loaded["max_perf"]) == (
-        123, "secret", "http://203.0.113.7:41234", "", 1.0)
+    assert (loaded["id"], loaded["mtoken_matches"], loaded["url"], loaded["error_msg"], loaded["max_perf"]) == (
+        123, True, "http://203.0.113.7:41234", "", 1.0)
     for _ in range(5):
         assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
     for _ in range(3):
@@ -1882,7 +2134,7 @@ def test_helloautoscaler_runs_unchanged_and_reports_itself(start_worker, autosca
     worker = start_worker("helloautoscaler", env=reporting_env(autoscaler, CONTAINER_ID="7"))
     assert "the backend reports to the autoscaler itself" in worker.log
     loaded = autoscaler.wait_for(lambda r: "loadtime" in r)[0]
-    assert loaded["id"] == "7" and loaded["mtoken"] == "secret" and loaded["max_perf"] == 0.5
+    assert loaded["id"] == "7" and loaded["mtoken_matches"] is True and loaded["max_perf"] == 0.5
     autoscaler.wait_for(lambda r: "num_requests_recieved" in r)
     assert worker.json("POST", "/increment", {"other": 1})[0] == 400  # its own abort(400)
     assert worker.request("POST", "/increment", {"amount": 4})[2] == b"Incremented"
@@ -1976,6 +2228,13 @@ def test_route_signed_request_over_https_end_to_end(start_worker, autoscaler, ke
     connection = https_connection(port, keys)
     connection.request("GET", "/value", body="{}", headers=JSON)
     assert connection.getresponse().status == 401  # reading needs a grant as well
+
+
+def test_the_stand_in_does_not_show_master_tokens(start_worker, autoscaler):
+    start_worker("helloworld", env=reporting_env(autoscaler))
+    record = autoscaler.wait_for(lambda r: r["loadtime"] > 0)[0]
+    assert "secret" not in json.dumps(autoscaler.records())
+    assert record["mtoken"] == "(hidden)" and record["mtoken_matches"] is True
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2144,6 +2403,21 @@ def test_grace_bounds_the_wait(start_worker, hold):
     assert "stopping with 1 request(s) unfinished" in worker.log
     client.join(10)
     assert isinstance(outcome[0], http.client.RemoteDisconnected)  # cut off after the grace time
+
+
+@pytest.mark.parametrize("document, message", [
+    ('{"state": ' * 100000 + "{}" + "}" * 100000, "nested too deeply"),
+    ('{"state": {"count": 1}, "other": 1}', "unexpected keys: other"),
+    ('{"state": {"__class__": 1}}', "'__class__'"),
+    ('{"state": {}, "replay": {"recent": 5}}', "replay"),
+], ids=["deep", "unknown-key", "private-name", "bad-replay"])
+def test_a_state_file_that_cannot_be_restored_stops_start_up_in_one_line(tmp_path, document, message):
+    state = tmp_path / "state.json"
+    state.write_text(document)
+    code, output = run_cli("helloworld", "--port", "0", "--state-file", str(state))
+    assert code == 1 and len(output.strip().splitlines()) == 1, output[-2000:]
+    assert "vastworker: error: the state file" in output and message in output
+    assert state.read_text() == document
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2388,6 +2662,16 @@ class Fuzzer:
     BAD_BODIES = [b"", b"{", b"null", b"[1]", b'{"amount": NaN}', b'{"amount": "5"}', b'{"other": 1}',
                   b"\xff\xfe", b'{"amount": 1e999}', b"[" * 5000, b'{"amount": 1} x']
 
+    LENIENT = [b"GET Xvalue HTTP/1.1\r\nHost: x\r\n\r\n", b"GET http:///value HTTP/1.1\r\nHost: x\r\n\r\n",
+               b"GET /value HTTP/1.1\r\n\r\n", b"GET /value HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+               b"GET /\x1b[2J HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /value HTTP/1.1\r\nHost: x\r\nX: \x0c\r\n\r\n",
+               b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 4301 + b"\r\n\r\n"]
+    LENIENT_CHUNKED = [b"Transfer-Encoding: \x0bchunked\r\n\r\nd\r\n{\"amount\": 1}\r\n0\r\n\r\n",
+                       b"Transfer-Encoding: chunked\r\n\r\n d\r\n{\"amount\": 1}\r\n0\r\n\r\n",
+                       b"Transfer-Encoding: chunked\r\n\r\nd\n{\"amount\": 1}\r\n0\r\n\r\n",
+                       b"Transfer-Encoding: chunked\r\n\r\nd\r\n{\"amount\": 1}\r\n0\r\n \r\n",
+                       b"Transfer-Encoding: chunked\r\n\r\nd\r\n{\"amount\": 1}\r\n0\r\nbad\r\n\r\n"]
+
     def __init__(self, port, seed):
         import random
         self.port = port
@@ -2403,7 +2687,7 @@ class Fuzzer:
 
     def broken(self):
         r = self.random
-        choice = r.randrange(9)
+        choice = r.randrange(10)
         if choice == 0:  # a bad body on the real endpoint
             body = r.choice(self.BAD_BODIES)
             return (b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -2431,6 +2715,9 @@ class Fuzzer:
         if choice == 7:  # versions and request lines
             return r.choice([b"GET /value HTTP/2.0\r\n\r\n", b"GET /value\r\n\r\n", b"GET\r\n\r\n",
                              b"GET /value HTTP/1.1 extra\r\n\r\n"])
+        if choice == 8:  # lenient framing and targets, which h11 or RFC 9112 refuse
+            chunked = b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            return r.choice(self.LENIENT) if r.random() < 0.5 else chunked + r.choice(self.LENIENT_CHUNKED)
         return b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\n{\"amount\": 1}"
 
     def one_connection(self):

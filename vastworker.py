@@ -95,6 +95,11 @@ def formatted_exception():
     return traceback.format_exc().rstrip()
 
 
+def describe_exception(exc):
+    """'RuntimeError: no GPU', or the bare type name when the exception says nothing more."""
+    return "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
+
+
 class Log:
     """Timestamped lines on stderr, one log for the process.  While serving, lines are queued and
     a background thread writes them every 0.1 s (warnings and errors at once, in order): a write
@@ -141,6 +146,15 @@ class Log:
     def exception(cls, message):
         """An error with the traceback of the exception being handled."""
         cls.write("error", message + "\n" + formatted_exception())
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text):
+    """Text from a request, safe for the log: control characters (ESC, CR, LF, NUL, ...) are
+    written as \\xNN, so a client can neither forge log lines nor drive the reader's terminal."""
+    return _UNPRINTABLE.sub(lambda match: "\\x%02x" % ord(match.group()), text)
 
 
 class StartupError(Exception):
@@ -213,7 +227,11 @@ HOP_BY_HOP = frozenset(("connection", "content-length", "keep-alive", "transfer-
 _HEAD_END = re.compile(rb"\n\r?\n")
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
-_HEX = re.compile(rb"^[0-9a-fA-F]{1,16}$")
+_TARGET = re.compile(rb"[\x21-\x7e]+")  # printable ASCII, as h11 reads a request target
+_BAD_IN_HEAD = re.compile(rb"[\x00\x0b\x0c]|\r(?!\n|\Z)")  # h11 takes no NUL, no whitespace but SP and HTAB
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?[ \t]*\r\n")
+_TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00\x0b\x0c\r\n]*\r\n")
+MIN_BODY_RATE = 500  # bytes/s a body must average, past --timeout: Apache's RequestReadTimeout MinRate
 
 
 class ConnectionClosed(Exception):
@@ -366,6 +384,34 @@ class Headers:
         return "Headers(%r)" % (self._items,)
 
 
+class BodyBudget:
+    """The bytes of request bodies the worker holds at once, over all connections, kept under a
+    limit: a body is paid for before it is read (or, chunked, as it arrives) and given back once
+    its request is answered.  A request that would pass the limit is refused with 503, so a few
+    large uploads cannot take all the memory there is."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, size):
+        """True when `size` more bytes fit (and are now held); False, holding nothing, if not."""
+        with self._lock:
+            if self.held + size > self.limit:
+                return False
+            self.held += size
+            return True
+
+    def give_back(self, size):
+        with self._lock:
+            self.held -= size
+
+    def refusal(self):
+        return Refusal(503, "the worker holds %d MB of request bodies, its limit; retry"
+                       % (self.limit // 1048576), retry_after=1)
+
+
 class DeadlineWatcher:
     """Enforces every connection's deadline from one thread: a connection still waiting past its
     deadline has its socket shut down, which wakes the thread blocked on it.  Sockets themselves
@@ -383,12 +429,16 @@ class DeadlineWatcher:
     def forget(self, client):
         self._clients.discard(client)
 
-    def close_oldest_idle(self):
-        """Make room: close the connection that has waited longest for its next request."""
-        idle = [client for client in list(self._clients) if client.idle and client.deadline is not None]
-        if not idle:
+    def make_room(self):
+        """Evict the connection making the least progress, for a new one: of those waiting for
+        their client (idle, or still sending a request), the one nearest its time limit.  False
+        when there is none: every connection is being served."""
+        waiting = [(limit, id(client), client) for client in list(self._clients)
+                   for limit in (client.limit,) if limit is not None and not client.evicted
+                   and not client.writing]
+        if not waiting:
             return False
-        min(idle, key=lambda client: client.deadline).expire()
+        min(waiting)[2].evict()
         return True
 
     def _watch(self):
@@ -402,44 +452,64 @@ class DeadlineWatcher:
 
 
 class ClientSocket:
-    """A client connection: buffered reads and whole writes, each under a deadline (the request
-    head must arrive within `timeout`; every other read or write may pause for `timeout`).  What
-    the client gets wrong raises Refusal; a client that leaves raises ConnectionClosed."""
+    """A client connection: buffered reads and whole writes, each bounded in time.  Waiting for a
+    next request may last `timeout`; a request head must arrive whole within `timeout` of its
+    first byte; a body within `timeout` plus a second for every MIN_BODY_RATE bytes received (so
+    a trickle cannot hold the connection for ever, while a large upload on a slow link is not cut
+    short); a write may stall for `timeout`.  While it waits for its client, a connection may be
+    evicted to make room for another.  What the client gets wrong raises Refusal; a client that
+    leaves raises ConnectionClosed."""
 
     def __init__(self, sock, timeout):
         self.sock = sock
         self.timeout = timeout
         self.buffer = bytearray()
-        self.deadline = None  # when the DeadlineWatcher cuts the wait short
+        self.deadline = None  # while blocked on the socket: when the DeadlineWatcher cuts it short
+        self.limit = None  # while waiting for the client: the time limit of what it is sending
+        self.paced = False  # receiving a body: each byte received moves the limit on
         self.expired = False
+        self.evicted = False
         self.writing = False
-        self.idle = False  # waiting for a next request: may be closed to make room
 
     def expire(self):
-        """Called by the watcher: wake the thread waiting on this socket.  Only the read side is
-        shut while reading, so that a 408 can still be sent."""
+        """Wake the thread waiting on this socket.  Only the read side is shut while reading, so
+        that an answer (408, or 503 for an evicted one) can still be sent."""
         self.expired = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR if self.writing else socket.SHUT_RD)
         except OSError:
             pass
 
-    def _fill(self, deadline):
-        self.deadline = deadline
+    def evict(self):
+        self.evicted = True
+        self.expire()
+
+    def _fill(self):
+        self.deadline = self.limit
         data = self.sock.recv(262144)
         self.deadline = None
         if not data:
             if self.expired:
                 raise socket.timeout("deadline passed")
             raise ConnectionClosed()
+        if self.paced:
+            self.limit += len(data) / MIN_BODY_RATE
         self.buffer += data
 
+    def timed_out(self, what):
+        """The refusal for a request cut short: evicted for another client, or too slow."""
+        if self.evicted:
+            return Refusal(503, "the worker needed this connection for another client; retry", retry_after=1)
+        return Refusal(408, "%s took longer than allowed (%g s, and 1 s more per %d bytes of body)"
+                       % (what, self.timeout, MIN_BODY_RATE))
+
     def handshake(self):
-        self.deadline = time.monotonic() + self.timeout
+        self.limit = time.monotonic() + self.timeout  # a slow handshake may be evicted as well
+        self.deadline = self.limit
         try:
             self.sock.do_handshake()
         finally:
-            self.deadline = None
+            self.deadline = self.limit = None
 
     def send(self, data):
         self.deadline = time.monotonic() + self.timeout
@@ -452,9 +522,10 @@ class ClientSocket:
 
     def read_head(self):
         """The request line and headers (without the blank line), or None when the connection
-        ends or stays idle between requests."""
+        ends, or stays idle between requests, or is evicted while idle."""
         buffer = self.buffer
-        deadline = None
+        self.limit = time.monotonic() + self.timeout
+        idle = True
         while True:
             start = 0
             while start < len(buffer) and buffer[start] in b"\r\n":  # blank lines before a request
@@ -462,6 +533,8 @@ class ClientSocket:
             if start:
                 del buffer[:start]
             if buffer:
+                if idle:  # the request's first bytes: now its head has `timeout` to arrive whole
+                    idle, self.limit = False, time.monotonic() + self.timeout
                 match = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)
                 if match:
                     head = bytes(buffer[:match.start()])
@@ -471,61 +544,99 @@ class ClientSocket:
                     if b"\n" not in buffer[:MAX_HEAD_BYTES]:
                         raise Refusal(414, "the request line is longer than %d bytes" % MAX_HEAD_BYTES)
                     raise Refusal(431, "the request headers are larger than %d bytes" % MAX_HEAD_BYTES)
-                if deadline is None:
-                    deadline = time.monotonic() + self.timeout
                 try:
-                    self._fill(deadline)
+                    self._fill()
                 except socket.timeout:
-                    raise Refusal(408, "the request headers took longer than %g s" % self.timeout)
+                    raise self.timed_out("the request headers")
             else:
-                self.idle = True
                 try:
-                    self._fill(time.monotonic() + self.timeout)
+                    self._fill()
                 except (socket.timeout, ConnectionClosed):
                     return None
-                finally:
-                    self.idle = False
 
-    def read_exact(self, size):
-        buffer = self.buffer
-        while len(buffer) < size:
-            self._fill(time.monotonic() + self.timeout)
-        data = bytes(buffer[:size])
-        del buffer[:size]
-        return data
+    def start_body(self):
+        self.limit, self.paced = time.monotonic() + self.timeout, True
 
-    def read_line(self, limit):
+    def request_read(self):
+        """The whole request is in: the connection is being served, and cannot be evicted."""
+        self.limit, self.paced = None, False
+
+    def read_into(self, out, size):
+        """Move the next `size` bytes of the request to the end of bytearray `out`, as they come."""
         buffer = self.buffer
-        while True:
-            end = buffer.find(b"\n", 0, limit + 1)
-            if end >= 0:
-                line = bytes(buffer[:end + 1])
+        while size:
+            if not buffer:
+                self._fill()
+            take = min(size, len(buffer))
+            out += buffer[:take]
+            del buffer[:take]
+            size -= take
+
+    def read_body(self, length):
+        """The next `length` bytes of the request, as bytes."""
+        buffer = self.buffer
+        if len(buffer) >= length:  # the usual small body, already in with its head
+            body = bytes(buffer[:length])
+            del buffer[:length]
+            return body
+        body = bytearray()
+        self.read_into(body, length)
+        return bytes(body)
+
+    def read_chunked(self, max_body, budget):
+        """A chunked request body, decoded into one buffer as it arrives: strictly framed (as h11
+        reads it: CRLF line ends, no blanks around the size, well-formed trailer fields), each
+        chunk paid for from `budget`, over max_body a 413 as soon as that is known.
+        (body, bytes taken from the budget): the caller gives them back."""
+        body, buffer = bytearray(), self.buffer
+        try:
+            while True:
+                end = buffer.find(b"\n", 0, 1025)
+                if end < 0:
+                    if len(buffer) > 1024:
+                        raise Refusal(400, "a chunk-size line is longer than 1024 bytes")
+                    self._fill()
+                    continue
+                match = _CHUNK_LINE.fullmatch(buffer, 0, end + 1)
+                if match is None:
+                    raise Refusal(400, "invalid chunk-size line %r" % bytes(buffer[:min(end + 1, 40)]))
+                size = int(match.group(1), 16)
                 del buffer[:end + 1]
-                return line
-            if len(buffer) > limit:
-                raise Refusal(400, "a chunk-size line is longer than %d bytes" % limit)
-            self._fill(time.monotonic() + self.timeout)
+                if size == 0:
+                    break
+                if len(body) + size > max_body:
+                    raise Refusal(413, "the request body is larger than %d bytes" % max_body)
+                if not budget.take(size):
+                    raise budget.refusal()
+                self.read_into(body, size)
+                while len(buffer) < 2:
+                    self._fill()
+                if buffer[:2] != b"\r\n":
+                    raise Refusal(400, "a chunk is longer than its size says")
+                del buffer[:2]
+            self.read_trailers()
+        except BaseException:
+            budget.give_back(len(body))
+            raise
+        return bytes(body), len(body)
 
-    def read_chunked(self, max_body):
-        """A chunked request body, decoded; over max_body is a 413 as soon as it is known."""
-        parts, total = [], 0
-        while True:
-            line = self.read_line(1024).split(b";", 1)[0].strip()
-            if not _HEX.match(line):
-                raise Refusal(400, "invalid chunk size %r" % line[:20].decode("latin-1"))
-            size = int(line, 16)
-            if size == 0:
-                break
-            total += size
-            if total > max_body:
-                raise Refusal(413, "the request body is larger than %d bytes" % max_body)
-            parts.append(self.read_exact(size))
-            if self.read_exact(2) != b"\r\n":
-                raise Refusal(400, "a chunk is longer than its size says")
-        for _ in range(MAX_HEADER_COUNT + 1):  # trailer fields, ignored
-            if not self.read_line(MAX_HEAD_BYTES).strip():
-                return b"".join(parts)
-        raise Refusal(431, "too many trailer fields")
+    def read_trailers(self):
+        """Trailer fields after the last chunk: checked, then ignored."""
+        buffer = self.buffer
+        for _ in range(MAX_HEADER_COUNT + 1):
+            end = buffer.find(b"\n", 0, MAX_HEAD_BYTES + 1)
+            while end < 0:
+                if len(buffer) > MAX_HEAD_BYTES:
+                    raise Refusal(431, "a trailer field is larger than %d bytes" % MAX_HEAD_BYTES)
+                self._fill()
+                end = buffer.find(b"\n", 0, MAX_HEAD_BYTES + 1)
+            line = bytes(buffer[:end + 1])
+            del buffer[:end + 1]
+            if line == b"\r\n":
+                return
+            if not _TRAILER_LINE.fullmatch(line):
+                raise Refusal(400, "malformed trailer line %r" % line[:100])
+        raise Refusal(431, "more than %d trailer fields" % MAX_HEADER_COUNT)
 
 
 def decode_path(raw):
@@ -545,6 +656,8 @@ class RequestHead:
     def __init__(self, head):
         lines = head.split(b"\n")
         self._parse_request_line(lines[0].rstrip(b"\r"))
+        if _BAD_IN_HEAD.search(head, len(lines[0])):
+            raise Refusal(400, "a header line holds a stray CR, NUL, VT or FF byte")
         if len(lines) - 1 > MAX_HEADER_COUNT:
             raise Refusal(431, "more than %d request headers" % MAX_HEADER_COUNT)
         self.fields, pairs = self._parse_fields(lines[1:])
@@ -553,6 +666,9 @@ class RequestHead:
                            for token in value.split(",")}
         self.content_length = self._content_length()
         self.chunked = self._chunked()
+        hosts = len(self.fields.get("host", ()))
+        if hosts > 1 or (hosts == 0 and self.http11):  # RFC 9112 3.2
+            raise Refusal(400, "an HTTP/1.1 request needs one Host header, not %d" % hosts)
 
     def _parse_request_line(self, line):
         """method, version, target, path and query_string from 'GET /value?x=1 HTTP/1.1'."""
@@ -573,10 +689,18 @@ class RequestHead:
         self.http11 = version != "HTTP/1.0"
         self.absolute_host = None
         raw_target = line.split(b" ")[1]
+        if not _TARGET.fullmatch(raw_target):
+            raise Refusal(400, "the request target %r is not printable ASCII" % raw_target[:100])
         if raw_target[:7].lower() == b"http://" or raw_target[:8].lower() == b"https://":
             authority, slash, rest = raw_target.split(b"//", 1)[1].partition(b"/")
+            if not authority:
+                raise Refusal(400, "the request target %r names no host" % raw_target[:100])
             self.absolute_host = authority.decode("latin-1")
             raw_target = slash + rest or b"/"
+        elif raw_target == b"*" and self.method == "OPTIONS":
+            raw_target = b"/*"  # the server as a whole: OPTIONS answers for every endpoint
+        elif raw_target[:1] != b"/":
+            raise Refusal(400, "the request target %r does not start with '/'" % raw_target[:100])
         raw_path, _, self.query_string = raw_target.partition(b"?")
         if raw_path.startswith(b"//"):  # Werkzeug reads '//x' as '/x'
             raw_path = b"/" + raw_path.lstrip(b"/")
@@ -590,8 +714,6 @@ class RequestHead:
         fields, pairs = {}, []
         for line in lines:
             line = line.rstrip(b"\r")
-            if b"\r" in line or b"\0" in line:
-                raise Refusal(400, "a header line holds a stray CR or NUL byte")
             if line[:1] in (b" ", b"\t"):
                 raise Refusal(400, "folded header lines are not accepted")
             name, colon, value = line.partition(b":")
@@ -614,13 +736,15 @@ class RequestHead:
         number = numbers.pop()
         if not number.isdigit() or not number.isascii():
             raise Refusal(400, "invalid Content-Length %r" % number[:30])
+        if len(number) > 18:  # far over any body limit; and int() refuses past 4300 digits
+            raise Refusal(400, "a Content-Length of %d digits" % len(number))
         return int(number)
 
     def _chunked(self):
         values = self.fields.get("transfer-encoding")
         if not values:
             return False
-        codings = [coding.strip().lower() for value in values for coding in value.split(",")]
+        codings = [coding.strip(" \t").lower() for value in values for coding in value.split(",")]
         if codings != ["chunked"]:
             raise Refusal(501, "only the chunked transfer coding is accepted, got %r"
                           % ", ".join(codings)[:60])
@@ -630,8 +754,8 @@ class RequestHead:
 
     @property
     def keep_alive(self):
-        if "close" in self.connection:
-            return False
+        if "close" in self.connection or (self.chunked and not self.http11):
+            return False  # RFC 9112 6.1: chunked HTTP/1.0 has faulty framing; close after it
         return self.http11 or "keep-alive" in self.connection
 
 
@@ -737,20 +861,30 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             server.request_finished()
 
     def serve(self, raw_head, started):
-        """Parse, read the body, respond, send; True when the connection may carry another."""
+        """Parse, read the body, answer; True when the connection may carry another."""
         server = self.server
         head = None
         try:
             if server.stopping:
                 raise Refusal(503, "the worker is stopping; retry on another")
             head = RequestHead(raw_head)
-            body, framing_known = self.read_body(head)
+            body, held, framing_known = self.read_body(head)
         except Refusal as refusal:
             self.refuse(refusal, head, started)
             return False
         except socket.timeout:
-            self.refuse(Refusal(408, "the request body stopped arriving"), head, started)
+            self.refuse(self.client.timed_out("the request body"), head, started)
             return False
+        self.client.request_read()
+        try:
+            return self.answer(head, body, framing_known, started)
+        finally:
+            if held:
+                server.bodies.give_back(held)
+
+    def answer(self, head, body, framing_known, started):
+        """The app's response, sent; True when the connection may carry another."""
+        server = self.server
         response, ticket = server.app.respond(head, body, self)
         keep_alive = head.keep_alive and framing_known and not server.stopping
         status = 499  # the client left before the response was sent
@@ -761,20 +895,32 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             server.app.finish(ticket, status)
 
     def read_body(self, head):
-        """The request body, and whether the connection's framing is still certain after it."""
-        max_body = self.server.max_body
-        length = head.content_length
+        """(the request body, how many of its bytes are held against the server's body budget,
+        whether the connection's framing is still certain after it).  A body that would pass
+        the budget is refused before it is read; on any failure nothing stays held."""
+        server, client = self.server, self.client
+        max_body, length = server.max_body, head.content_length
         if length is not None and length > max_body:
             raise Refusal(413, "the request body is %d bytes; the limit is %d" % (length, max_body))
-        if (length or head.chunked) and head.http11 and \
-                "100-continue" in (value.lower() for value in head.fields.get("expect", ())):
-            self.client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if head.chunked:
-            return self.client.read_chunked(max_body), True
-        if length:
-            return self.client.read_exact(length), True
+        if length and not server.bodies.take(length):
+            raise server.bodies.refusal()
+        try:
+            if (length or head.chunked) and head.http11 and \
+                    "100-continue" in (value.lower() for value in head.fields.get("expect", ())):
+                client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if length or head.chunked:
+                client.start_body()
+            if head.chunked:
+                body, held = client.read_chunked(max_body, server.bodies)
+                return body, held, True
+            if length:
+                return client.read_body(length), length, True
+        except BaseException:
+            if length:
+                server.bodies.give_back(length)
+            raise
         # No length: the body is empty, but a POST or PUT without one may have sent bytes anyway
-        return b"", length is not None or head.method not in ("POST", "PUT", "PATCH")
+        return b"", 0, length is not None or head.method not in ("POST", "PUT", "PATCH")
 
     def refuse(self, refusal, head, started):
         """Answer a request the protocol layer will not serve, and close: the rest of the
@@ -862,10 +1008,12 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                     Log.exception("%s %s: closing the stream failed" % (method, target))
 
     def log_access(self, method, target, status, size, started, note=""):
+        """The access log line.  The target is printable ASCII (RequestHead refuses any other)
+        or "-"; a refusal's note may quote the client, so it is made printable."""
         if Log.level <= 20:
             took = "" if started is None else " %.1fms" % ((time.perf_counter() - started) * 1000)
-            Log.write("info", "%s %s %s %s %s%s%s" % (self.client_address[0], method, target,
-                                                      status, size, took, note))
+            Log.write("info", "%s %s %s %s %s%s%s" % (self.client_address[0], method, target, status,
+                                                      size, took, printable(note) if note else ""))
 
 
 def open_listener(host, port, backlog=1024):
@@ -891,7 +1039,7 @@ class WorkerServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, listener, app, timeout=30.0, max_body=64 * 1024 * 1024, tls=None,
-                 max_connections=1024):
+                 max_connections=1024, body_memory=256 * 1024 * 1024):
         """Serve `app` on `listener`, an open_listener() socket; tls is an ssl.SSLContext or None."""
         self.address_family = listener.family
         super().__init__(listener.getsockname(), ConnectionHandler, bind_and_activate=False)
@@ -903,6 +1051,7 @@ class WorkerServer(http.server.ThreadingHTTPServer):
         self.tls = tls  # an ssl.SSLContext when serving HTTPS
         self.timeout = timeout
         self.max_body = max_body
+        self.bodies = BodyBudget(body_memory)
         self.max_connections = max_connections
         self.connections = 0
         self._connections_lock = threading.Lock()
@@ -922,11 +1071,12 @@ class WorkerServer(http.server.ThreadingHTTPServer):
 
     def process_request(self, request, client_address):
         """A thread for the connection -- unless there are max_connections already: then the
-        oldest idle one is closed to make room, or, with none idle, this one is refused at once
-        (a thread and its memory for every caller is how a flood takes a server down)."""
+        one making the least progress gives way (idle, or sending its request slowly), or, when
+        all are being served, this one is refused at once (a thread and its memory for every
+        caller is how a flood takes a server down)."""
         with self._connections_lock:
             full = self.connections >= self.max_connections
-            if not full or self.deadlines.close_oldest_idle():
+            if not full or self.deadlines.make_room():
                 self.connections += 1
                 full = False
         if full:
@@ -1925,21 +2075,33 @@ class QueueLock:
                 self._held = False
 
 
+class UnsaveableState(ValueError):
+    """An attribute the state file must keep holds a value JSON cannot (inf, a 5,000-digit int)."""
+
+    def __init__(self, name, reason):
+        super().__init__("%r cannot be written as JSON (%s)" % (name, reason))
+        self.name = name
+
+
 class StateStore:
     """The Backend's state in a JSON file (opt-in, --state-file): its public attributes whose values
-    JSON can hold, or only those named in the backend's `persist`.  Restored at start; written
-    atomically (temporary file, fsync, rename) after each handler call that changed it, before the
-    response is sent, so an acknowledged change survives even kill -9.  A change that cannot be
-    written is undone and refused with 503.  A file it cannot read is never replaced: the worker
-    stops and says why."""
+    JSON can hold, or only those named in the backend's `persist`, and the replay history of
+    `history` (a GrantChecker), so a grant used before a restart stays used.  Restored at start;
+    written atomically (a temporary file of unpredictable name created exclusively, fsync,
+    rename) after each handler call that changed it, before the response is sent, so an
+    acknowledged change survives even kill -9.  A change that cannot be written is undone and
+    refused: 503 when the disk fails, 422 when an attribute it keeps would hold what JSON cannot.
+    A file it cannot read is never replaced: the worker stops and says why in one line."""
 
-    def __init__(self, path, names=None):
+    def __init__(self, path, names=None, history=None):
         self.path = os.path.abspath(path)
         self.names = names
+        self.history = history
         self.saved = None  # the text last written (or read)
+        self.kept = set()  # the attributes that text holds: from now on they must stay JSON
 
     def load(self):
-        """The saved attributes, or None when there is no file yet."""
+        """The saved attributes (the replay history restored), or None when there is no file yet."""
         try:
             with open(self.path, "rb") as file:
                 text = file.read().decode("utf-8")
@@ -1948,65 +2110,113 @@ class StateStore:
         except (OSError, UnicodeDecodeError) as exc:
             raise StartupError("cannot read the state file %s: %s" % (self.path, getattr(exc, "strerror", None) or exc))
         try:
-            document = json.loads(text)
-            if not isinstance(document, dict) or not isinstance(document.get("state"), dict):
-                raise ValueError('expected {"state": {...}}')
+            document = self.parse(text)
+            if self.history is not None and "replay" in document:
+                self.history.restore_history(document["replay"])
         except ValueError as exc:
             raise StartupError("the state file %s is not valid (%s); fix it or move it away -- it is "
                                "never replaced unread" % (self.path, exc))
         self.saved = text
         return document["state"]
 
+    @staticmethod
+    def parse(text):
+        """The document in a state file's text, checked; ValueError says what is wrong."""
+        try:
+            document = json.loads(text)
+        except RecursionError:
+            raise ValueError("nested too deeply")
+        if not isinstance(document, dict) or not isinstance(document.get("state"), dict):
+            raise ValueError('expected {"state": {...}}')
+        unexpected = sorted(set(document) - {"state", "replay"})
+        if unexpected:
+            raise ValueError("unexpected keys: %s" % ", ".join(unexpected))
+        for name in document["state"]:
+            if name.startswith("_"):
+                raise ValueError("attribute %r is private: it is never saved, so it is not restored" % name)
+        return document
+
     def restore(self, backend, attributes):
+        """Put saved attributes back on the backend; raises StartupError for one it refuses."""
         for name, value in attributes.items():
             if self.names is None or name in self.names:
-                setattr(backend, name, value)
-        self.saved = self.snapshot(backend)
+                try:
+                    setattr(backend, name, value)
+                except Exception as exc:
+                    raise StartupError("the state file %s holds attribute %r, which the Backend "
+                                       "refuses: %s" % (self.path, name, describe_exception(exc)))
+        try:
+            self.saved, self.kept = self.snapshot(backend)
+        except UnsaveableState as exc:
+            raise StartupError("the Backend's state cannot be saved in %s: %s" % (self.path, exc))
 
     def snapshot(self, backend):
-        """The file's text for the backend's attributes as they are now."""
+        """(the file's text for the backend's attributes as they are now, the names it holds).
+        An attribute whose value is of no JSON type (a lock, a model) is left out, unless the
+        file kept it before or `persist` names it; one that JSON cannot hold raises
+        UnsaveableState."""
         attributes = {name: value for name, value in vars(backend).items()
                       if not name.startswith("_") and (self.names is None or name in self.names)}
+        document = {"state": attributes}
+        history = self.history.history() if self.history is not None else None
+        if history:
+            document["replay"] = history
         try:  # serialised once; attribute by attribute only when something cannot be
-            return json.dumps({"state": attributes}, sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError):
+            return json.dumps(document, sort_keys=True, allow_nan=False), set(attributes)
+        except (TypeError, ValueError, RecursionError):
             pass
         for name, value in list(attributes.items()):
             try:
                 json.dumps(value, allow_nan=False)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, RecursionError) as exc:
+                if name in self.kept or self.names is not None or not isinstance(exc, TypeError):
+                    raise UnsaveableState(name, exc)
                 del attributes[name]  # locks, threads, models: not state this file can hold
-        return json.dumps({"state": attributes}, sort_keys=True, allow_nan=False)
+        return json.dumps(document, sort_keys=True, allow_nan=False), set(attributes)
 
     def save_if_changed(self, backend):
-        """Write the file if the attributes changed; if it cannot be written, put them back as
-        last saved and refuse the request (503), so nothing is answered that was not saved."""
-        text = self.snapshot(backend)
-        if text == self.saved:
-            return
+        """Write the file if the attributes changed.  If they cannot be written, put them back as
+        last saved and refuse the request, so nothing is answered that was not saved."""
         try:
+            text, names = self.snapshot(backend)
+            if text == self.saved:
+                return
             self.write(text)
-        except OSError as exc:
+        except (UnsaveableState, OSError) as exc:
             if self.saved is not None:
                 self.restore(backend, json.loads(self.saved)["state"])
+            if isinstance(exc, UnsaveableState):
+                raise Refusal(422, "the request would leave the backend's state unsaveable: %s; it "
+                                   "was not applied" % exc)
             Log.write("error", "could not write the state file %s: %s; the change was undone"
                       % (self.path, exc.strerror or exc))
             raise Refusal(503, "the backend's state could not be saved, so the request was not "
                                "applied; retry", retry_after=1)
-        self.saved = text
+        self.saved, self.kept = text, names
 
     def write(self, text):
-        temporary = "%s.%d.tmp" % (self.path, os.getpid())
-        with open(temporary, "wb") as file:
-            file.write(text.encode("utf-8"))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
-        directory = os.open(os.path.dirname(self.path), os.O_RDONLY)
+        """Replace the file atomically.  The temporary file is made by mkstemp: a random name,
+        created exclusively and never through a symlink, in the file's own directory."""
+        import tempfile
+        folder, name = os.path.split(self.path)
+        handle, temporary = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=folder)
         try:
-            os.fsync(directory)  # the rename itself must survive a crash
+            with os.fdopen(handle, "wb") as file:
+                file.write(text.encode("utf-8"))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise
+        handle = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(handle)  # the rename itself must survive a crash
         finally:
-            os.close(directory)
+            os.close(handle)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2218,33 +2428,64 @@ class GrantChecker:
         return None, None
 
     def verify(self, grant):
-        """None when the grant is genuine and fresh, else why not."""
+        """None when the grant is genuine and fresh, else why not.  Only what is signed moves the
+        replay history (decisions.md 14): under g1 and g3 the reqnum is signed, and each grant is
+        known by its signature's bytes (not their base64 text, which can be written several
+        ways); under g4 only the url is signed, the same for every request to this worker, so
+        there is nothing to tell one request from another and no history is kept or moved."""
         for name in ("signature", "cost", "endpoint", "reqnum", "url"):
             if name not in grant:
                 return "the grant has no %s" % name
         if not isinstance(grant["reqnum"], int) or isinstance(grant["reqnum"], bool):
             return "the grant's reqnum is not an integer"
-        genuine = False
-        for shape in self.shapes:
-            if shape == "g3" and "request_idx" not in grant:
-                continue
-            if self.key.verify(signed_message(grant, shape).encode(), grant["signature"]):
-                genuine = True
-                break
-        if not genuine:
+        shape = self.shape_of(grant)
+        if shape is None:
             return "the grant's signature does not verify"
-        fingerprint = json.dumps(grant, sort_keys=True)
+        if shape == "g4":
+            return None
+        import base64
+        import hashlib
+        known_as = hashlib.sha256(base64.b64decode(grant["signature"], validate=True)).hexdigest()
         with self._lock:
             if self.highest_reqnum is not None and grant["reqnum"] < self.highest_reqnum - self.HISTORY:
                 return "the grant's reqnum %d is too old (the newest is %d)" % (grant["reqnum"], self.highest_reqnum)
-            if fingerprint in self.recent_set:
+            if known_as in self.recent_set:
                 return "the grant was already used"
-            self.recent.append(fingerprint)
-            self.recent_set.add(fingerprint)
+            self.recent.append(known_as)
+            self.recent_set.add(known_as)
             if len(self.recent) > self.HISTORY:
                 self.recent_set.discard(self.recent.popleft())
             self.highest_reqnum = max(grant["reqnum"], self.highest_reqnum or grant["reqnum"])
         return None
+
+    def shape_of(self, grant):
+        """The shape whose message the grant's signature verifies, or None."""
+        for shape in self.shapes:
+            if shape == "g3" and "request_idx" not in grant:
+                continue
+            if self.key.verify(signed_message(grant, shape).encode(), grant["signature"]):
+                return shape
+        return None
+
+    def history(self):
+        """The replay history, for the state file (None while there is none)."""
+        with self._lock:
+            if not self.recent:
+                return None
+            return {"highest_reqnum": self.highest_reqnum, "recent": list(self.recent)}
+
+    def restore_history(self, saved):
+        """Take back a history() from the state file; ValueError when it is not one."""
+        if not isinstance(saved, dict) or set(saved) - {"highest_reqnum", "recent"} or \
+                not isinstance(saved.get("recent"), list) or len(saved["recent"]) > self.HISTORY or \
+                not all(isinstance(known_as, str) and re.fullmatch(r"[0-9a-f]{64}", known_as)
+                        for known_as in saved["recent"]) or \
+                not isinstance(saved.get("highest_reqnum"), (int, type(None))):
+            raise ValueError("its replay history is not one this worker wrote")
+        with self._lock:
+            self.highest_reqnum = saved.get("highest_reqnum")
+            self.recent = collections.deque(saved["recent"])
+            self.recent_set = set(self.recent)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2275,20 +2516,24 @@ class ReportEndpoints:
         if not isinstance(data, dict) or not hmac.compare_digest(
                 str(data.get("mtoken", "")).encode(), self.token.encode()):
             raise Refusal(401, "a valid mtoken is required")
-        try:
-            if name == "report_loaded":
-                if data.get("max_perf") is not None:
-                    self.state.loaded(float(data["max_perf"]))
-                else:
-                    self.state.ready()
-            elif name == "report_error":
-                self.state.failed(data.get("error_msg", "reported by %s" % request.remote_addr))
-            elif name == "report_capacity":
-                self.state.max_capacity = int(data.get("max_capacity") or 0)
-            elif name == "report_loading":
-                Log.write("info", "the model is loading")
-        except (TypeError, ValueError):
-            raise Refusal(400, "max_perf and max_capacity must be numbers")
+        if name == "report_loaded":
+            max_perf = data.get("max_perf")
+            if max_perf is None:
+                self.state.ready()
+            elif isinstance(max_perf, (int, float)) and not isinstance(max_perf, bool) and \
+                    math.isfinite(max_perf) and max_perf > 0:  # the next status report must be valid
+                self.state.loaded(float(max_perf))
+            else:
+                raise Refusal(400, "max_perf must be a positive number, not %r" % (max_perf,))
+        elif name == "report_error":
+            self.state.failed(data.get("error_msg", "reported by %s" % request.remote_addr))
+        elif name == "report_capacity":
+            capacity = data.get("max_capacity") or 0
+            if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0:
+                raise Refusal(400, "max_capacity must be a whole number of at least 0, not %r" % (capacity,))
+            self.state.max_capacity = capacity
+        elif name == "report_loading":
+            Log.write("info", "the model is loading")
         return Response("ok")
 
 
@@ -2363,7 +2608,7 @@ class BackendApp:
                 return value
             raise ValueError("%r is not a finite, non-negative number" % value)
         except Exception as exc:
-            Log.write("debug", "%s %s: workload() failed (%s); counting 1" % (request.method, request.path, exc))
+            Log.write("debug", "%s %s: workload() failed (%s); counting 1" % (request.method, printable(request.path), exc))
             return 1.0
 
     def call(self, handler, request):
@@ -2382,13 +2627,13 @@ class BackendApp:
         except Refusal:
             raise
         except BadReturnValue as exc:
-            Log.write("error", "%s %s: %s" % (request.method, request.path, exc))
+            Log.write("error", "%s %s: %s" % (request.method, printable(request.path), exc))
             raise Refusal(500)
         except BaseException as exc:
             refusal = as_refusal(exc)
             if refusal is not None:
                 raise refusal
-            Log.exception("%s %s: the handler raised %s" % (request.method, request.path,
+            Log.exception("%s %s: the handler raised %s" % (request.method, printable(request.path),
                                                            type(exc).__name__))
             raise Refusal(500)
 
@@ -2893,11 +3138,13 @@ class StandInAutoscaler:
     be watched before deploying (GET /records returns them), serves its public key and signs
     grants at /route/ for the workers that reported themselves loaded.  Its key is generated in
     the background (about a second of pure-Python arithmetic), so it answers at once; /pubkey/
-    and /route/ wait for the key."""
+    and /route/ wait for the key.  GET /records never shows a record's mtoken: it says whether
+    the token matched `master_token` (the stand-in's $MASTER_TOKEN), as Vast's would check it."""
 
-    def __init__(self, shape="g3"):
+    def __init__(self, shape="g3", master_token=""):
         self.records = []
         self.shape = "g3" if shape == "auto" else shape
+        self.master_token = master_token
         self._key = None
         self._key_made = threading.Event()
         self.reqnum = 0
@@ -2942,7 +3189,17 @@ class StandInAutoscaler:
         return {"ok": True}
 
     def list_records(self, _, request):
-        return list(self.records)
+        import hmac
+        shown = []
+        for record in list(self.records):
+            record = dict(record)
+            if "mtoken" in record:
+                token = str(record["mtoken"])
+                record["mtoken"] = "(hidden)"
+                if self.master_token:
+                    record["mtoken_matches"] = hmac.compare_digest(token.encode(), self.master_token.encode())
+            shown.append(record)
+        return shown
 
     def routes(self):
         return {"POST": {"worker_status/": self.worker_status, "route/": self.route},
@@ -3026,9 +3283,15 @@ def make_parser():
     parser.add_argument("--max-body", type=byte_size, default=byte_size("64M"), metavar="SIZE",
                         help="largest request body accepted, e.g. 512K or 64M; larger ones get 413 "
                              "before they are read (default 64M)")
+    parser.add_argument("--body-memory", type=byte_size, default=byte_size("256M"), metavar="SIZE",
+                        help="request bodies held in memory at once, over all connections; a request "
+                             "whose body would pass it gets 503 with Retry-After before it is read "
+                             "(default 256M; at least --max-body)")
     parser.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
-                        help="how long a connection may stay idle, take to send its request headers, "
-                             "or pause while sending a body (default 30)")
+                        help="how long a connection may stay idle or take to send its request headers; "
+                             "a body may take this long plus 1 s per %d bytes (default 30). At "
+                             "--max-connections, the connection furthest behind gives way to a new one"
+                             % MIN_BODY_RATE)
     parser.add_argument("--queue-time", type=positive_seconds, default=30.0, metavar="SECONDS",
                         help="how long a request may wait for the backend lock before it gets 429 "
                              "with Retry-After (default 30)")
@@ -3107,10 +3370,6 @@ def install_modules(current, postbox):
     sys.modules["flask"] = make_flask_module(current)
     sys.modules["notify"] = make_notify_module(postbox)
     sys.modules.setdefault("vastworker", sys.modules[__name__])
-
-
-def describe_exception(exc):
-    return "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
 
 
 def where_in(exc, directory):
@@ -3300,6 +3559,10 @@ class Worker:
     def start(self):
         """Plan, bind and build; raises StartupError, having started nothing that outlives it."""
         Worker.running = self
+        if self.options.max_body > self.options.body_memory:
+            raise StartupError("--max-body %d is more than --body-memory %d: no body that large could "
+                               "ever be accepted; raise --body-memory" % (self.options.max_body,
+                                                                         self.options.body_memory))
         if self.options.backend == "autoscaler":
             return self.start_stand_in()
         self.plan()
@@ -3319,7 +3582,7 @@ class Worker:
         self.tls = tls_context(options, environ)
         state_file = options.state_file or environ.get("STATE_FILE")
         if state_file:
-            self.store = StateStore(state_file, self.backend_plan.persist)
+            self.store = StateStore(state_file, self.backend_plan.persist, history=self.grants)
             self.saved = self.store.load()
 
     def bind(self, port):
@@ -3358,7 +3621,7 @@ class Worker:
                          options.queue_time, plan.workload,
                          ReportEndpoints(environ.get("MASTER_TOKEN"), state), self.grants, self.store)
         self.server = WorkerServer(self.listener, app, options.timeout, options.max_body, self.tls,
-                                   options.max_connections)
+                                   options.max_connections, options.body_memory)
         Log.write("info", "vastworker %s serving %s on %s://%s:%d (%s)%s"
                   % (__version__, os.path.basename(self.directory), scheme,
                      host if ":" not in host else "[%s]" % host, port, describe_routes(plan.routes),
@@ -3392,13 +3655,13 @@ class Worker:
     def start_stand_in(self):
         """The local autoscaler stand-in, served by the same machinery as a backend."""
         options = self.options
-        stand_in = StandInAutoscaler(options.grant_shape)
+        stand_in = StandInAutoscaler(options.grant_shape, self.environ.get("MASTER_TOKEN", ""))
         routes = stand_in.routes()
         self.bind(port_number(options.port, "--port") if options.port else 8081)
         self.state.phase = "loaded"  # nothing to load: it serves at once
         app = BackendApp(stand_in, routes, self.state, self.metrics, self.current)
         self.server = WorkerServer(self.listener, app, options.timeout, options.max_body,
-                                   max_connections=options.max_connections)
+                                   max_connections=options.max_connections, body_memory=options.body_memory)
         host, port = self.server.server_address[:2]
         Log.write("info", "vastworker %s autoscaler stand-in on http://%s:%d: point REPORT_ADDR at it "
                           "(%s)" % (__version__, host, port, describe_routes(routes)), always=True)

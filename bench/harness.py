@@ -24,10 +24,10 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def rss_kb(pid):
-    """A process's resident memory, in KiB."""
+def rss_kb(pid, field="VmRSS"):
+    """A process's resident memory in KiB: now (VmRSS), or at its peak so far (VmHWM)."""
     with open("/proc/%d/status" % pid) as file:
-        return int(re.search(r"VmRSS:\s+(\d+)", file.read()).group(1))
+        return int(re.search(field + r":\s+(\d+)", file.read()).group(1))
 
 
 def wait_until(predicate, timeout=10, interval=0.05, failure=None):
