@@ -8,12 +8,13 @@
 #
 # Environment:
 #   WORKSPACE            where vastworker.log, vastworker.pid and (when fetched) the project in
-#                        vastworker/ live; default /home/workspace
+#                        vastworker/ live; default /home/workspace.  The worker runs there, so
+#                        relative paths in its options (--state-file state.json) are in WORKSPACE
 #   VASTWORKER_TARBALL   a .tar.gz URL of the project (fetched with wget or curl), or
-#   VASTWORKER_REPO      anything `git clone` accepts; used when this script has no checkout
-#                        beside it and $WORKSPACE/vastworker does not exist yet
-#   VASTWORKER_UPDATE=1  fetch the project again even though it is there
-#   VASTWORKER_WAIT      seconds to wait for the worker's first answer; default 60
+#   VASTWORKER_REPO      anything `git clone` accepts; used when this script is not run from a
+#                        checkout and $WORKSPACE/vastworker does not exist yet
+#   VASTWORKER_UPDATE=1  fetch $WORKSPACE/vastworker again even though it is there
+#   VASTWORKER_WAIT      seconds to wait for the worker to serve; default 60
 # The worker inherits this environment (WORKER_PORT/AUTH_PORT, CONTAINER_ID, MASTER_TOKEN,
 # REPORT_ADDR, ...).  When REPORT_ADDR is set, a failed start is reported to the autoscaler's
 # /worker_status/ so that the instance does not sit in "loading" for ever.
@@ -21,6 +22,7 @@ set -euo pipefail
 
 MIN_PYTHON="3.8"
 STAGING=""
+SCRIPT_SOURCE="${BASH_SOURCE[0]:-}"  # empty when piped to bash (inside a function it says "main")
 
 say() {
     printf 'vastworker: %s\n' "$*"
@@ -160,13 +162,20 @@ fetch_project() {
 }
 
 find_project() {
-    # sets PROJECT: the checkout this script sits in, else $WORKSPACE/vastworker (fetched if needed)
-    local here="${BASH_SOURCE[0]:-}"
-    if [ -n "$here" ] && [ -f "$(dirname "$here")/vastworker.py" ]; then
-        PROJECT="$(cd "$(dirname "$here")" && pwd)"
+    # sets PROJECT: the checkout this script file sits in (never the current directory of a
+    # piped script), else $WORKSPACE/vastworker, fetched when missing or VASTWORKER_UPDATE=1
+    local here="" installed="$WORKSPACE/vastworker"
+    if [ -n "$SCRIPT_SOURCE" ] && [ -f "$SCRIPT_SOURCE" ] && [ -f "$(dirname "$SCRIPT_SOURCE")/vastworker.py" ]; then
+        here="$(cd "$(dirname "$SCRIPT_SOURCE")" && pwd)"
+    fi
+    if [ -n "$here" ] && [ "$here" != "$(cd "$installed" 2>/dev/null && pwd)" ]; then
+        PROJECT="$here"
+        if [ "${VASTWORKER_UPDATE:-0}" = "1" ]; then
+            say "VASTWORKER_UPDATE=1 ignored: this script runs from the checkout at $PROJECT"
+        fi
         return 0
     fi
-    PROJECT="$WORKSPACE/vastworker"
+    PROJECT="$installed"
     if [ ! -f "$PROJECT/vastworker.py" ] || [ "${VASTWORKER_UPDATE:-0}" = "1" ]; then
         fetch_project "$PROJECT"
     fi
@@ -209,8 +218,13 @@ running_worker() {
 }
 
 stop_worker() {
+    # stop_worker [quiet]: stop the worker this script started, saying so either way
     local waited
-    if running_worker; then
+    if ! running_worker; then
+        if [ "${1:-}" != "quiet" ]; then
+            say "no worker started by this script is running (pid file: $PID_FILE)"
+        fi
+    else
         say "stopping the worker started before (pid $WORKER_PID)"
         kill -TERM "$WORKER_PID" 2>/dev/null || true
         for waited in $(seq 1 150); do  # 15 s: the worker's grace time and some
@@ -241,12 +255,24 @@ option_value() {
     printf '%s' "$value"
 }
 
-answers() {
-    # answers HOST PORT: does an HTTP server on HOST:PORT answer OPTIONS (which runs no handler)?
-    local reply=""
-    { printf 'OPTIONS /probe HTTP/1.0\r\n\r\n' >&3; IFS= read -r -t 2 reply <&3; } \
-        2>/dev/null 3<>"/dev/tcp/$1/$2" || return 1
-    [[ "$reply" == "HTTP/1.1 200"* ]]
+serving() {
+    # serving PID: has the worker PID written its pid to the ready file, i.e. does it serve? (a
+    # probe of the port could be answered by another program holding it)
+    local pid=""
+    [ -f "$READY_FILE" ] && read -r pid <"$READY_FILE" 2>/dev/null && [ "$pid" = "$1" ]
+}
+
+outside_project() {
+    # outside_project WHAT PATH: fail when PATH (relative to WORKSPACE) is inside the fetched
+    # project, which an update replaces
+    local path="$2"
+    if [ -z "$path" ] || [ "$PROJECT" != "$WORKSPACE/vastworker" ]; then
+        return 0
+    fi
+    case "$path" in /*) ;; *) path="$WORKSPACE/$path" ;; esac
+    case "$(cd "$(dirname "$path")" 2>/dev/null && pwd)/" in
+        "$PROJECT"/*) fail "$1 $2 is inside $PROJECT, which an update replaces; keep it in $WORKSPACE" ;;
+    esac
 }
 
 start_worker() {
@@ -256,35 +282,44 @@ start_worker() {
     port="$(option_value port "${WORKER_PORT:-${AUTH_PORT:-3000}}" "$@")"
     host="$(option_value host 127.0.0.1 "$@")"
     case "$host" in 0.0.0.0 | "::" | "") host=127.0.0.1 ;; esac
+    outside_project --state-file "$(option_value state-file "${STATE_FILE:-}" "$@")"
+    outside_project --cache-dir "$(option_value cache-dir "" "$@")"
     log_start=1  # the worker's own lines start after what earlier runs logged
     if [ -f "$LOG_FILE" ]; then
         log_start=$(($(wc -c <"$LOG_FILE") + 1))
     fi
-    cd "$PROJECT"
+    rm -f "$READY_FILE"
+    cd "$WORKSPACE"  # relative paths in the worker's options are in WORKSPACE, not the project
     started="$(date +%s%N)"
-    say "starting python3 -m vastworker $* (log: $LOG_FILE)"
-    # setsid: detached from this shell, whose end must not end the worker; -m: the module's
-    # bytecode is cached after the first boot, where a script is compiled at every start
-    PYTHONUNBUFFERED=1 setsid python3 -m vastworker "$@" >>"$LOG_FILE" 2>&1 </dev/null &
+    say "starting vastworker $* (log: $LOG_FILE)"
+    # setsid: detached from this shell, whose end must not end the worker.  runpy imports the
+    # project's vastworker module (its bytecode cached after the first boot, where a script is
+    # compiled at every start) ahead of anything in the current directory
+    PYTHONUNBUFFERED=1 setsid python3 -c 'import runpy, sys
+sys.path.insert(0, sys.argv.pop(1))
+runpy.run_module("vastworker", run_name="__main__", alter_sys=True)' \
+        "$PROJECT" "$@" --ready-file "$READY_FILE" >>"$LOG_FILE" 2>&1 </dev/null &
     WORKER_PID=$!
     printf '%s %s\n' "$WORKER_PID" "$(process_start "$WORKER_PID")" >"$PID_FILE"
-    while ! answers "$host" "$port"; do
+    while ! serving "$WORKER_PID"; do
         if [ -z "$(process_start "$WORKER_PID")" ]; then
             tail -c "+$log_start" "$LOG_FILE" | tail -n 20 >&2 || true
             rm -f "$PID_FILE"
             last_line="$(tail -c "+$log_start" "$LOG_FILE" | grep -v '^[[:space:]]*$' | tail -n 1 || true)"
+            last_line="${last_line#vastworker: error: }"  # the worker's own words, without its prefix
             fail "the worker exited during start-up: ${last_line:-no output}"
         fi
         elapsed=$((($(date +%s%N) - started) / 1000000))
         if [ "$elapsed" -gt $((${VASTWORKER_WAIT:-60} * 1000)) ]; then
             tail -c "+$log_start" "$LOG_FILE" | tail -n 20 >&2 || true
             stop_worker
-            fail "the worker did not answer on $host:$port within ${VASTWORKER_WAIT:-60} s"
+            fail "the worker did not start serving on $host:$port within ${VASTWORKER_WAIT:-60} s"
         fi
         sleep 0.02
     done
     elapsed=$((($(date +%s%N) - started) / 1000000))
     say "$backend is up at http://$host:$port (pid $WORKER_PID, answering after $elapsed ms)"
+    rm -f "$READY_FILE"
     public_port="VAST_TCP_PORT_$port"
     if [ -n "${PUBLIC_IPADDR:-}" ] && [ -n "${!public_port:-}" ]; then
         say "public address: http://$PUBLIC_IPADDR:${!public_port}"
@@ -301,6 +336,7 @@ main() {
     WORKSPACE="${WORKSPACE:-/home/workspace}"
     LOG_FILE="$WORKSPACE/vastworker.log"
     PID_FILE="$WORKSPACE/vastworker.pid"
+    READY_FILE="$WORKSPACE/vastworker.ready"
     trap cleanup EXIT
     case "$backend" in
         -h | --help)
@@ -324,7 +360,7 @@ main() {
     if ! [[ "$backend" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || [ ! -f "$PROJECT/backends/$backend/backend.py" ]; then
         fail "no backend '$backend' in $PROJECT/backends (available: $(available_backends))"
     fi
-    stop_worker
+    stop_worker quiet
     start_worker "$backend" "$backend" "$@"  # the name for messages, then the worker's arguments
 }
 

@@ -1,7 +1,12 @@
 """Tests for vastworker, grouped in the order of the module's sections.  End-to-end tests run the
 worker as a subprocess with `python3 -I -S` (no site-packages, so an accidental dependency fails
 here) and drive it over real sockets on 127.0.0.1; unit tests call the pure pieces in-process.
-Starting workers, polling and reading values are bench/harness.py's, shared with the benchmark."""
+Starting workers, polling and reading values are bench/harness.py's, shared with the benchmark.
+
+    python3 test_vastworker.py [PYTEST OPTIONS]
+
+runs them with pytest; where this Python has no pytest, it first makes a virtual environment
+with it in ~/.cache/vastworker (outside the project) and runs there."""
 
 import glob
 import http.client
@@ -18,7 +23,34 @@ import textwrap
 import threading
 import time
 
-import pytest
+
+def run_the_suite():
+    """`python3 test_vastworker.py`: pytest on this file, installing it first if need be."""
+    if importlib.util.find_spec("pytest") is not None:
+        import pytest
+        return pytest.main(["-q", os.path.abspath(__file__)] + sys.argv[1:])
+    if os.environ.get("VASTWORKER_TEST_VENV") == sys.prefix:
+        sys.exit("test_vastworker: pytest is still missing in %s" % sys.prefix)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    venv = os.path.join(cache, "vastworker", "test-venv-%d.%d" % sys.version_info[:2])
+    python = os.path.join(venv, "bin", "python")
+    print("test_vastworker: pytest is not installed for %s; setting it up in %s" % (sys.executable, venv),
+          flush=True)
+    try:
+        if not os.path.exists(python):
+            subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([python, "-m", "pip", "install", "--quiet", "pytest"], check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        sys.exit("test_vastworker: could not make a virtual environment with pytest in %s (%s); on "
+                 "Debian or Ubuntu, apt-get install python3-venv, or install pytest yourself" % (venv, exc))
+    os.environ["VASTWORKER_TEST_VENV"] = venv
+    os.execv(python, [python, os.path.abspath(__file__)] + sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(run_the_suite())
+
+import pytest  # noqa: E402  (below the runner, which must work where pytest is not installed)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -255,11 +287,15 @@ def test_access_log_line_per_request(hello):
     hello.wait_for_log(r"INFO 127\.0\.0\.1 GET /value\?x=1 200 12 \d+\.\dms")
 
 
-def test_quiet_turns_access_log_off(start_worker):
-    worker = start_worker("helloworld", "--log-level", "warning")
+@pytest.mark.parametrize("option", [["--log-level", "warning"], ["--log-level", "error"], ["--quiet"]])
+def test_quiet_levels_log_only_problems_and_the_start_and_stop_lines(start_worker, option):
+    worker = start_worker("helloworld", *option)
     assert worker.request("GET", "/value")[0] == 200
-    time.sleep(0.2)
-    assert "127.0.0.1 GET /value" not in worker.log
+    assert worker.request("POST", "/increment", {"amount": "x"})[0] == 500  # a problem: logged
+    worker.wait_for_log("the handler raised TypeError")  # an error line flushes all before it
+    assert worker.stop() == 0
+    info = [line for line in worker.lines if " INFO " in line]
+    assert len(info) == 2 and "serving helloworld" in info[0] and info[1].endswith("INFO stopped"), info
 
 
 def test_helloworld_ships_as_the_guide_writes_it():
@@ -1145,7 +1181,7 @@ def test_stream_failure_and_disconnect(start_worker, write_backend):
     worker = start_worker(backend)
     raw = worker.raw(b"GET /failing HTTP/1.1\r\nHost: x\r\n\r\n")
     assert raw.endswith(b"5\r\nfirst\r\n")  # cut off: no final 0-size chunk
-    assert "mid-stream failure" in worker.log
+    worker.wait_for_log("mid-stream failure")
     with socket.create_connection(("127.0.0.1", worker.port)) as sock:
         sock.sendall(b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n")
         sock.recv(100000)
@@ -2097,6 +2133,12 @@ def test_the_benchmark_passes_when_grants_are_required(start_worker, write_backe
     assert loaded["max_perf"] > 0 and loaded["error_msg"] == ""
     assert worker.json("POST", "/work", {"n": 1})[0] == 401  # while outsiders need a grant
 
+def test_the_benchmark_cache_stays_out_of_the_project(start_worker, write_backend, tmp_path):
+    worker = start_worker(write_backend(BENCHMARK_BACKEND.format(fail=False)), env={"XDG_CACHE_HOME": str(tmp_path)})
+    worker.wait_for_log(r"loaded after")
+    assert (tmp_path / "vastworker" / "vastworker-benchmark.json").is_file()
+    assert not os.path.exists(os.path.join(ROOT, "vastworker-benchmark.json"))  # the worker's directory
+
 
 def test_a_benchmark_with_no_success_is_an_error(start_worker, write_backend, autoscaler, tmp_path):
     worker = start_worker(write_backend(BENCHMARK_BACKEND.format(fail=True)), "--cache-dir", str(tmp_path),
@@ -2404,6 +2446,30 @@ def test_grace_bounds_the_wait(start_worker, hold):
     client.join(10)
     assert isinstance(outcome[0], http.client.RemoteDisconnected)  # cut off after the grace time
 
+def test_a_handler_that_cannot_take_backend_and_request_stops_the_start(write_backend):
+    backend = write_backend("""
+        class Backend:
+            pass
+
+        def value(request):
+            return "never"
+
+        flask_dict = {"GET": {"value": value, "fine": lambda backend, request, extra=1: "ok"}}
+    """)
+    code, output = run_cli(backend)
+    assert code == 1 and len(output.strip().splitlines()) == 1, output
+    assert re.search(r"backend\.py line 5: the GET /value handler value\(request\) cannot take "
+                     r"\(backend, request\)", output), output
+
+
+@pytest.mark.parametrize("where", ["missing/state.json", "a-file/state.json"])
+def test_a_state_file_that_cannot_be_written_stops_the_start(tmp_path, where):
+    (tmp_path / "a-file").write_text("not a directory")
+    code, output = run_cli("helloworld", "--port", "0", "--state-file", str(tmp_path / where))
+    assert code == 1 and len(output.strip().splitlines()) == 1, output
+    assert re.search(r"vastworker: error: cannot (read|write) the state file %s: " % re.escape(str(tmp_path / where)),
+                     output), output
+
 
 @pytest.mark.parametrize("document, message", [
     ('{"state": ' * 100000 + "{}" + "}" * 100000, "nested too deeply"),
@@ -2463,13 +2529,13 @@ class Bootstrap:
         self.port = port
         self.pid_file = os.path.join(self.workspace, "vastworker.pid")
 
-    def run(self, command, timeout=60, **env):
+    def run(self, command, timeout=60, cwd=None, **env):
         environment = dict(os.environ, WORKSPACE=self.workspace, WORKER_PORT=str(self.port))
         for name in ("VASTWORKER_TARBALL", "VASTWORKER_REPO", "VASTWORKER_UPDATE", "REPORT_ADDR"):
             environment.pop(name, None)
         environment.update(env)
         started = time.monotonic()
-        result = subprocess.run(["bash", "-c", command], cwd=self.workspace, env=environment,
+        result = subprocess.run(["bash", "-c", command], cwd=cwd or self.workspace, env=environment,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
         result.seconds = time.monotonic() - started
         result.output = result.stdout.decode()
@@ -2605,7 +2671,8 @@ def test_failed_start_is_reported_to_the_autoscaler(bootstrap, published):
                                REPORT_ADDR="http://127.0.0.1:%d,%s" % (free_port(), published.url),
                                CONTAINER_ID="4242", MASTER_TOKEN='to"ken')
     assert result.returncode == 1
-    assert "the worker exited during start-up: vastworker: error: port %d is already in use" % bootstrap.port in result.output
+    assert "the worker exited during start-up: port %d is already in use" % bootstrap.port in result.output
+    assert "error: vastworker: error" not in result.output  # one prefix, not two
     assert "reported the error to %s/worker_status/" % published.url in result.output
     path, body = published.posts[-1]
     record = json.loads(body)
@@ -2636,6 +2703,84 @@ def test_a_restart_under_load_loses_nothing(bootstrap, published, tmp_path):
     acknowledged = sum(count for kind, count in outcome if kind == "acknowledged")
     assert acknowledged > 50
     assert value_at(bootstrap.port) == acknowledged  # graceful: nothing in flight was cut off
+
+class PortHolder:
+    """Another HTTP/1.1 server on the worker's port, answering everything 200, as a stray
+    development server would."""
+
+    def __init__(self, port):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def answer(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_OPTIONS = answer
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_another_server_on_the_port_is_not_taken_for_our_worker(bootstrap, published):
+    holder = PortHolder(bootstrap.port)
+    try:
+        result = bootstrap.run(PIPED.format(url=published.url, backend="helloworld"),
+                               VASTWORKER_TARBALL=published.url + "/vastworker-main.tar.gz")
+    finally:
+        holder.close()
+    assert result.returncode == 1, result.output
+    assert "the worker exited during start-up: port %d is already in use" % bootstrap.port in result.output
+    assert "is up" not in result.output and not os.path.exists(bootstrap.pid_file)
+
+
+def test_piped_from_inside_a_checkout_the_script_still_fetches_into_the_workspace(bootstrap, published, tmp_path):
+    checkout = tmp_path / "somebody-elses-checkout"
+    checkout.mkdir()
+    (checkout / "vastworker.py").write_text("raise SystemExit('not this one')\n")
+    result = bootstrap.run(PIPED.format(url=published.url, backend="helloworld"), cwd=str(checkout),
+                           VASTWORKER_TARBALL=published.url + "/vastworker-main.tar.gz")
+    assert result.returncode == 0, result.output
+    assert "fetching" in result.output
+    assert os.path.isfile(os.path.join(bootstrap.workspace, "vastworker", "vastworker.py"))
+    assert bootstrap.value()[0] == 200
+
+
+def test_an_update_on_a_later_boot_fetches_again_and_keeps_relative_state(bootstrap, published):
+    launch = os.path.join(ROOT, "backends", "helloworld", "launch.sh")
+    env = {"VASTWORKER_SCRIPT_URL": published.url + "/start_server.sh",
+           "VASTWORKER_TARBALL": published.url + "/vastworker-main.tar.gz", "STATE_FILE": "state.json"}
+    assert bootstrap.run("bash " + launch, **env).returncode == 0
+    connection = http.client.HTTPConnection("127.0.0.1", bootstrap.port, timeout=10)
+    connection.request("POST", "/increment", body='{"amount": 7}', headers=JSON)
+    assert connection.getresponse().status == 200
+    connection.close()
+    assert os.path.isfile(os.path.join(bootstrap.workspace, "state.json"))  # in WORKSPACE, not the project
+    later = bootstrap.run("bash " + launch, VASTWORKER_UPDATE="1", **env)
+    assert later.returncode == 0 and "fetching" in later.output, later.output
+    assert bootstrap.value() == (200, b'{"value":7}\n')
+    inside = bootstrap.run("bash " + launch, **dict(env, STATE_FILE="vastworker/state.json"))
+    assert inside.returncode == 1 and "which an update replaces" in inside.output, inside.output
+
+
+def test_stop_says_when_there_is_nothing_to_stop_and_the_log_has_no_probes(bootstrap, published):
+    assert "no worker started by this script is running" in bootstrap.stop().output
+    result = bootstrap.run(PIPED.format(url=published.url, backend="helloworld"),
+                           VASTWORKER_TARBALL=published.url + "/vastworker-main.tar.gz")
+    assert result.returncode == 0, result.output
+    with open(os.path.join(bootstrap.workspace, "vastworker.log")) as log:
+        text = log.read()
+    assert "serving helloworld" in text and "OPTIONS" not in text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2823,5 +2968,5 @@ def test_ci_runs_the_readme_test_command():
         readme = file.read()
     with open(os.path.join(ROOT, ".ci", "run")) as file:
         ci = file.read()
-    command = "python3 -m pytest -q test_vastworker.py"
-    assert command in readme and command in ci
+    command = "python3 test_vastworker.py"
+    assert command in readme and re.search(r"^%s$" % command, ci, re.MULTILINE)

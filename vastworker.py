@@ -2136,6 +2136,19 @@ class StateStore:
                 raise ValueError("attribute %r is private: it is never saved, so it is not restored" % name)
         return document
 
+    def check_writable(self):
+        """A state file that could never be written is a mistake to stop at, not 503s later."""
+        import tempfile
+        try:
+            handle, probe = tempfile.mkstemp(prefix=os.path.basename(self.path) + ".", suffix=".probe",
+                                             dir=os.path.dirname(self.path))
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as exc:
+            raise StartupError("cannot write the state file %s: %s" % (
+                self.path, exc.strerror or exc) + ("" if os.path.isdir(os.path.dirname(self.path))
+                                                   else " (its directory does not exist)"))
+
     def restore(self, backend, attributes):
         """Put saved attributes back on the backend; raises StartupError for one it refuses."""
         for name, value in attributes.items():
@@ -2882,6 +2895,7 @@ class Benchmark:
         except (OSError, ValueError):
             cache = {}
         cache[self.key] = max_perf
+        os.makedirs(os.path.dirname(self.cache_file) or ".", exist_ok=True)
         temporary = self.cache_file + ".tmp"
         with open(temporary, "w") as file:
             json.dump(cache, file, indent=1, sort_keys=True)
@@ -3268,33 +3282,14 @@ def port_number(text, source="--port"):
     return int(text)
 
 
-def make_parser():
-    """The command line: the backend, then options, each with its default in --help."""
-    parser = argparse.ArgumentParser(
-        prog="vastworker.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Serve a pyworker-style backend (backend.py with Backend and flask_dict) "
-                    "over HTTP, on the Python standard library alone.",
-        epilog=ENVIRONMENT_HELP)
-    parser.add_argument("backend", metavar="BACKEND",
-                        help="a directory name under backends/, or a path to a directory with backend.py")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
-    parser.add_argument("--port", help="port to listen on; 0 picks a free one "
-                                       "(default $WORKER_PORT, else $AUTH_PORT, else 3000)")
-    parser.add_argument("--max-body", type=byte_size, default=byte_size("64M"), metavar="SIZE",
-                        help="largest request body accepted, e.g. 512K or 64M; larger ones get 413 "
-                             "before they are read (default 64M)")
-    parser.add_argument("--body-memory", type=byte_size, default=byte_size("256M"), metavar="SIZE",
-                        help="request bodies held in memory at once, over all connections; a request "
-                             "whose body would pass it gets 503 with Retry-After before it is read "
-                             "(default 256M; at least --max-body)")
-    parser.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
-                        help="how long a connection may stay idle or take to send its request headers; "
-                             "a body may take this long plus 1 s per %d bytes (default 30). At "
-                             "--max-connections, the connection furthest behind gives way to a new one"
-                             % MIN_BODY_RATE)
-    parser.add_argument("--queue-time", type=positive_seconds, default=30.0, metavar="SECONDS",
-                        help="how long a request may wait for the backend lock before it gets 429 "
-                             "with Retry-After (default 30)")
+def default_cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vastworker")
+
+
+def add_more_options(parser):
+    """The options beyond the listening socket and its limits: stopping, grants, HTTPS, saved
+    state, the benchmark cache, readiness and the log."""
     parser.add_argument("--grace", type=positive_seconds, default=10.0, metavar="SECONDS",
                         help="on SIGTERM or SIGINT, how long in-flight requests may take to finish "
                              "(default 10)")
@@ -3316,16 +3311,49 @@ def make_parser():
                         help="keep the Backend's state (its public JSON-able attributes, or those named in "
                              "persist) in FILE: restored at start, saved before each answer that changed "
                              "it (also $STATE_FILE)")
-    parser.add_argument("--max-connections", type=positive_int, default=1024, metavar="N",
-                        help="open connections at most; past it the oldest idle one is closed, or the new "
-                             "one gets 503 (default 1024)")
-    parser.add_argument("--cache-dir", default=".", metavar="DIR",
-                        help="where the benchmark result is cached (default: the current directory)")
+    parser.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR",
+                        help="where the benchmark result is cached (default: $XDG_CACHE_HOME/vastworker, "
+                             "else ~/.cache/vastworker; never the project, which an update replaces)")
+    parser.add_argument("--ready-file", metavar="FILE",
+                        help="once serving, write this process's pid to FILE: how start_server.sh "
+                             "knows that its own worker is up, not another program on the port")
     parser.add_argument("--log-level", choices=sorted(Log.LEVELS, key=Log.LEVELS.get), default="info",
                         help="info (the default) logs one line per request; warning and error only "
-                             "problems; debug adds tracebacks of startup failures")
+                             "problems, and the lines saying the worker serves and has stopped; debug "
+                             "adds tracebacks of start-up failures")
     parser.add_argument("--quiet", action="store_true", help="same as --log-level warning")
     parser.add_argument("--version", action="version", version="vastworker " + __version__)
+
+
+def make_parser():
+    """The command line: the backend, then options, each with its default in --help."""
+    parser = argparse.ArgumentParser(
+        prog="vastworker.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a pyworker-style backend (backend.py with Backend and flask_dict) "
+                    "over HTTP, on the Python standard library alone.",
+        epilog=ENVIRONMENT_HELP)
+    parser.add_argument("backend", metavar="BACKEND",
+                        help="a directory name under backends/, or a path to a directory with backend.py")
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
+    parser.add_argument("--port", help="port to listen on; 0 picks a free one "
+                                       "(default $WORKER_PORT, else $AUTH_PORT, else 3000)")
+    parser.add_argument("--max-body", type=byte_size, default=byte_size("64M"), metavar="SIZE",
+                        help="largest request body accepted, e.g. 512K or 64M; larger ones get 413 "
+                             "before they are read (default 64M)")
+    parser.add_argument("--body-memory", type=byte_size, default=byte_size("256M"), metavar="SIZE",
+                        help="request bodies held in memory at once, over all connections; a request "
+                             "whose body would pass it gets 503 with Retry-After before it is read "
+                             "(default 256M; at least --max-body)")
+    parser.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
+                        help="how long a connection may stay idle or take to send its request headers; "
+                             "a body may take this long plus 1 s per %d bytes (default 30)" % MIN_BODY_RATE)
+    parser.add_argument("--queue-time", type=positive_seconds, default=30.0, metavar="SECONDS",
+                        help="how long a request may wait for the backend lock before it gets 429 "
+                             "with Retry-After (default 30)")
+    parser.add_argument("--max-connections", type=positive_int, default=1024, metavar="N",
+                        help="open connections at most; past it the one making the least progress "
+                             "gives way, or, when all are being served, a new one gets 503 (default 1024)")
+    add_more_options(parser)
     return parser
 
 
@@ -3399,6 +3427,28 @@ def import_backend(directory):
     return module
 
 
+def check_handler(handler, method, endpoint):
+    """A handler must take (backend, request): one that cannot is refused at start, naming its
+    file and line, rather than failing every request.  Callables whose parameters cannot be read
+    without importing inspect (builtins, objects with __call__) are let through."""
+    function = getattr(handler, "__func__", handler)
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return
+    bound = function is not handler  # a method: its self is already given
+    positional = code.co_argcount - bound
+    required = positional - len(function.__defaults__ or ())
+    keywords = code.co_kwonlyargcount - len(function.__kwdefaults__ or {})
+    takes_more = code.co_flags & 0x04  # *args
+    if required <= 2 and (positional >= 2 or takes_more) and not keywords:
+        return
+    names = code.co_varnames[bound:code.co_argcount]
+    raise StartupError("%s line %d: the %s /%s handler %s(%s) cannot take (backend, request), "
+                       "which is how handlers are called" % (
+                           code.co_filename, code.co_firstlineno, method, endpoint,
+                           function.__name__, ", ".join(names)))
+
+
 def validate_routes(module, path):
     """flask_dict, checked now so that a mistake is one clear line at start, not a 404 later."""
     if not hasattr(module, "Backend"):
@@ -3424,6 +3474,7 @@ def validate_routes(module, path):
                                    "'/', e.g. 'increment'" % (path, method, endpoint))
             if not callable(handler):
                 raise StartupError("%s: flask_dict[%r][%r] is not a function" % (path, method, endpoint))
+            check_handler(handler, method, endpoint)
         routes[method] = dict(endpoints)
     if not any(routes.values()):
         raise StartupError("%s: flask_dict serves no endpoints (%s)" % (path, example))
@@ -3584,6 +3635,7 @@ class Worker:
         if state_file:
             self.store = StateStore(state_file, self.backend_plan.persist, history=self.grants)
             self.saved = self.store.load()
+            self.store.check_writable()
 
     def bind(self, port):
         """Take the port, or say in one line why not."""
@@ -3684,6 +3736,8 @@ class Worker:
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                   name="accept", daemon=True)
         thread.start()
+        if self.options.ready_file:
+            write_ready_file(self.options.ready_file)
         while not stop.wait(1.0):
             if not thread.is_alive():
                 Log.write("error", "the server loop ended unexpectedly")
@@ -3701,6 +3755,17 @@ class Worker:
         Log.write("info", "stopped", always=True)
         sys.stdout.flush()
         os._exit(0)  # the backend's own non-daemon threads must not keep the process alive
+
+
+def write_ready_file(path):
+    """Say, in `path`, that this process serves: its pid, written whole (a rename) or not at all."""
+    temporary = "%s.%d" % (path, os.getpid())
+    try:
+        with open(temporary, "w") as file:
+            file.write("%d\n" % os.getpid())
+        os.replace(temporary, path)
+    except OSError as exc:
+        Log.write("warning", "could not write the ready file %s: %s" % (path, exc.strerror or exc))
 
 
 def running_worker():
