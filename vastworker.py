@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import socket
 import socketserver
@@ -231,6 +232,7 @@ _TARGET = re.compile(rb"[\x21-\x7e]+")  # printable ASCII, as h11 reads a reques
 _BAD_IN_HEAD = re.compile(rb"[\x00\x0b\x0c]|\r(?!\n|\Z)")  # h11 takes no NUL, no whitespace but SP and HTAB
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?[ \t]*\r\n")
 _TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00\x0b\x0c\r\n]*\r\n")
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)  # Linux: the peer shut its sending side
 MIN_BODY_RATE = 500  # bytes/s a body must average, past --timeout: Apache's RequestReadTimeout MinRate
 
 
@@ -470,6 +472,8 @@ class ClientSocket:
         self.expired = False
         self.evicted = False
         self.writing = False
+        self.probed = False  # gone() sent its "100 Continue" probe
+        self.left = False  # gone() found the client gone
 
     def expire(self):
         """Wake the thread waiting on this socket.  Only the read side is shut while reading, so
@@ -483,6 +487,29 @@ class ClientSocket:
     def evict(self):
         self.evicted = True
         self.expire()
+
+    def gone(self, http11):
+        """Has the client left (closed or reset its connection) while its request waits or runs?
+        A client that only shut its sending side (a half-close, as some send a request) has not:
+        it still reads the answer.  The two look alike until something is sent, so on the first
+        sign of either, an HTTP/1.1 client is sent "100 Continue", an interim answer it must
+        accept, and one that has closed answers that with a reset (waited for up to 0.1 s).
+        Called only by the connection's own thread, before it writes the response."""
+        if self.left:
+            return True
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN | _POLLRDHUP)
+        events = sum(event for _, event in poller.poll(0))
+        if events & _POLLRDHUP and http11 and not self.probed:
+            self.probed = True
+            try:
+                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except OSError:
+                self.left = True
+                return True
+            events = sum(event for _, event in poller.poll(100))
+        self.left = bool(events & (select.POLLERR | select.POLLHUP))
+        return self.left
 
     def _fill(self):
         self.deadline = self.limit
@@ -810,8 +837,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     """One client connection: HTTP/1.1 requests read, handed to the server's app, and answered,
     kept alive while the framing is certain.  (http.server's own request handler is not used: its
     parser is slower, reads a header line at a time with no overall deadline, and does not decode
-    chunked bodies.)  The app promises respond(head, body, connection) -> (response, ticket) and
-    finish(ticket, status) once the response is sent, or the client left (status 499)."""
+    chunked bodies.)  The app promises respond(head, body, connection) -> (response, ticket),
+    the response None when the client left before anything ran, and finish(ticket, status) once
+    the response is sent, or the client left (status 499).  The connection offers the app
+    client_address, server_address, scheme and client_gone()."""
 
     def setup(self):
         sock = self.request
@@ -876,6 +905,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             self.refuse(self.client.timed_out("the request body"), head, started)
             return False
         self.client.request_read()
+        self.http11 = head.http11
         try:
             return self.answer(head, body, framing_known, started)
         finally:
@@ -889,6 +919,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         keep_alive = head.keep_alive and framing_known and not server.stopping
         status = 499  # the client left before the response was sent
         try:
+            if response is None:  # it left before its handler could run: nothing ran, nothing to send
+                self.log_access(head.method, head.target, status, 0, started, " (cancelled: the client left)")
+                return False
             status, keep_alive = self.send(head, response, keep_alive, started)
             return keep_alive
         finally:
@@ -921,6 +954,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             raise
         # No length: the body is empty, but a POST or PUT without one may have sent bytes anyway
         return b"", 0, length is not None or head.method not in ("POST", "PUT", "PATCH")
+
+    def client_gone(self):
+        """For dispatch and request.is_disconnected(): has the client of this request left?"""
+        return self.client.gone(self.http11)
 
     def refuse(self, refusal, head, started):
         """Answer a request the protocol layer will not serve, and close: the rest of the
@@ -1405,7 +1442,13 @@ class Request:
         self.scheme = connection.scheme
         self._body = body
         self._cached_json = (_MISSING, _MISSING)
+        self._connection = connection
         self.auth = None  # the verified grant from the autoscaler, when the request carried one
+
+    def is_disconnected(self):
+        """Has the client left?  A long handler (a model call) can ask, and stop: its answer
+        would go nowhere.  Not Flask's: vastworker's (decisions.md 15)."""
+        return self._connection.client_gone()
 
     def replace_json(self, payload):
         """What the handler sees once a signed grant is taken off the body: the payload alone."""
@@ -2048,9 +2091,12 @@ class QueueLock:
         self._held = False
         self._waiters = collections.deque()
 
-    def acquire(self, timeout):
+    CHECK_EVERY = 0.25  # seconds between asking a waiter's still_wanted()
+
+    def acquire(self, timeout, still_wanted=None):
         """True when the lock is ours (at once, or handed over in arrival order); False when
-        `timeout` seconds passed first."""
+        `timeout` seconds passed first, or when still_wanted(), asked every CHECK_EVERY seconds
+        while waiting, says no (its client left): the waiter is then forgotten."""
         with self._mutex:
             if not self._held:
                 self._held = True
@@ -2058,8 +2104,15 @@ class QueueLock:
             turn = threading.Lock()
             turn.acquire()
             self._waiters.append(turn)
-        if turn.acquire(timeout=timeout):
-            return True
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            if turn.acquire(timeout=min(remaining, self.CHECK_EVERY) if still_wanted else remaining):
+                return True
+            if still_wanted is not None and not still_wanted():
+                break
         with self._mutex:
             try:
                 self._waiters.remove(turn)
@@ -2509,6 +2562,11 @@ SERVED_METHODS = ("DELETE", "GET", "HEAD", "POST", "PUT")  # the ones flask_dict
 ALLOW_HEADER = "DELETE, GET, HEAD, OPTIONS, POST, PUT"  # fixed order: deterministic for clients
 
 
+class Cancelled(Exception):
+    """The client left while its request waited for its turn: the handler never runs, nothing is
+    sent, and the request is accounted as cancelled (499)."""
+
+
 class ReportEndpoints:
     """The original worker's internal POST endpoints (/report_loaded, /report_error, ...), kept for
     log watchers written for it.  They need the MASTER_TOKEN in the body and are all refused when
@@ -2575,7 +2633,8 @@ class BackendApp:
     def respond(self, head, body, connection):
         """(the response, the ticket finish() takes): a request's way to its handler and back.
         Every refusal on the way -- route, grant, state, lock, the handler's abort(), a state that
-        could not be saved -- is a Refusal, answered here and nowhere else."""
+        could not be saved -- is a Refusal, answered here and nowhere else.  The response is None
+        when the client left while the request waited: the handler never ran."""
         request = Request(head, body, connection)
         self.current.request = request
         workload = None
@@ -2596,6 +2655,8 @@ class BackendApp:
             return self.call(handler, request), workload
         except Refusal as refusal:
             return refused_response(refusal), workload
+        except Cancelled:
+            return None, workload
 
     def direct_answer(self, request):
         """The answer to a request that no handler sees -- OPTIONS, the original's /report_*
@@ -2630,14 +2691,16 @@ class BackendApp:
         try:
             if self.lock is None:
                 return self.run_handler(handler, request)
-            if not self.lock.acquire(self.queue_time):
+            if not self.lock.acquire(self.queue_time, lambda: not request.is_disconnected()):
+                if request.is_disconnected():
+                    raise Cancelled()
                 raise Refusal(429, "the backend was busy for more than %g s; retry" % self.queue_time,
                               retry_after=1)
             try:  # converted under the lock: the result may be live backend state
                 return self.run_handler(handler, request)
             finally:
                 self.lock.release()
-        except Refusal:
+        except (Refusal, Cancelled):
             raise
         except BadReturnValue as exc:
             Log.write("error", "%s %s: %s" % (request.method, printable(request.path), exc))
