@@ -1334,7 +1334,7 @@ def test_metrics_keep_what_arrives_between_a_snapshot_and_its_acknowledgement():
     assert not metrics.has_news
     metrics.finished(3.0, 503)  # while the report is on its way
     metrics.started(1.0)
-    metrics.refused()
+    metrics.refused(1.0)
     assert metrics.has_news
     metrics.acknowledge(snapshot)
     assert metrics.snapshot() == {"cur_load": 1.0, "new_load": 1.0, "rej_load": 4.0, "cur_perf": 0.0,
@@ -1647,6 +1647,44 @@ def test_a_running_handler_can_see_that_its_client_left(start_worker, hold):
     wait_until(lambda: (held.directory / "noticed").exists())  # request.is_disconnected() said so
     assert worker.request("GET", "/fast")[0] == 200
 
+@pytest.mark.parametrize("settings", ["max_perf = 100", "max_perf = 100\nallow_parallel_requests = True"],
+                         ids=["serialised", "parallel"])
+def test_a_request_that_would_wait_too_long_is_refused_at_once(start_worker, hold, autoscaler, settings):
+    held = hold(settings=settings)  # a request a second, at the default workload of 100
+    worker = start_worker(held.backend, "--queue-time", "1.5", env=dict(reporting_env(autoscaler), **held.env))
+    first = threading.Thread(target=worker.request, args=("GET", "/hold"))
+    first.start()
+    held.wait_started()
+    second = threading.Thread(target=worker.request, args=("GET", "/hold"))  # 1 s of work ahead: taken
+    second.start()
+    autoscaler.wait_for(lambda r: r["num_requests_working"] == 2)
+    started = time.monotonic()
+    status, headers, body = worker.request("GET", "/fast")  # 2 s ahead, over the 1.5 s limit
+    assert status == 429 and headers["Retry-After"] == "1" and time.monotonic() - started < 1
+    assert "would take 2.0 s, more than the 1.5 s" in json.loads(body)["detail"]
+    held.release()
+    first.join(10)
+    second.join(10)
+    assert worker.request("GET", "/fast")[0] == 200
+    autoscaler.wait_for(lambda r: r["rej_load"] == 100.0)
+
+
+def test_a_request_counts_its_workload_its_grants_cost_or_the_sdks_default():
+    app = vastworker.BackendApp(None, {}, vastworker.WorkerState(), vastworker.Metrics(),
+                                vastworker.CurrentRequest())
+
+    class Granted:
+        method, path = "POST", "/generate"
+
+        def __init__(self, auth):
+            self.auth = auth
+
+    assert app.workload_of(Granted({"cost": 242.0})) == 242.0
+    assert app.workload_of(Granted(None)) == 100.0
+    assert app.workload_of(Granted({"cost": "lots"})) == app.workload_of(Granted({"cost": -1})) == 100.0
+    app.workload = lambda backend, request: 7
+    assert app.workload_of(Granted({"cost": 242.0})) == 7.0  # the backend's own count comes first
+
 
 def test_handler_exceptions_leave_worker_and_lock_healthy(start_worker, write_backend):
     backend = write_backend("""
@@ -1892,7 +1930,7 @@ def test_a_log_line_makes_the_worker_ready(start_worker, write_backend, autoscal
         assert worker.request("GET", "/hello")[0] == 503  # half a line is not a line
         log.write("ADY\n")
     wait_until(lambda: worker.request("GET", "/hello")[0] == 200)
-    autoscaler.wait_for(lambda r: r["loadtime"] > 0 and r["max_perf"] == 1.0)
+    autoscaler.wait_for(lambda r: r["loadtime"] > 0 and r["max_perf"] == 100.0)
 
 
 def test_an_error_line_fails_the_worker_for_good(start_worker, write_backend, autoscaler, tmp_path):
@@ -2070,7 +2108,7 @@ def test_loaded_record_then_updates_that_count_requests(start_worker, autoscaler
                       "additional_disk_usage": float, "working_request_idxs": list, "url": str}
     assert {name: type(loaded[name]) for name in expected_types} == expected_types
     assert (loaded["id"], loaded["mtoken_matches"], loaded["url"], loaded["error_msg"], loaded["max_perf"]) == (
-        123, True, "http://203.0.113.7:41234", "", 1.0)
+        123, True, "http://203.0.113.7:41234", "", 100.0)  # a request a second, at the default cost
     for _ in range(5):
         assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
     for _ in range(3):
@@ -2082,12 +2120,12 @@ def test_loaded_record_then_updates_that_count_requests(start_worker, autoscaler
         return [r for r in autoscaler.records() if r["loadtime"] > 0]
 
     # served is counted when a request ends, received when it starts: a report may fall between
-    wait_until(lambda: sum(r["cur_perf"] for r in after_loaded()) == 8.0)
+    wait_until(lambda: sum(r["cur_perf"] for r in after_loaded()) == 800.0)
     wait_until(lambda: after_loaded()[-1]["num_requests_working"] == 0)
-    assert sum(r["new_load"] for r in after_loaded()) == 8.0  # workload 1 a request, reported once
-    assert sum(r["cur_perf"] for r in after_loaded()) == 8.0
+    assert sum(r["new_load"] for r in after_loaded()) == 800.0  # the SDK's default cost, 100, each
+    assert sum(r["cur_perf"] for r in after_loaded()) == 800.0
     assert after_loaded()[-1]["cur_load"] == 0.0
-    assert re.search(r"worker_status id=123 loadtime=[\d.]+ max_perf=1\.0", autoscaler.log)
+    assert re.search(r"worker_status id=123 loadtime=[\d.]+ max_perf=100\.0", autoscaler.log)
 
 
 def test_a_backend_defines_its_workload(start_worker, autoscaler, write_backend):
@@ -2144,7 +2182,7 @@ def test_refused_connections_are_reported_as_rej_load(start_worker, hold, autosc
     held.release()
     for thread in busy:
         thread.join()
-    autoscaler.wait_for(lambda r: r["rej_load"] == 1.0)
+    autoscaler.wait_for(lambda r: r["rej_load"] == 100.0)
 
 
 BENCHMARK_BACKEND = """

@@ -88,6 +88,8 @@ STATUS_PHRASES = {int(entry[:3]): entry[4:] for entry in " ".join("""
     511 Network Authentication Required""".split()).split("; ")}
 SERVER_HEADER = "vastworker/" + __version__
 STARTED = time.monotonic()  # loadtime counts from here: process start, near enough
+DEFAULT_WORKLOAD = 100.0  # a request's workload unless told otherwise: the Vast SDK's default cost
+DEFAULT_MAX_PERF = 100.0  # workload/s when nothing measured or declared it: a request a second
 
 
 def formatted_exception():
@@ -1972,6 +1974,7 @@ class WorkerState:
         self.error = ""
         self.loadtime = 0.0
         self.max_perf = 0.0
+        self.max_perf_known = False  # measured or declared, so admission may predict with it
         self.max_capacity = 0
         self.on_ready = None  # what the worker does when the model is ready (the benchmark)
         self.phase_changed = threading.Event()
@@ -1996,7 +1999,7 @@ class WorkerState:
 
     def loaded(self, max_perf=None):
         if max_perf is not None:
-            self.max_perf = float(max_perf)
+            self.max_perf, self.max_perf_known = float(max_perf), True
         if self._move(("loading", "benchmarking"), "loaded"):
             self.loadtime = round(time.monotonic() - STARTED, 3)
             Log.write("info", "loaded after %.2f s (max_perf %g)" % (self.loadtime, self.max_perf))
@@ -2051,10 +2054,11 @@ class Metrics:
                 self.rejected += workload
             self.has_news = True
 
-    def refused(self, workload=1.0):
-        """A connection turned away at the door (over --max-connections)."""
+    def refused(self, workload=None):
+        """A request refused before it started: turned away at the door (over
+        --max-connections, counted at the default cost) or by admission."""
         with self._lock:
-            self.rejected += workload
+            self.rejected += DEFAULT_WORKLOAD if workload is None else workload
             self.has_news = True
 
     def snapshot(self):
@@ -2650,8 +2654,10 @@ class BackendApp:
                 self.grants.check(request)
             if not self.state.accepting:
                 raise self.state.refusal()
-            workload = self.workload_of(request)
-            self.metrics.started(workload)
+            cost = self.workload_of(request)
+            self.admit(cost)
+            self.metrics.started(cost)
+            workload = cost  # from here on it is in flight, and finish() must take it out
             return self.call(handler, request), workload
         except Refusal as refusal:
             return refused_response(refusal), workload
@@ -2673,17 +2679,35 @@ class BackendApp:
         return None
 
     def workload_of(self, request):
-        """What the request counts for in the status record: backend.py's workload(), else 1."""
-        if self.workload is None:
-            return 1.0
+        """What the request counts for (decisions.md 13): backend.py's workload(), else the cost
+        its grant was routed with, else DEFAULT_WORKLOAD, the SDK's default cost."""
         try:
-            value = float(self.workload(self.backend, request))
+            if self.workload is not None:
+                value = float(self.workload(self.backend, request))
+            elif request.auth is not None and "cost" in request.auth:
+                value = float(request.auth["cost"])
+            else:
+                return DEFAULT_WORKLOAD
             if value >= 0 and math.isfinite(value):
                 return value
             raise ValueError("%r is not a finite, non-negative number" % value)
         except Exception as exc:
-            Log.write("debug", "%s %s: workload() failed (%s); counting 1" % (request.method, printable(request.path), exc))
-            return 1.0
+            Log.write("debug", "%s %s: no usable workload (%s); counting %g" % (
+                request.method, printable(request.path), exc, DEFAULT_WORKLOAD))
+            return DEFAULT_WORKLOAD
+
+    def admit(self, workload):
+        """Refuse at once (429) a request that would wait too long: when the workload already in
+        flight, at the measured rate (max_perf, in workload per second), would take longer than
+        --queue-time, as the current Vast worker predicts, for parallel handlers too.  The lock's
+        bounded wait stays as a backstop; without a known max_perf nothing is predicted."""
+        state = self.state
+        if state.max_perf_known and state.max_perf > 0:
+            wait = self.metrics.in_flight / state.max_perf
+            if wait > self.queue_time:
+                self.metrics.refused(workload)
+                raise Refusal(429, "the work ahead of this request would take %.1f s, more than the "
+                                   "%g s this worker queues; retry" % (wait, self.queue_time), retry_after=1)
 
     def call(self, handler, request):
         """The handler's response, under the lock unless the backend runs handlers in parallel.
@@ -3018,7 +3042,7 @@ def benchmark_config(value, path, parallel):
     unknown = set(value) - {"endpoint", "payload", "method", "runs", "concurrency", "workload"}
     if unknown:
         raise StartupError("%s: benchmark has unknown keys %s" % (path, ", ".join(sorted(unknown))))
-    config = {"method": "POST", "runs": 3, "concurrency": 10 if parallel else 1, "workload": 1.0}
+    config = {"method": "POST", "runs": 3, "concurrency": 10 if parallel else 1, "workload": DEFAULT_WORKLOAD}
     config.update(value)
     for key in ("runs", "concurrency"):
         if not isinstance(config[key], int) or config[key] < 1:
@@ -3412,7 +3436,8 @@ def make_parser():
                              "a body may take this long plus 1 s per %d bytes (default 30)" % MIN_BODY_RATE)
     parser.add_argument("--queue-time", type=positive_seconds, default=30.0, metavar="SECONDS",
                         help="how long a request may wait for the backend lock before it gets 429 "
-                             "with Retry-After (default 30)")
+                             "with Retry-After; with a known max_perf, one whose predicted wait is "
+                             "longer gets 429 at once (default 30)")
     parser.add_argument("--max-connections", type=positive_int, default=1024, metavar="N",
                         help="open connections at most; past it the one making the least progress "
                              "gives way, or, when all are being served, a new one gets 503 (default 1024)")
@@ -3592,7 +3617,10 @@ class BackendPlan:
         self.workload = getattr(module, "workload", None)
         if self.workload is not None and not callable(self.workload):
             raise StartupError("%s: workload must be a function workload(backend, request)" % path)
-        self.max_perf = getattr(module, "max_perf", 1.0)
+        self.max_perf = getattr(module, "max_perf", None)
+        self.max_perf_declared = self.max_perf is not None
+        if not self.max_perf_declared:
+            self.max_perf = DEFAULT_MAX_PERF
         if not isinstance(self.max_perf, (int, float)) or not self.max_perf > 0:
             raise StartupError("%s: max_perf must be a positive number" % path)
         self.uses_notify = uses_notify(module)
@@ -3716,7 +3744,7 @@ class Worker:
         options, environ, plan, state = self.options, self.environ, self.backend_plan, self.state
         host, port = self.listener.getsockname()[:2]
         scheme = "https" if self.tls is not None else "http"
-        state.max_perf = float(plan.max_perf)
+        state.max_perf, state.max_perf_known = float(plan.max_perf), plan.max_perf_declared
         if plan.benchmark is not None:
             with open(plan.path, "rb") as file:
                 benchmark = Benchmark(plan.benchmark, os.path.basename(self.directory), file.read(),
@@ -3764,7 +3792,7 @@ class Worker:
             Log.write("info", "state %s %s" % ("restored from" if self.saved is not None else "will be saved in",
                                               self.store.path))
         if isinstance(getattr(backend, "max_perf", None), (int, float)) and backend.max_perf > 0:
-            self.state.max_perf = float(backend.max_perf)
+            self.state.max_perf, self.state.max_perf_known = float(backend.max_perf), True
         return backend
 
     def start_stand_in(self):
