@@ -1340,6 +1340,36 @@ def test_metrics_keep_what_arrives_between_a_snapshot_and_its_acknowledgement():
     assert metrics.snapshot() == {"cur_load": 1.0, "new_load": 1.0, "rej_load": 4.0, "cur_perf": 0.0,
                                   "num_requests_working": 1, "num_requests_recieved": 3}
 
+def test_the_ledger_follows_each_routed_request_to_its_end():
+    ledger = vastworker.RequestLedger(limit=3)
+    served, failed, cancelled, refused = (ledger.arrived({"request_idx": idx, "reqnum": idx}) for idx in (1, 2, 3, 4))
+    assert sorted(ledger.working_idxs()) == [1, 2, 3, 4]
+    for record in (served, failed):
+        ledger.started(record)
+    ledger.finished(served, 200)
+    ledger.finished(failed, 500)
+    ledger.finished(cancelled, 499)
+    assert ledger.working_idxs() == [4]
+    batch = ledger.batch()
+    assert [(r["request_idx"], r["status"], r["success"]) for r in batch] == [
+        (1, "Success", True), (2, "Error", False), (3, "Cancelled", True)]  # Cancelled: as Vast reports it
+    assert served["entered_queue_at"] <= served["work_started_at"] <= served["work_completed_at"]
+    assert cancelled["work_started_at"] == cancelled["work_completed_at"] == 0.0
+    ledger.finished(refused, 429)  # while the batch is on its way
+    ledger.delivered(batch)
+    assert [(r["request_idx"], r["status"]) for r in ledger.batch()] == [(4, "Rejected")]
+    for idx in range(5, 9):  # nobody takes them: the oldest go once 3 wait
+        ledger.finished(ledger.arrived({"request_idx": idx}), 200)
+    assert [r["request_idx"] for r in ledger.batch()] == [6, 7, 8]
+
+
+def test_requests_received_counts_distinct_reqnums_and_each_ungranted_request():
+    metrics = vastworker.Metrics()
+    for grant in ({"reqnum": 5}, {"reqnum": 5}, {"reqnum": 6}, None, None):
+        metrics.started(100.0, grant)
+    metrics.refused(100.0, {"reqnum": 7}, received=True)  # refused by admission: received all the same
+    assert metrics.snapshot()["num_requests_recieved"] == 5
+
 
 class Attributes:
     """A stand-in Backend instance for the state store."""
@@ -2147,6 +2177,39 @@ def test_a_backend_defines_its_workload(start_worker, autoscaler, write_backend)
     autoscaler.wait_for(lambda r: r["num_requests_recieved"] == 2)
     wait_until(lambda: sum(r["cur_perf"] for r in autoscaler.records()) == 42.0)
     assert sum(r["new_load"] for r in autoscaler.records()) == 42.0
+
+def test_routed_requests_are_listed_while_working_and_reported_when_done(start_worker, autoscaler, hold):
+    held = hold()
+    port = free_port()
+    env = dict(held.env, REPORT_ADDR=autoscaler.url, CONTAINER_ID="31", MASTER_TOKEN="secret",
+               PUBLIC_IPADDR="127.0.0.1", **{"VAST_TCP_PORT_%d" % port: str(port)})
+    worker = start_worker(held.backend, port=str(port), env=env)
+    worker.wait_for_log("public key from")
+    autoscaler.wait_for(lambda r: r["loadtime"] > 0)
+
+    def routed(path):
+        grant = autoscaler.json("POST", "/route/", {"endpoint": "hold", "cost": 250})[1]
+        status, _, _ = worker.request("GET", path, {"auth_data": grant, "payload": {}})
+        return grant["request_idx"], status
+
+    outcome = []
+    holder = threading.Thread(target=lambda: outcome.append(routed("/hold")))
+    holder.start()
+    held.wait_started()
+    working = autoscaler.wait_for(lambda r: r["working_request_idxs"])[-1]
+    assert working["cur_load"] == 250.0  # the grant's cost is the request's workload
+    held.release()
+    holder.join(10)
+    fast = routed("/fast")
+    (held_idx, held_status), = outcome
+    assert held_status == fast[1] == 200 and working["working_request_idxs"] == [held_idx]
+    done = wait_until(lambda: {entry["request_idx"]: entry for entry in autoscaler.json("GET", "/requests")[1]}
+                      if len(autoscaler.json("GET", "/requests")[1]) >= 2 else None, timeout=15)
+    assert {idx: (done[idx]["status"], done[idx]["success"]) for idx in done} == {
+        held_idx: ("Success", True), fast[0]: ("Success", True)}
+    assert done[held_idx]["entered_queue_at"] <= done[held_idx]["work_started_at"] <= done[held_idx]["work_completed_at"]
+    assert re.search(r"delete_requests worker_id=31 ", autoscaler.log)
+    autoscaler.wait_for(lambda r: r["num_requests_recieved"] == 2 and not r["working_request_idxs"])
 
 
 def test_reports_go_to_the_first_address_that_takes_them(start_worker, autoscaler):

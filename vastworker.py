@@ -38,6 +38,7 @@ import http.client
 import http.server
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -2035,10 +2036,24 @@ class Metrics:
         self.served = 0.0  # cur_perf: workload served since the last report
         self.rejected = 0.0  # rej_load: workload refused since the last report
         self.has_news = False  # something happened since the last snapshot
+        self._reqnums, self._reqnum_order = set(), collections.deque()
 
-    def started(self, workload):
-        with self._lock:
+    def _received(self, grant):
+        """num_requests_recieved (decisions.md 13): distinct reqnums of granted requests (the last
+        10 000 remembered), and one for each request without a grant.  Holding the lock."""
+        reqnum = grant.get("reqnum") if grant else None
+        if reqnum is None or isinstance(reqnum, (dict, list)):
             self.received += 1
+        elif reqnum not in self._reqnums:
+            self.received += 1
+            self._reqnums.add(reqnum)
+            self._reqnum_order.append(reqnum)
+            if len(self._reqnum_order) > 10000:
+                self._reqnums.discard(self._reqnum_order.popleft())
+
+    def started(self, workload, grant=None):
+        with self._lock:
+            self._received(grant)
             self.working += 1
             self.in_flight += workload
             self.new_load += workload
@@ -2054,10 +2069,13 @@ class Metrics:
                 self.rejected += workload
             self.has_news = True
 
-    def refused(self, workload=None):
+    def refused(self, workload=None, grant=None, received=False):
         """A request refused before it started: turned away at the door (over
-        --max-connections, counted at the default cost) or by admission."""
+        --max-connections, counted at the default cost) or by admission (`received`: it counts
+        as received too, as Vast's worker counts it)."""
         with self._lock:
+            if received:
+                self._received(grant)
             self.rejected += DEFAULT_WORKLOAD if workload is None else workload
             self.has_news = True
 
@@ -2079,7 +2097,71 @@ class Metrics:
         """Forget the benchmark's traffic when the worker is declared loaded."""
         with self._lock:
             self.received = 0
+            self._reqnums, self._reqnum_order = set(), collections.deque()
             self.new_load = self.served = self.rejected = 0.0
+
+
+class RequestLedger:
+    """The requests the autoscaler routed here (those that carry a grant) from arrival to end, in
+    the current Vast worker's terms: in flight, their request_idx in the status record's
+    working_request_idxs; then finished with a status -- Success or Error once their handler
+    ran, Cancelled when the client left, Rejected when refused before they started -- and their
+    times, kept until a /delete_requests/ post has taken them.  At most `limit` wait: should the
+    autoscaler never take them, the oldest are dropped, and the log says so."""
+
+    def __init__(self, limit=100000):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._working = {}  # id(record) -> record
+        self._finished = collections.deque()
+
+    def arrived(self, grant):
+        record = {"request_idx": grant.get("request_idx"), "success": False, "status": "Created",
+                  "entered_queue_at": time.time(), "work_started_at": 0.0, "work_completed_at": 0.0}
+        with self._lock:
+            self._working[id(record)] = record
+        return record
+
+    @staticmethod
+    def started(record):
+        record["status"], record["work_started_at"] = "Started", time.time()
+
+    def finished(self, record, status):
+        """The request ended with HTTP `status` (499: its client left)."""
+        if status == 499:
+            record["status"], record["success"] = "Cancelled", True  # as Vast's worker reports it
+        elif not record["work_started_at"]:
+            record["status"] = "Rejected"
+        else:
+            record["status"], record["success"] = ("Success", True) if status < 500 else ("Error", False)
+            record["work_completed_at"] = time.time()
+        with self._lock:
+            self._working.pop(id(record), None)
+            self._finished.append(record)
+            dropped = len(self._finished) - self.limit
+            for _ in range(max(dropped, 0)):
+                self._finished.popleft()
+        if dropped > 0:
+            Log.write("warning", "%d finished request(s) dropped: /delete_requests/ has not taken them" % dropped)
+
+    def working_idxs(self):
+        with self._lock:
+            return [record["request_idx"] for record in self._working.values()]
+
+    def batch(self, size=500):
+        """The oldest finished records, still held until delivered()."""
+        with self._lock:
+            return list(itertools.islice(self._finished, size))
+
+    def delivered(self, records):
+        """The autoscaler took these records (a batch()): forget them."""
+        taken = {id(record) for record in records}
+        with self._lock:
+            self._finished = collections.deque(record for record in self._finished if id(record) not in taken)
+
+    @property
+    def waiting(self):
+        return len(self._finished)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2619,7 +2701,7 @@ class BackendApp:
     turns a request into a response and never raises; finish() accounts for it once sent."""
 
     def __init__(self, backend, routes, state, metrics, current, parallel=False, queue_time=30.0,
-                 workload=None, report_endpoints=None, grants=None, store=None):
+                 workload=None, report_endpoints=None, grants=None, store=None, ledger=None):
         """`current` is the CurrentRequest flask.request reads; the rest as named below."""
         self.backend = backend
         self.routes = routes
@@ -2633,36 +2715,40 @@ class BackendApp:
         self.grants = grants  # a GrantChecker: the autoscaler's signed grants, or None
         self.store = store  # a StateStore when the backend's state is persisted, else None
         self.store_lock = threading.Lock()  # handlers may run in parallel; saves may not
+        self.ledger = RequestLedger() if ledger is None else ledger  # the routed requests' lifecycle
 
     def respond(self, head, body, connection):
-        """(the response, the ticket finish() takes): a request's way to its handler and back.
+        """(the response, the ticket finish() takes: its workload and its ledger record, each None
+        when it has none): a request's way to its handler and back.
         Every refusal on the way -- route, grant, state, lock, the handler's abort(), a state that
         could not be saved -- is a Refusal, answered here and nowhere else.  The response is None
         when the client left while the request waited: the handler never ran."""
         request = Request(head, body, connection)
         self.current.request = request
-        workload = None
+        workload = record = None
         try:
             handler = self.routes.get(request.method, {}).get(request.path[1:])
             if handler is None or request.path[1:] in ReportEndpoints.NAMES:
                 answer = self.direct_answer(request)
                 if answer is not None:
-                    return answer, None
+                    return answer, (None, None)
                 if handler is None:
                     raise Refusal(404, "no %s handler for %r" % (request.method, request.path[1:]))
             if self.grants is not None:
                 self.grants.check(request)
+            if request.auth is not None:
+                record = self.ledger.arrived(request.auth)
             if not self.state.accepting:
                 raise self.state.refusal()
             cost = self.workload_of(request)
-            self.admit(cost)
-            self.metrics.started(cost)
+            self.admit(cost, request.auth)
+            self.metrics.started(cost, request.auth)
             workload = cost  # from here on it is in flight, and finish() must take it out
-            return self.call(handler, request), workload
+            return self.call(handler, request, record), (workload, record)
         except Refusal as refusal:
-            return refused_response(refusal), workload
+            return refused_response(refusal), (workload, record)
         except Cancelled:
-            return None, workload
+            return None, (workload, record)
 
     def direct_answer(self, request):
         """The answer to a request that no handler sees -- OPTIONS, the original's /report_*
@@ -2696,7 +2782,7 @@ class BackendApp:
                 request.method, printable(request.path), exc, DEFAULT_WORKLOAD))
             return DEFAULT_WORKLOAD
 
-    def admit(self, workload):
+    def admit(self, workload, grant=None):
         """Refuse at once (429) a request that would wait too long: when the workload already in
         flight, at the measured rate (max_perf, in workload per second), would take longer than
         --queue-time, as the current Vast worker predicts, for parallel handlers too.  The lock's
@@ -2705,23 +2791,23 @@ class BackendApp:
         if state.max_perf_known and state.max_perf > 0:
             wait = self.metrics.in_flight / state.max_perf
             if wait > self.queue_time:
-                self.metrics.refused(workload)
+                self.metrics.refused(workload, grant, received=True)
                 raise Refusal(429, "the work ahead of this request would take %.1f s, more than the "
                                    "%g s this worker queues; retry" % (wait, self.queue_time), retry_after=1)
 
-    def call(self, handler, request):
+    def call(self, handler, request, record=None):
         """The handler's response, under the lock unless the backend runs handlers in parallel.
         A Refusal passes up to respond(); any other failure is logged and refused with 500."""
         try:
             if self.lock is None:
-                return self.run_handler(handler, request)
+                return self.run_handler(handler, request, record)
             if not self.lock.acquire(self.queue_time, lambda: not request.is_disconnected()):
                 if request.is_disconnected():
                     raise Cancelled()
                 raise Refusal(429, "the backend was busy for more than %g s; retry" % self.queue_time,
                               retry_after=1)
             try:  # converted under the lock: the result may be live backend state
-                return self.run_handler(handler, request)
+                return self.run_handler(handler, request, record)
             finally:
                 self.lock.release()
         except (Refusal, Cancelled):
@@ -2737,9 +2823,11 @@ class BackendApp:
                                                            type(exc).__name__))
             raise Refusal(500)
 
-    def run_handler(self, handler, request):
+    def run_handler(self, handler, request, record=None):
         """The handler's response; with a state file, the state is saved first if it changed,
         so an answered request is never lost (a failed save undoes the change)."""
+        if record is not None:
+            self.ledger.started(record)
         try:
             return to_response(handler(self.backend, request))
         finally:
@@ -2747,11 +2835,14 @@ class BackendApp:
                 with self.store_lock:
                     self.store.save_if_changed(self.backend)
 
-    def finish(self, workload, status):
+    def finish(self, ticket, status):
         """The response has been sent (or the client left: status 499): account for it."""
         self.current.request = None
+        workload, record = ticket
         if workload is not None:
             self.metrics.finished(workload, status)
+        if record is not None:
+            self.ledger.finished(record, status)
 
     def connection_refused(self):
         self.metrics.refused()
@@ -2824,8 +2915,9 @@ class StatusReporter:
     are only reset after a report went through, so nothing is lost between reports.  record()
     is the one place the record's fields are set."""
 
-    def __init__(self, addresses, environ, port, scheme, state, metrics, held_back=None):
+    def __init__(self, addresses, environ, port, scheme, state, metrics, held_back=None, ledger=None):
         self.addresses = addresses
+        self.ledger = ledger  # the routed requests: those in flight, those to delete
         self.held_back = held_back  # reported as loading while this is true (no public key yet)
         container_id = environ.get("CONTAINER_ID", "")
         self.identity = {"id": int(container_id) if container_id.isdigit() else container_id,
@@ -2838,6 +2930,22 @@ class StatusReporter:
 
     def start(self):
         threading.Thread(target=self._report_forever, name="status", daemon=True).start()
+        if self.ledger is not None:
+            threading.Thread(target=self._delete_forever, name="delete-requests", daemon=True).start()
+
+    def _delete_forever(self):
+        """The finished-requests thread: once a second, the oldest finished ones (up to 500) to
+        {REPORT_ADDR}/delete_requests/, forgotten once the autoscaler took them and kept (and
+        retried) until then; its own thread, so a slow autoscaler delays no status report."""
+        body = {"worker_id": self.identity["id"], "mtoken": self.identity["mtoken"]}
+        while True:
+            time.sleep(1.0)
+            batch = self.ledger.batch()
+            if batch and deliver(self.addresses, "/delete_requests/", dict(body, requests=batch)):
+                self.ledger.delivered(batch)
+            elif batch:
+                Log.write("warning", "could not post %d finished request(s) to %s/delete_requests/; "
+                                     "retrying" % (len(batch), self.addresses[0]))
 
     def report_once(self):
         """A last report, on the way out: one quick try."""
@@ -2853,7 +2961,8 @@ class StatusReporter:
                       error_msg=state.error, max_perf=state.max_perf if phase == "loaded" else 0.0,
                       cur_capacity=0, max_capacity=state.max_capacity,
                       additional_disk_usage=round(disk_used_gb() - self._disk_used, 3),
-                      working_request_idxs=[], url=self.url)
+                      working_request_idxs=self.ledger.working_idxs() if self.ledger is not None else [],
+                      url=self.url)
         record.update(snapshot)
         return record
 
@@ -3244,6 +3353,7 @@ class StandInAutoscaler:
 
     def __init__(self, shape="g3", master_token=""):
         self.records = []
+        self.finished = []  # what workers posted to /delete_requests/
         self.shape = "g3" if shape == "auto" else shape
         self.master_token = master_token
         self._key = None
@@ -3289,6 +3399,17 @@ class StandInAutoscaler:
             "%s=%s" % (name, json.dumps(record[name])) for name in fields if name in record)), flush=True)
         return {"ok": True}
 
+    def delete_requests(self, _, request):
+        """Like Vast's: the finished requests a worker reports, kept for GET /requests."""
+        batch = request.get_json(force=True)
+        if not isinstance(batch, dict) or not isinstance(batch.get("requests"), list):
+            abort(422, 'expected {"worker_id": ID, "mtoken": TOKEN, "requests": [...]}')
+        self.finished.extend(batch["requests"])
+        print("%s delete_requests worker_id=%s %s" % (time.strftime("%H:%M:%S"), json.dumps(batch.get("worker_id")),
+              " ".join("%s:%s" % (entry.get("request_idx"), entry.get("status")) for entry in batch["requests"])),
+              flush=True)
+        return {"ok": True}
+
     def list_records(self, _, request):
         import hmac
         shown = []
@@ -3303,8 +3424,10 @@ class StandInAutoscaler:
         return shown
 
     def routes(self):
-        return {"POST": {"worker_status/": self.worker_status, "route/": self.route},
-                "GET": {"records": self.list_records, "pubkey/": self.pubkey}}
+        return {"POST": {"worker_status/": self.worker_status, "route/": self.route,
+                         "delete_requests/": self.delete_requests},
+                "GET": {"records": self.list_records, "pubkey/": self.pubkey,
+                        "requests": lambda _, request: list(self.finished)}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -3691,6 +3814,7 @@ class Worker:
         self.metrics = Metrics()
         self.current = CurrentRequest()  # what flask.request reads
         self.postbox = Postbox()  # what notify posts through
+        self.ledger = RequestLedger()  # the routed requests, for the status reports
         # plan(): what the options and backend.py name
         self.directory = self.port = self.backend_plan = self.tls = None
         self.addresses, self.grants, self.key_source = [], None, None
@@ -3757,12 +3881,13 @@ class Worker:
             Log.write("info", "the backend reports to the autoscaler itself (it uses notify)")
         elif self.addresses:
             self.reporter = StatusReporter(self.addresses, environ, port, scheme, state, self.metrics,
-                                           held_back=lambda: self.grants.waiting_for_key)
+                                           held_back=lambda: self.grants.waiting_for_key, ledger=self.ledger)
             self.reporter.start()
         backend = self.construct_backend()
         app = BackendApp(backend, plan.routes, state, self.metrics, self.current, plan.parallel,
                          options.queue_time, plan.workload,
-                         ReportEndpoints(environ.get("MASTER_TOKEN"), state), self.grants, self.store)
+                         ReportEndpoints(environ.get("MASTER_TOKEN"), state), self.grants, self.store,
+                         self.ledger)
         self.server = WorkerServer(self.listener, app, options.timeout, options.max_body, self.tls,
                                    options.max_connections, options.body_memory)
         Log.write("info", "vastworker %s serving %s on %s://%s:%d (%s)%s"
