@@ -235,6 +235,7 @@ _TARGET = re.compile(rb"[\x21-\x7e]+")  # printable ASCII, as h11 reads a reques
 _BAD_IN_HEAD = re.compile(rb"[\x00\x0b\x0c]|\r(?!\n|\Z)")  # h11 takes no NUL, no whitespace but SP and HTAB
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:;[^\r\n]*)?[ \t]*\r\n")
 _TRAILER_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00\x0b\x0c\r\n]*\r\n")
+_API_KEY_IN_QUERY = re.compile(r"([?&]api_key=)[^&]*")
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0)  # Linux: the peer shut its sending side
 MIN_BODY_RATE = 500  # bytes/s a body must average, past --timeout: Apache's RequestReadTimeout MinRate
 
@@ -1049,8 +1050,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def log_access(self, method, target, status, size, started, note=""):
         """The access log line.  The target is printable ASCII (RequestHead refuses any other)
-        or "-"; a refusal's note may quote the client, so it is made printable."""
+        or "-", with any api_key in its query hidden; a refusal's note may quote the client, so
+        it is made printable."""
         if Log.level <= 20:
+            if "api_key=" in target:  # Vast's SDK sends the endpoint's key in the query: not for logs
+                target = _API_KEY_IN_QUERY.sub(r"\1(hidden)", target)
             took = "" if started is None else " %.1fms" % ((time.perf_counter() - started) * 1000)
             Log.write("info", "%s %s %s %s %s%s%s" % (self.client_address[0], method, target, status,
                                                       size, took, printable(note) if note else ""))
@@ -3383,10 +3387,12 @@ class StandInAutoscaler:
                  if record.get("url") and record.get("loadtime") and not record.get("error_msg")]
         if not ready:
             return {"endpoint": ask["endpoint"], "status": "no ready worker"}
+        retry_of = ask.get("request_idx")  # a client routing again keeps its request's index
         with self._lock:
             self.reqnum += 1
-            grant = {"cost": float(ask.get("cost", 1.0)), "endpoint": ask["endpoint"],
-                     "reqnum": self.reqnum, "request_idx": self.reqnum, "url": ready[-1]["url"]}
+            request_idx = retry_of if type(retry_of) is int and 0 < retry_of <= self.reqnum else self.reqnum
+            grant = {"cost": float(ask.get("cost", DEFAULT_WORKLOAD)), "endpoint": ask["endpoint"],
+                     "reqnum": self.reqnum, "request_idx": request_idx, "url": ready[-1]["url"]}
         grant["signature"] = self.key.sign(signed_message(grant, self.shape).encode())
         return grant
 
