@@ -1918,6 +1918,73 @@ def test_the_shape_can_be_pinned(signed_worker, keys):
     assert worker.json("POST", "/increment", {"auth_data": make_grant(keys, "g1", reqnum=2),
                                               "payload": {"amount": 1}})[0] == 200
 
+def session_call(worker, path, body):
+    return worker.json("POST", path, body)
+
+
+def test_a_session_reuses_its_verified_grant_until_it_ends(signed_worker, keys):
+    worker = signed_worker("--max-sessions", "1")
+    grant = make_grant(keys, "g3", reqnum=1)
+    create = {"auth_data": grant, "payload": {"lifetime": 30, "on_close_route": "increment",
+                                                "on_close_payload": {"amount": 100}}}
+    status, opened = session_call(worker, "/session/create", create)
+    assert status == 201 and set(opened) == {"session_id", "expiration"}, opened
+    sid = opened["session_id"]
+    for _ in range(2):  # the session's grant again and again: no replay refusal inside it
+        status, data = session_call(worker, "/increment", {"auth_data": grant, "session_id": sid,
+                                                            "payload": {"amount": 1}})
+        assert status == 200 and data["json"] == {"amount": 1}, data
+    other = make_grant(keys, "g3", reqnum=2)
+    assert session_call(worker, "/increment", {"auth_data": other, "session_id": sid,
+                                               "payload": {"amount": 1}})[0] == 401
+    status, described = session_call(worker, "/session/get", {"session_id": sid, "session_auth": grant})
+    assert status == 200 and described["auth_data"] == grant and described["lifetime"] == 30
+    assert described["expiration"] == opened["expiration"] + 60  # two accepted requests, not the 401
+    assert session_call(worker, "/session/get", {"session_id": sid, "session_auth": other})[0] == 401
+    assert session_call(worker, "/session/health", {"session_id": sid, "session_auth": grant}) == (200, {"ok": True})
+    assert session_call(worker, "/session/create", {"auth_data": make_grant(keys, "g3", reqnum=3),
+                                                    "payload": {}})[0] == 429  # --max-sessions 1
+    assert session_call(worker, "/session/end", {"session_id": sid, "session_auth": grant}) == (
+        200, {"ended": True, "removed_session": sid})
+    worker.wait_for_log(r"session %s: on-close http://127\.0\.0\.1:\d+/increment answered 200" % re.escape(sid))
+    assert session_call(worker, "/increment", {"auth_data": grant, "session_id": sid,
+                                               "payload": {"amount": 1}})[0] == 410
+    assert session_call(worker, "/session/end", {"session_id": sid, "session_auth": grant})[0] == 410
+    assert session_call(worker, "/session/health", {"session_id": sid, "session_auth": grant}) == (200, {"ok": False})
+
+
+@pytest.mark.parametrize("body, status, detail", [
+    ({"auth_data": "x", "payload": {}}, 422, {"auth_data": "must be an object"}),
+    ({"payload": {}}, 422, {"auth_data": "field missing"}),
+    ({"auth_data": "GRANT", "payload": {"lifetime": -1}}, 422, {"payload": {"lifetime": "must be a positive number of seconds"}}),
+    ({"auth_data": "GRANT", "payload": {"on_close_route": 5}}, 422, {"payload": {"on_close_route": "must be a path or URL"}}),
+    ({"auth_data": "FORGED", "payload": {}}, 401, "the grant's signature does not verify"),
+], ids=["grant-not-object", "no-grant", "bad-lifetime", "bad-route", "forged"])
+def test_a_malformed_or_unsigned_session_create_is_refused(signed_worker, keys, body, status, detail):
+    worker = signed_worker()
+    if body.get("auth_data") == "GRANT":
+        body = dict(body, auth_data=make_grant(keys, "g3"))
+    elif body.get("auth_data") == "FORGED":
+        body = dict(body, auth_data=make_grant(keys, "g3", key="stranger"))
+    assert session_call(worker, "/session/create", body) == (status, {"error": vastworker.STATUS_PHRASES[status],
+                                                                       "detail": detail})
+    assert session_call(worker, "/session/end", {"session_auth": {}}) == (
+        422, {"error": "Unprocessable Entity", "detail": {"session_id": "missing, or not a string"}})
+    assert session_call(worker, "/increment", {"auth_data": make_grant(keys, "g3", reqnum=9), "session_id": "nope",
+                                               "payload": {"amount": 1}})[0] == 410
+
+
+def test_an_expired_session_is_gone(signed_worker, keys):
+    worker = signed_worker()
+    grant = make_grant(keys, "g3", reqnum=1)
+    status, opened = session_call(worker, "/session/create", {"auth_data": grant, "payload": {"lifetime": 0.2}})
+    assert status == 201
+    health = {"session_id": opened["session_id"], "session_auth": grant}  # asking does not extend it
+    wait_until(lambda: session_call(worker, "/session/health", health) == (200, {"ok": False}))
+    request = {"auth_data": grant, "session_id": opened["session_id"], "payload": {"amount": 1}}
+    assert session_call(worker, "/increment", request)[0] == 410
+    worker.wait_for_log("session %s expired" % opened["session_id"])
+
 
 def test_unsigned_requests_can_be_allowed(signed_worker, keys):
     worker = signed_worker("--allow-unsigned")
@@ -2262,6 +2329,16 @@ async def main(autoscaler_url):
         await asyncio.sleep(2)  # the first /slow try, which did start, ends meanwhile
         final = await client.queue_endpoint_request(endpoint, "/value", {})
         out["value"] = final["response"]
+        session = await client.start_endpoint_session(endpoint, cost=100, lifetime=30)
+        out["session"] = [(await session.request("/increment", {"amount": 10}))["response"]["count"]
+                          for _ in range(3)]
+        out["session_open"] = await session.is_open()
+        await session.close()
+        try:
+            await session.request("/increment", {"amount": 10})
+            out["after_close"] = "answered"
+        except ValueError as exc:
+            out["after_close"] = str(exc)
     print(json.dumps(out))
 
 asyncio.run(main(sys.argv[1]))
@@ -2303,6 +2380,8 @@ def test_vasts_own_sdk_client_runs_against_the_worker(start_worker, write_backen
     assert out["concurrent"] == list(range(2, 10))  # serialised by the lock: each count once
     assert out["slow"] != "answered"  # it gave up after its retries
     assert out["value"] == {"count": 9, "slow_runs": 1}  # the abandoned re-sends never ran
+    assert out["session"] == [19, 29, 39] and out["session_open"] is True  # one grant, three requests
+    assert out["after_close"] == "Cannot make request on closed session."
     assert len(re.findall(r"POST /slow\?api_key=\(hidden\) 499 0 .*cancelled: the client left", worker.log)) == 2, \
         worker.log[-3000:]  # the SDK's endpoint key, sent in the query, is not written to the log
     reported = wait_until(lambda: [entry for entry in autoscaler.json("GET", "/requests")[1]

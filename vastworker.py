@@ -844,7 +844,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     chunked bodies.)  The app promises respond(head, body, connection) -> (response, ticket),
     the response None when the client left before anything ran, and finish(ticket, status) once
     the response is sent, or the client left (status 499).  The connection offers the app
-    client_address, server_address, scheme and client_gone()."""
+    client_address, server_address, scheme, client_gone() and client_abandoned()."""
 
     def setup(self):
         sock = self.request
@@ -962,6 +962,15 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def client_gone(self):
         """For dispatch and request.is_disconnected(): has the client of this request left?"""
         return self.client.gone(self.http11)
+
+    def client_abandoned(self):
+        """The request's session ended: cut the connection, so its client sees it and its
+        handler, asking client_gone(), hears that no one waits for the answer."""
+        self.client.left = True
+        try:
+            self.client.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def refuse(self, refusal, head, started):
         """Answer a request the protocol layer will not serve, and close: the rest of the
@@ -2529,8 +2538,11 @@ class GrantChecker:
             Log.write("warning", "no public key (--pubkey, $VASTWORKER_PUBKEY or REPORT_ADDR): "
                                  "requests are served without checking signatures")
 
-    def check(self, request):
-        """Let the request through to its handler (unwrapped from its grant), or raise Refusal."""
+    def check(self, request, sessions=None):
+        """Let the request through to its handler (unwrapped from its grant), or raise Refusal.
+        A request inside a session (its envelope names a session_id) must carry that session's
+        grant, verified but not refused as a replay, and extends the session; an unknown or
+        ended session is 410.  Returns the request's Session, or None."""
         internal = request.headers.get(INTERNAL_HEADER)
         if internal is not None:
             import hmac
@@ -2546,6 +2558,9 @@ class GrantChecker:
         grant, payload = self.grant_of(data)
         if grant is not None:
             request.replace_json(payload)
+        session_id = data.get("session_id") if isinstance(data, dict) and grant is not None else None
+        if session_id is not None:
+            return self.check_in_session(request, grant, session_id, sessions)
         if self.key is None:
             if self.key_expected and not self.allow_unsigned:
                 raise Refusal(503, "waiting for the autoscaler's public key", retry_after=5)
@@ -2559,6 +2574,22 @@ class GrantChecker:
         if problem:
             raise Refusal(401, problem)
         request.auth = grant
+        return None
+
+    def check_in_session(self, request, grant, session_id, sessions):
+        """A request inside a session: its Session, extended, or a Refusal (a 401 extends nothing)."""
+        session = sessions.find(session_id) if sessions is not None else None
+        if session is None:
+            raise Refusal(410, "session %r is unknown or has ended" % (session_id,))
+        if self.key is not None:
+            problem = self.verify(grant, replay=False)
+            if problem:
+                raise Refusal(401, problem)
+        if not session.granted_by(grant):
+            raise Refusal(401, "the grant is not the one session %r was created with" % (session_id,))
+        session.extend()
+        request.auth = grant
+        return session
 
     @staticmethod
     def grant_of(data):
@@ -2583,8 +2614,8 @@ class GrantChecker:
             return grant, payload
         return None, None
 
-    def verify(self, grant):
-        """None when the grant is genuine and fresh, else why not.  Only what is signed moves the
+    def verify(self, grant, replay=True):
+        """None when the grant is genuine and (unless replay is False) fresh, else why not.  Only what is signed moves the
         replay history (decisions.md 14): under g1 and g3 the reqnum is signed, and each grant is
         known by its signature's bytes (not their base64 text, which can be written several
         ways); under g4 only the url is signed, the same for every request to this worker, so
@@ -2597,7 +2628,7 @@ class GrantChecker:
         shape = self.shape_of(grant)
         if shape is None:
             return "the grant's signature does not verify"
-        if shape == "g4":
+        if shape == "g4" or not replay:
             return None
         import base64
         import hashlib
@@ -2642,6 +2673,153 @@ class GrantChecker:
             self.highest_reqnum = saved.get("highest_reqnum")
             self.recent = collections.deque(saved["recent"])
             self.recent_set = set(self.recent)
+
+
+class Session:
+    """One session: the grant it was created with, which its requests carry again, its lifetime
+    (each accepted request extends it by that much), its on-close callback, and the connections
+    of its requests in flight, cut when it ends."""
+
+    def __init__(self, session_id, grant, lifetime, on_close_route, on_close_payload, record, cost):
+        self.session_id = session_id
+        self.grant = grant
+        self.lifetime = lifetime
+        self.created_at = time.time()
+        self.expiration = self.created_at + lifetime
+        self.on_close_route = on_close_route
+        self.on_close_payload = on_close_payload if on_close_route else None
+        self.record = record  # its RequestLedger record: it is reported when it closes
+        self.cost = cost  # its workload while it is open
+        self.in_flight = set()  # the connections of its requests being served
+
+    def granted_by(self, grant):
+        return grant.get("signature") == self.grant.get("signature") and grant.get("url") == self.grant.get("url")
+
+    def extend(self):
+        self.expiration += self.lifetime
+
+    def describe(self):
+        return {"session_id": self.session_id, "auth_data": self.grant, "lifetime": self.lifetime,
+                "expiration": self.expiration, "created_at": self.created_at,
+                "on_close_route": self.on_close_route, "on_close_payload": self.on_close_payload}
+
+
+class Sessions:
+    """Vast's sessions (decisions.md 16): /session/create takes a verified grant -- Vast's worker
+    checks none -- and opens a session whose requests reuse that grant; /session/get, /health
+    and /end need it back as session_auth.  At most `limit` are open (then 429); one that
+    expires is closed by a sweep every 5 s.  Closing cuts the connections of its requests in
+    flight, calls its on-close route (through `on_close`, given by the Worker) and reports it."""
+
+    NAMES = ("session/create", "session/get", "session/health", "session/end")
+
+    def __init__(self, grants, ledger, metrics, limit=10, on_close=None):
+        self.grants = grants
+        self.ledger = ledger
+        self.metrics = metrics
+        self.limit = limit
+        self.on_close = on_close  # on_close(session): POST its on_close_route, in the background
+        self._open = {}
+        self._lock = threading.Lock()
+
+    def start(self):
+        def sweep_forever():
+            while True:
+                time.sleep(5.0)
+                for session in self.expired():
+                    self.close(session, "expired")
+
+        threading.Thread(target=sweep_forever, name="sessions", daemon=True).start()
+
+    def expired(self):
+        now = time.time()
+        with self._lock:
+            return [session for session in self._open.values() if session.expiration <= now]
+
+    def find(self, session_id):
+        """The open session, or None (an expired one is closed on the spot)."""
+        with self._lock:
+            session = self._open.get(session_id) if isinstance(session_id, str) else None
+        if session is not None and session.expiration <= time.time():
+            self.close(session, "expired")
+            return None
+        return session
+
+    def respond(self, name, request):
+        """The answer to one of the NAMES; a Refusal for bad input (422), an unknown or ended
+        session (410), a grant or session_auth that does not hold (401), or too many (429)."""
+        data = request.get_json(force=True, silent=True)
+        if not isinstance(data, dict):
+            raise Refusal(422, "expected a JSON object")
+        if name == "session/create":
+            return self.create(request, data)
+        session_id = data.get("session_id")
+        if not isinstance(session_id, str) or not session_id:
+            raise Refusal(422, {"session_id": "missing, or not a string"})
+        session = self.find(session_id)
+        if session is None:
+            if name == "session/health":
+                return {"ok": False}
+            raise Refusal(410, "session %r is unknown or has ended" % session_id)
+        if data.get("session_auth") != session.grant:
+            raise Refusal(401, "session_auth is not the session's grant")
+        if name == "session/get":
+            return session.describe()
+        if name == "session/health":
+            return {"ok": True}
+        if not self.close(session, "ended"):
+            raise Refusal(410, "session %r has already ended" % session_id)
+        return {"ended": True, "removed_session": session_id}
+
+    def create(self, request, data):
+        grant, payload = GrantChecker.grant_of(data)
+        if grant is None:
+            raise Refusal(422, {"auth_data": "field missing"})
+        if not isinstance(payload, dict):
+            raise Refusal(422, {"payload": "must be an object"})
+        lifetime = payload.get("lifetime", 60.0)
+        if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or not 0 < lifetime < 1e9:
+            raise Refusal(422, {"payload": {"lifetime": "must be a positive number of seconds"}})
+        route, close_payload = payload.get("on_close_route"), payload.get("on_close_payload")
+        if route is not None and (not isinstance(route, str) or not route):
+            raise Refusal(422, {"payload": {"on_close_route": "must be a path or URL"}})
+        if self.grants.key is None and self.grants.waiting_for_key:
+            raise Refusal(503, "waiting for the autoscaler's public key", retry_after=5)
+        if self.grants.key is not None:
+            problem = self.grants.verify(grant)
+            if problem:
+                raise Refusal(401, problem)
+        import secrets
+        cost = grant.get("cost", DEFAULT_WORKLOAD)
+        cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) and \
+            math.isfinite(cost) and cost >= 0 else DEFAULT_WORKLOAD
+        with self._lock:
+            if len(self._open) >= self.limit:
+                self.metrics.refused(cost, grant, received=True)
+                raise Refusal(429, "this worker has %d sessions open, its limit" % self.limit, retry_after=1)
+            record = self.ledger.arrived(grant)
+            self.ledger.started(record)
+            session = Session(secrets.token_urlsafe(16), grant, float(lifetime), route, close_payload, record, cost)
+            self._open[session.session_id] = session
+        self.metrics.started(cost, grant)
+        Log.write("info", "session %s opened for %g s" % (session.session_id, session.lifetime))
+        return {"session_id": session.session_id, "expiration": session.expiration}, 201
+
+    def close(self, session, why):
+        """Close it once: cut its requests in flight, call its on-close route, report it; False
+        when it was closed already."""
+        with self._lock:
+            if self._open.pop(session.session_id, None) is None:
+                return False
+        for connection in list(session.in_flight):
+            connection.client_abandoned()
+        if session.on_close_route and self.on_close is not None:
+            self.on_close(session)
+        self.ledger.finished(session.record, 200)
+        self.metrics.finished(session.cost, 200)
+        Log.write("info", "session %s %s" % (session.session_id, why))
+        return True
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2705,7 +2883,7 @@ class BackendApp:
     turns a request into a response and never raises; finish() accounts for it once sent."""
 
     def __init__(self, backend, routes, state, metrics, current, parallel=False, queue_time=30.0,
-                 workload=None, report_endpoints=None, grants=None, store=None, ledger=None):
+                 workload=None, report_endpoints=None, grants=None, store=None, ledger=None, sessions=None):
         """`current` is the CurrentRequest flask.request reads; the rest as named below."""
         self.backend = backend
         self.routes = routes
@@ -2720,6 +2898,7 @@ class BackendApp:
         self.store = store  # a StateStore when the backend's state is persisted, else None
         self.store_lock = threading.Lock()  # handlers may run in parallel; saves may not
         self.ledger = RequestLedger() if ledger is None else ledger  # the routed requests' lifecycle
+        self.sessions = sessions  # Vast's sessions, when grants are in use
 
     def respond(self, head, body, connection):
         """(the response, the ticket finish() takes: its workload and its ledger record, each None
@@ -2729,18 +2908,20 @@ class BackendApp:
         when the client left while the request waited: the handler never ran."""
         request = Request(head, body, connection)
         self.current.request = request
-        workload = record = None
+        workload = record = session = None
         try:
             handler = self.routes.get(request.method, {}).get(request.path[1:])
-            if handler is None or request.path[1:] in ReportEndpoints.NAMES:
+            if handler is None or request.path[1:] in ReportEndpoints.NAMES or request.path[1:] in Sessions.NAMES:
                 answer = self.direct_answer(request)
                 if answer is not None:
-                    return answer, (None, None)
+                    return answer, (None, None, None, None)
                 if handler is None:
                     raise Refusal(404, "no %s handler for %r" % (request.method, request.path[1:]))
             if self.grants is not None:
-                self.grants.check(request)
-            if request.auth is not None:
+                session = self.grants.check(request, self.sessions)
+            if session is not None:
+                session.in_flight.add(connection)
+            elif request.auth is not None:  # a session's own requests are reported with it
                 record = self.ledger.arrived(request.auth)
             if not self.state.accepting:
                 raise self.state.refusal()
@@ -2748,11 +2929,11 @@ class BackendApp:
             self.admit(cost, request.auth)
             self.metrics.started(cost, request.auth)
             workload = cost  # from here on it is in flight, and finish() must take it out
-            return self.call(handler, request, record), (workload, record)
+            return self.call(handler, request, record), (workload, record, session, connection)
         except Refusal as refusal:
-            return refused_response(refusal), (workload, record)
+            return refused_response(refusal), (workload, record, session, connection)
         except Cancelled:
-            return None, (workload, record)
+            return None, (workload, record, session, connection)
 
     def direct_answer(self, request):
         """The answer to a request that no handler sees -- OPTIONS, the original's /report_*
@@ -2766,6 +2947,8 @@ class BackendApp:
             raise Refusal(405, "method %s is not served" % method, headers=[("Allow", ALLOW_HEADER)])
         if method == "POST" and self.report_endpoints is not None and endpoint in ReportEndpoints.NAMES:
             return self.report_endpoints.respond(endpoint, request)
+        if method == "POST" and self.sessions is not None and endpoint in Sessions.NAMES:
+            return to_response(self.sessions.respond(endpoint, request))
         return None
 
     def workload_of(self, request):
@@ -2842,11 +3025,13 @@ class BackendApp:
     def finish(self, ticket, status):
         """The response has been sent (or the client left: status 499): account for it."""
         self.current.request = None
-        workload, record = ticket
+        workload, record, session, connection = ticket
         if workload is not None:
             self.metrics.finished(workload, status)
         if record is not None:
             self.ledger.finished(record, status)
+        if session is not None:
+            session.in_flight.discard(connection)
 
     def connection_refused(self):
         self.metrics.refused()
@@ -3567,6 +3752,8 @@ def make_parser():
                         help="how long a request may wait for the backend lock before it gets 429 "
                              "with Retry-After; with a known max_perf, one whose predicted wait is "
                              "longer gets 429 at once (default 30)")
+    parser.add_argument("--max-sessions", type=positive_int, default=10, metavar="N",
+                        help="Vast sessions open at once; past it /session/create gets 429 (default 10)")
     parser.add_argument("--max-connections", type=positive_int, default=1024, metavar="N",
                         help="open connections at most; past it the one making the least progress "
                              "gives way, or, when all are being served, a new one gets 503 (default 1024)")
@@ -3827,6 +4014,7 @@ class Worker:
         self.store, self.saved = None, None  # the StateStore and the attributes it read
         self.listener = None  # bind()
         self.server = self.reporter = None  # build()
+        self.own_url = None  # build(): this worker's loopback URL, for its own calls
 
     def start(self):
         """Plan, bind and build; raises StartupError, having started nothing that outlives it."""
@@ -3890,10 +4078,14 @@ class Worker:
                                            held_back=lambda: self.grants.waiting_for_key, ledger=self.ledger)
             self.reporter.start()
         backend = self.construct_backend()
+        self.own_url = "%s://%s:%d" % (scheme, loopback_for(host) if ":" not in loopback_for(host)
+                                       else "[%s]" % loopback_for(host), port)
+        sessions = Sessions(self.grants, self.ledger, self.metrics, options.max_sessions, self.session_closed)
+        sessions.start()
         app = BackendApp(backend, plan.routes, state, self.metrics, self.current, plan.parallel,
                          options.queue_time, plan.workload,
                          ReportEndpoints(environ.get("MASTER_TOKEN"), state), self.grants, self.store,
-                         self.ledger)
+                         self.ledger, sessions)
         self.server = WorkerServer(self.listener, app, options.timeout, options.max_body, self.tls,
                                    options.max_connections, options.body_memory)
         Log.write("info", "vastworker %s serving %s on %s://%s:%d (%s)%s"
@@ -3925,6 +4117,27 @@ class Worker:
         if isinstance(getattr(backend, "max_perf", None), (int, float)) and backend.max_perf > 0:
             self.state.max_perf, self.state.max_perf_known = float(backend.max_perf), True
         return backend
+
+    def session_closed(self, session):
+        """A closed session's on-close route, POSTed in the background (10 s at most): a path to
+        this worker's own handler, a URL as it is; the body its on_close_payload with the
+        session_id.  A failure is logged, and nothing else."""
+        route = session.on_close_route
+        url = route if "://" in route else self.own_url + "/" + route.lstrip("/")
+        payload = session.on_close_payload
+        body = dict(payload) if isinstance(payload, dict) else ({} if payload is None else {"payload": payload})
+        body.setdefault("session_id", session.session_id)
+
+        def post():
+            try:
+                status, _ = http_exchange(url, "POST", json.dumps(body), {
+                    "Content-Type": "application/json", INTERNAL_HEADER: INTERNAL_TOKEN}, timeout=10.0, verify=False)
+                Log.write("info" if status < 400 else "warning",
+                          "session %s: on-close %s answered %d" % (session.session_id, url, status))
+            except (OSError, http.client.HTTPException) as exc:
+                Log.write("warning", "session %s: on-close %s failed: %s" % (session.session_id, url, exc))
+
+        threading.Thread(target=post, name="session-close", daemon=True).start()
 
     def start_stand_in(self):
         """The local autoscaler stand-in, served by the same machinery as a backend."""
