@@ -1831,9 +1831,8 @@ def message_of(grant, shape):
     return json.dumps({"url": grant["url"]}, indent=4, sort_keys=True).encode()
 
 
-def make_grant(keys, shape="g3", key="autoscaler", reqnum=1, **changes):
-    grant = {"cost": 242.0, "endpoint": "my-endpoint", "reqnum": reqnum, "request_idx": reqnum,
-             "url": "http://127.0.0.1:1234"}
+def make_grant(keys, shape="g3", key="autoscaler", reqnum=1, signed_url="http://127.0.0.1:1234", **changes):
+    grant = {"cost": 242.0, "endpoint": "my-endpoint", "reqnum": reqnum, "request_idx": reqnum, "url": signed_url}
     grant["signature"] = openssl_sign(keys / (key + ".key"), message_of(grant, shape))
     grant.update(changes)  # tampering happens after signing
     return grant
@@ -1984,6 +1983,16 @@ def test_an_expired_session_is_gone(signed_worker, keys):
     request = {"auth_data": grant, "session_id": opened["session_id"], "payload": {"amount": 1}}
     assert session_call(worker, "/increment", request)[0] == 410
     worker.wait_for_log("session %s expired" % opened["session_id"])
+
+def test_a_grant_for_another_workers_url_is_refused(start_worker, write_backend, keys):
+    port = free_port()
+    worker = start_worker(write_backend(GRANT_BACKEND), "--pubkey", str(keys / "spki.pem"), port=str(port),
+                          env={"PUBLIC_IPADDR": "127.0.0.1", "VAST_TCP_PORT_%d" % port: "1234"})
+    ours = make_grant(keys, "g4", signed_url="http://127.0.0.1:1234")  # this worker's public address
+    assert worker.json("POST", "/increment", {"auth_data": ours, "payload": {"amount": 1}})[0] == 200
+    theirs = make_grant(keys, "g4", signed_url="http://203.0.113.9:4444")  # genuine, but for another worker
+    status, data = worker.json("POST", "/increment", {"auth_data": theirs, "payload": {"amount": 1}})
+    assert status == 401 and "not this worker (http://127.0.0.1:1234)" in data["detail"]
 
 
 def test_unsigned_requests_can_be_allowed(signed_worker, keys):

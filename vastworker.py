@@ -2515,6 +2515,7 @@ class GrantChecker:
         self.shapes = ("g4", "g3", "g1") if shape == "auto" else (shape,)
         self.allow_unsigned = allow_unsigned
         self.key_expected = key_expected  # a key is being fetched: sign-or-wait, never serve openly
+        self.own_url = ""  # this worker's public url, when known: grants for another are refused
         self.highest_reqnum = None
         self.recent = collections.deque()
         self.recent_set = set()
@@ -2625,6 +2626,8 @@ class GrantChecker:
                 return "the grant has no %s" % name
         if not isinstance(grant["reqnum"], int) or isinstance(grant["reqnum"], bool):
             return "the grant's reqnum is not an integer"
+        if self.own_url and grant["url"] != self.own_url:  # Vast's worker never checks (decisions 14)
+            return "the grant is for %r, not this worker (%s)" % (str(grant["url"])[:100], self.own_url)
         shape = self.shape_of(grant)
         if shape is None:
             return "the grant's signature does not verify"
@@ -3044,6 +3047,13 @@ class BackendApp:
 REPORT_INTERVAL = 10.0  # seconds between status reports when nothing changes
 
 
+def public_url(environ, port, scheme):
+    """This worker's address as clients reach it, from Vast's PUBLIC_IPADDR and the public port
+    VAST_TCP_PORT_<port> maps to this one; "" where they are not set."""
+    public_ip, public_port = environ.get("PUBLIC_IPADDR"), environ.get("VAST_TCP_PORT_%d" % port)
+    return "%s://%s:%s" % (scheme, public_ip, public_port) if public_ip and public_port else ""
+
+
 def report_addresses(value):
     """REPORT_ADDR: one autoscaler address or an ordered, comma-separated list."""
     return [address.strip().rstrip("/") for address in (value or "").split(",") if address.strip()]
@@ -3111,8 +3121,7 @@ class StatusReporter:
         container_id = environ.get("CONTAINER_ID", "")
         self.identity = {"id": int(container_id) if container_id.isdigit() else container_id,
                          "mtoken": environ.get("MASTER_TOKEN", ""), "version": __version__}
-        public_ip, public_port = environ.get("PUBLIC_IPADDR"), environ.get("VAST_TCP_PORT_%d" % port)
-        self.url = "%s://%s:%s" % (scheme, public_ip, public_port) if public_ip and public_port else ""
+        self.url = public_url(environ, port, scheme)
         self.state = state
         self.metrics = metrics
         self._disk_used = disk_used_gb()
@@ -4062,6 +4071,7 @@ class Worker:
         options, environ, plan, state = self.options, self.environ, self.backend_plan, self.state
         host, port = self.listener.getsockname()[:2]
         scheme = "https" if self.tls is not None else "http"
+        self.grants.own_url = public_url(environ, port, scheme)
         state.max_perf, state.max_perf_known = float(plan.max_perf), plan.max_perf_declared
         if plan.benchmark is not None:
             with open(plan.path, "rb") as file:
