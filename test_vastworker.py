@@ -257,6 +257,7 @@ def keys(tmp_path_factory):
     for name in ("autoscaler", "stranger"):
         openssl("genrsa", "-out", str(directory / (name + ".key")), "2048")
     openssl("rsa", "-in", str(directory / "autoscaler.key"), "-pubout", "-out", str(directory / "spki.pem"))
+    openssl("rsa", "-in", str(directory / "stranger.key"), "-pubout", "-out", str(directory / "stranger.pem"))
     openssl("rsa", "-in", str(directory / "autoscaler.key"), "-RSAPublicKey_out", "-out", str(directory / "pkcs1.pem"))
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
             "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(directory / "tls.key"),
@@ -2533,22 +2534,30 @@ def test_notify_without_an_autoscaler_does_not_fail(start_worker):
     assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
 
 
-def test_a_worker_waiting_for_its_key_is_held_back(start_worker, tmp_path, keys):
+def test_a_worker_without_its_key_is_held_back_reports_it_and_recovers(start_worker, tmp_path, keys):
     served = tmp_path / "autoscaler"
     served.mkdir()
     autoscaler = StaticServer(str(served))  # records reports; no /pubkey/ yet
+    reports = lambda: [json.loads(body) for path, body in autoscaler.posts if path == "/worker_status/"]  # noqa: E731
     try:
         worker = start_worker("helloworld", env={"REPORT_ADDR": autoscaler.url})
         status, data = worker.json("GET", "/value")
         assert status == 503 and data["detail"] == "waiting for the autoscaler's public key"
-        wait_until(lambda: autoscaler.posts)
-        reports = [json.loads(body) for _, body in autoscaler.posts]
-        assert all(r["loadtime"] == 0 and r["max_perf"] == 0 for r in reports)  # not ready for traffic
+        failing = wait_until(lambda: [r for r in reports() if r["error_msg"]], timeout=20)[0]
+        assert "no public key from %s/pubkey/ after 5 tries" % autoscaler.url in failing["error_msg"]
+        assert all(r["loadtime"] == 0 and r["max_perf"] == 0 for r in reports())  # not ready for traffic
         (served / "pubkey").mkdir()
         (served / "pubkey" / "index.html").write_text((keys / "spki.pem").read_text())
-        worker.wait_for_log("public key from %s/pubkey/" % autoscaler.url, timeout=20)
-        wait_until(lambda: any(json.loads(body)["loadtime"] > 0 for _, body in autoscaler.posts), timeout=15)
+        worker.wait_for_log("public key from %s/pubkey/" % autoscaler.url, timeout=70)
+        wait_until(lambda: any(r["loadtime"] > 0 and not r["error_msg"] for r in reports()), timeout=15)
         assert worker.json("GET", "/value")[0] == 401  # now a grant is needed
+        # the autoscaler changes its key: the first grant that does not verify fetches it again
+        (served / "pubkey" / "index.html").write_text((keys / "stranger.pem").read_text())
+        assert worker.json("GET", "/value", {"auth_data": make_grant(keys, "g3", key="stranger", reqnum=1),
+                                             "payload": {}})[0] == 401
+        worker.wait_for_log(r"public key from .*: a new one")
+        assert worker.json("GET", "/value", {"auth_data": make_grant(keys, "g3", key="stranger", reqnum=2),
+                                             "payload": {}})[0] == 200
     finally:
         autoscaler.close()
 

@@ -2516,6 +2516,7 @@ class GrantChecker:
         self.allow_unsigned = allow_unsigned
         self.key_expected = key_expected  # a key is being fetched: sign-or-wait, never serve openly
         self.own_url = ""  # this worker's public url, when known: grants for another are refused
+        self.on_bad_signature = None  # called when a signature does not verify (the key may be new)
         self.highest_reqnum = None
         self.recent = collections.deque()
         self.recent_set = set()
@@ -2630,6 +2631,8 @@ class GrantChecker:
             return "the grant is for %r, not this worker (%s)" % (str(grant["url"])[:100], self.own_url)
         shape = self.shape_of(grant)
         if shape is None:
+            if self.on_bad_signature is not None:
+                self.on_bad_signature()
             return "the grant's signature does not verify"
         if shape == "g4" or not replay:
             return None
@@ -3114,8 +3117,10 @@ class StatusReporter:
     are only reset after a report went through, so nothing is lost between reports.  record()
     is the one place the record's fields are set."""
 
-    def __init__(self, addresses, environ, port, scheme, state, metrics, held_back=None, ledger=None):
+    def __init__(self, addresses, environ, port, scheme, state, metrics, held_back=None, ledger=None,
+                 problem=None):
         self.addresses = addresses
+        self.problem = problem  # what else to report as error_msg while it lasts (no public key)
         self.ledger = ledger  # the routed requests: those in flight, those to delete
         self.held_back = held_back  # reported as loading while this is true (no public key yet)
         container_id = environ.get("CONTAINER_ID", "")
@@ -3156,7 +3161,8 @@ class StatusReporter:
         """The status record for a metrics snapshot, as of `phase`."""
         state = self.state
         record = dict(self.identity, loadtime=state.loadtime if phase == "loaded" else 0.0,
-                      error_msg=state.error, max_perf=state.max_perf if phase == "loaded" else 0.0,
+                      error_msg=state.error or (self.problem() if self.problem else ""),
+                      max_perf=state.max_perf if phase == "loaded" else 0.0,
                       cur_capacity=0, max_capacity=state.max_capacity,
                       additional_disk_usage=round(disk_used_gb() - self._disk_used, 3),
                       working_request_idxs=self.ledger.working_idxs() if self.ledger is not None else [],
@@ -3166,7 +3172,7 @@ class StatusReporter:
 
     def _report_forever(self):
         """The reporter thread: a record when one is due, and acknowledged once delivered."""
-        last_sent, sent_phase = 0.0, None
+        last_sent, sent_phase, sent_error = 0.0, None, ""
         while True:
             self.state.phase_changed.wait(1.0)
             self.state.phase_changed.clear()
@@ -3174,7 +3180,8 @@ class StatusReporter:
             phase = self.state.phase
             if phase == "benchmarking" or (phase == "loaded" and self.held_back and self.held_back()):
                 phase = "loading"  # not ready for traffic yet
-            due = phase != sent_phase or now - last_sent >= REPORT_INTERVAL or (
+            error = self.state.error or (self.problem() if self.problem else "")
+            due = phase != sent_phase or error != sent_error or now - last_sent >= REPORT_INTERVAL or (
                 phase == "loaded" and self.metrics.has_news)
             if not due:
                 continue
@@ -3184,7 +3191,7 @@ class StatusReporter:
             if deliver(self.addresses, "/worker_status/", record):
                 self.metrics.acknowledge(snapshot)
                 self._disk_used += record["additional_disk_usage"]
-                sent_phase = phase
+                sent_phase, sent_error = phase, record["error_msg"]
             else:
                 self.metrics.has_news = True  # what the snapshot held is still to be reported
                 Log.write("warning", "could not report to %s; retrying in %g s"
@@ -3359,26 +3366,65 @@ def benchmark_config(value, path, parallel):
     return config
 
 
-def fetch_public_key(addresses, checker):
-    """Fetch {REPORT_ADDR}/pubkey/ in the background until it arrives: 1, 2, 4 ... 60 s apart."""
-    def fetch_forever():
-        """Try each address in turn until one serves a key that parses."""
-        pause = 1.0
-        while True:
-            for address in addresses:
-                try:
-                    status, text = http_exchange(address + "/pubkey/")
-                    if status == 200:
-                        checker.key = RSAPublicKey.from_pem(text.decode("ascii", "replace"))
-                        Log.write("info", "public key from %s/pubkey/ (%d bits)" % (address, checker.key.n.bit_length()))
-                        return
-                    Log.write("warning", "public key: %s/pubkey/ answered %d" % (address, status))
-                except (OSError, http.client.HTTPException, ValueError) as exc:
-                    Log.write("warning", "public key: %s/pubkey/: %s" % (address, exc))
-            time.sleep(pause)
-            pause = min(pause * 2, 60.0)
+class KeyFetcher:
+    """Brings {REPORT_ADDR}/pubkey/ into a GrantChecker, in the background.  At start it tries
+    until the key arrives, 0.5, 1, 2, 4, then 5 s apart; after 5 failed tries `problem` says so,
+    and the status reports carry it as error_msg until the key does arrive (Vast's worker gives
+    up for good).  Later, when a grant's signature does not verify, refetch() fetches the key
+    again, at most once a minute: the autoscaler may have a new one."""
 
-    threading.Thread(target=fetch_forever, name="pubkey", daemon=True).start()
+    TRIES_BEFORE_PROBLEM = 5
+    REFETCH_EVERY = 60.0
+
+    def __init__(self, addresses, checker):
+        self.addresses = addresses
+        self.checker = checker
+        self.problem = ""
+        self._asked = threading.Event()
+        self._last_refetch = 0.0
+
+    def start(self):
+        threading.Thread(target=self._fetch_forever, name="pubkey", daemon=True).start()
+
+    def refetch(self):
+        now = time.monotonic()
+        if now - self._last_refetch >= self.REFETCH_EVERY:
+            self._last_refetch = now
+            self._asked.set()
+
+    def fetch_once(self):
+        """The key from the first address that serves one that parses, or None."""
+        for address in self.addresses:
+            try:
+                status, text = http_exchange(address + "/pubkey/")
+                if status == 200:
+                    return address, RSAPublicKey.from_pem(text.decode("ascii", "replace"))
+                Log.write("warning", "public key: %s/pubkey/ answered %d" % (address, status))
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                Log.write("warning", "public key: %s/pubkey/: %s" % (address, exc))
+        return None, None
+
+    def _fetch_forever(self):
+        pause, tries = 0.5, 0
+        while True:
+            address, key = self.fetch_once()
+            if key is None and self.checker.key is None:
+                tries += 1
+                if tries == self.TRIES_BEFORE_PROBLEM:
+                    self.problem = ("no public key from %s/pubkey/ after %d tries; still trying"
+                                    % (self.addresses[0], tries))
+                    Log.write("error", self.problem)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            if key is not None:
+                old = self.checker.key
+                self.checker.key, self.problem = key, ""
+                if old is None or (old.n, old.e) != (key.n, key.e):
+                    Log.write("info", "public key from %s/pubkey/ (%d bits)%s" % (
+                        address, key.n.bit_length(), "" if old is None else ": a new one"))
+            self._asked.wait()  # until a signature that does not verify asks for it again
+            self._asked.clear()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -4024,6 +4070,7 @@ class Worker:
         self.listener = None  # bind()
         self.server = self.reporter = None  # build()
         self.own_url = None  # build(): this worker's loopback URL, for its own calls
+        self.key_fetcher = None  # build(): the autoscaler's public key, fetched
 
     def start(self):
         """Plan, bind and build; raises StartupError, having started nothing that outlives it."""
@@ -4072,6 +4119,9 @@ class Worker:
         host, port = self.listener.getsockname()[:2]
         scheme = "https" if self.tls is not None else "http"
         self.grants.own_url = public_url(environ, port, scheme)
+        self.key_fetcher = KeyFetcher(self.addresses, self.grants)
+        if self.grants.key_expected:
+            self.grants.on_bad_signature = self.key_fetcher.refetch
         state.max_perf, state.max_perf_known = float(plan.max_perf), plan.max_perf_declared
         if plan.benchmark is not None:
             with open(plan.path, "rb") as file:
@@ -4085,7 +4135,8 @@ class Worker:
             Log.write("info", "the backend reports to the autoscaler itself (it uses notify)")
         elif self.addresses:
             self.reporter = StatusReporter(self.addresses, environ, port, scheme, state, self.metrics,
-                                           held_back=lambda: self.grants.waiting_for_key, ledger=self.ledger)
+                                           held_back=lambda: self.grants.waiting_for_key, ledger=self.ledger,
+                                           problem=lambda: self.key_fetcher.problem)
             self.reporter.start()
         backend = self.construct_backend()
         self.own_url = "%s://%s:%d" % (scheme, loopback_for(host) if ":" not in loopback_for(host)
@@ -4104,7 +4155,7 @@ class Worker:
                      "; handlers run in parallel" if plan.parallel else ""), always=True)
         self.grants.describe(self.key_source)
         if self.grants.key_expected:
-            fetch_public_key(self.addresses, self.grants)
+            self.key_fetcher.start()
         if plan.readiness == "start":
             state.ready()
         else:
