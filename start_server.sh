@@ -13,7 +13,9 @@
 #   VASTWORKER_TARBALL   a .tar.gz URL of the project (fetched with wget or curl), or
 #   VASTWORKER_REPO      anything `git clone` accepts; used when this script is not run from a
 #                        checkout and $WORKSPACE/vastworker does not exist yet
-#   VASTWORKER_UPDATE=1  fetch $WORKSPACE/vastworker again even though it is there
+#   VASTWORKER_UPDATE=1  fetch $WORKSPACE/vastworker again even though it is there; so does the
+#                        flag file VASTWORKER_UPDATE_FLAG (default /.force_update), which the
+#                        worker's POST /pyworker/update creates; it is removed once fetched
 #   VASTWORKER_WAIT      seconds to wait for the worker to serve; default 60
 # The worker inherits this environment (WORKER_PORT/AUTH_PORT, CONTAINER_ID, MASTER_TOKEN,
 # REPORT_ADDR, ...).  When REPORT_ADDR is set, a failed start is reported to the autoscaler's
@@ -23,6 +25,7 @@ set -euo pipefail
 MIN_PYTHON="3.8"
 STAGING=""
 SCRIPT_SOURCE="${BASH_SOURCE[0]:-}"  # empty when piped to bash (inside a function it says "main")
+UPDATE_FLAG="${VASTWORKER_UPDATE_FLAG:-/.force_update}"
 
 say() {
     printf 'vastworker: %s\n' "$*"
@@ -176,8 +179,9 @@ find_project() {
         return 0
     fi
     PROJECT="$installed"
-    if [ ! -f "$PROJECT/vastworker.py" ] || [ "${VASTWORKER_UPDATE:-0}" = "1" ]; then
+    if [ ! -f "$PROJECT/vastworker.py" ] || [ "${VASTWORKER_UPDATE:-0}" = "1" ] || [ -e "$UPDATE_FLAG" ]; then
         fetch_project "$PROJECT"
+        rm -f "$UPDATE_FLAG"
     fi
 }
 

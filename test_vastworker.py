@@ -2084,6 +2084,7 @@ def test_internal_report_endpoints_need_the_master_token(start_worker, write_bac
     without_token = start_worker(write_backend(source), env={"MASTER_TOKEN": ""})
     status, data = without_token.json("POST", "/report_loaded", {"mtoken": ""})
     assert status == 403 and "MASTER_TOKEN is not set" in data["detail"]
+    assert without_token.json("POST", "/pyworker/update", {})[0] == 403  # Vast's worker: open to anyone
     worker = start_worker(write_backend(source), env={"MASTER_TOKEN": "s3cret"})
     assert worker.json("POST", "/report_loaded", {"mtoken": "guess"})[0] == 401
     assert worker.request("GET", "/hello")[0] == 503
@@ -2216,6 +2217,7 @@ def test_loaded_record_then_updates_that_count_requests(start_worker, autoscaler
     assert {name: type(loaded[name]) for name in expected_types} == expected_types
     assert (loaded["id"], loaded["mtoken_matches"], loaded["url"], loaded["error_msg"], loaded["max_perf"]) == (
         123, True, "http://203.0.113.7:41234", "", 100.0)  # a request a second, at the default cost
+    assert loaded["version"] == "1.1.0"  # what Vast's current worker sends
     for _ in range(5):
         assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
     for _ in range(3):
@@ -2885,6 +2887,7 @@ class Bootstrap:
         environment = dict(os.environ, WORKSPACE=self.workspace, WORKER_PORT=str(self.port))
         for name in ("VASTWORKER_TARBALL", "VASTWORKER_REPO", "VASTWORKER_UPDATE", "REPORT_ADDR"):
             environment.pop(name, None)
+        environment["VASTWORKER_UPDATE_FLAG"] = os.path.join(self.workspace, ".force_update")
         environment.update(env)
         started = time.monotonic()
         result = subprocess.run(["bash", "-c", command], cwd=cwd or self.workspace, env=environment,
@@ -3123,6 +3126,26 @@ def test_an_update_on_a_later_boot_fetches_again_and_keeps_relative_state(bootst
     assert bootstrap.value() == (200, b'{"value":7}\n')
     inside = bootstrap.run("bash " + launch, **dict(env, STATE_FILE="vastworker/state.json"))
     assert inside.returncode == 1 and "which an update replaces" in inside.output, inside.output
+
+def test_pyworker_update_sets_the_flag_that_makes_the_next_boot_fetch(bootstrap, published):
+    launch = os.path.join(ROOT, "backends", "helloworld", "launch.sh")
+    env = {"VASTWORKER_SCRIPT_URL": published.url + "/start_server.sh", "MASTER_TOKEN": "s3cret",
+           "VASTWORKER_TARBALL": published.url + "/vastworker-main.tar.gz"}
+    assert bootstrap.run("bash " + launch, **env).returncode == 0
+    flag = os.path.join(bootstrap.workspace, ".force_update")
+
+    def update(authorization):
+        connection = http.client.HTTPConnection("127.0.0.1", bootstrap.port, timeout=10)
+        connection.request("POST", "/pyworker/update", headers={"Authorization": authorization})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+
+    assert update("Bearer guess")[0] == 401 and not os.path.exists(flag)
+    assert update("Bearer s3cret") == (200, {"ok": True}) and os.path.exists(flag)
+    later = bootstrap.run("bash " + launch, **env)
+    assert later.returncode == 0 and "fetching" in later.output, later.output
+    assert not os.path.exists(flag)  # taken: the boot after fetches nothing
+    assert "fetching" not in bootstrap.run("bash " + launch, **env).output
 
 
 def test_stop_says_when_there_is_nothing_to_stop_and_the_log_has_no_probes(bootstrap, published):

@@ -53,6 +53,7 @@ import types
 from urllib.parse import parse_qsl, unquote_to_bytes, urlsplit
 
 __version__ = "0.1.0"
+PROTOCOL_VERSION = "1.1.0"  # the current Vast worker's VERSION, sent as the status record's "version"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2846,14 +2847,39 @@ class ReportEndpoints:
     log watchers written for it.  They need the MASTER_TOKEN in the body and are all refused when
     no token is configured (the original defaulted to the literal 'mtoken')."""
 
-    NAMES = ("report_loading", "report_loaded", "report_error", "report_capacity", "report_done")
+    NAMES = ("report_loading", "report_loaded", "report_error", "report_capacity", "report_done",
+             "pyworker/update")
 
-    def __init__(self, token, state):
+    def __init__(self, token, state, update_flag="/.force_update"):
         self.token = token
         self.state = state
+        self.update_flag = update_flag  # what /pyworker/update creates: start_server.sh then fetches
+
+    def update(self, request):
+        """POST /pyworker/update, as Vast's current worker: with the MASTER_TOKEN as its bearer
+        token it creates the update flag file, which makes the next start_server.sh fetch the
+        project again.  Without a MASTER_TOKEN it is off (Vast's worker then lets anyone in)."""
+        import hmac
+        given = request.headers.get("Authorization", "")
+        given = given[7:] if given.startswith("Bearer ") else given
+        if not self.token:
+            raise Refusal(403, "/pyworker/update is off: MASTER_TOKEN is not set")
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise Refusal(401, "the Authorization header must carry the MASTER_TOKEN")
+        try:
+            with open(self.update_flag, "w"):
+                pass
+        except OSError as exc:
+            Log.write("error", "/pyworker/update: cannot create %s: %s" % (self.update_flag, exc.strerror or exc))
+            raise Refusal(500, "the update flag could not be written")
+        Log.write("info", "/pyworker/update: %s created; the next start_server.sh fetches the project"
+                  % self.update_flag)
+        return {"ok": True}
 
     def respond(self, name, request):
         """'ok' once the report is applied to the worker state; a Refusal when not allowed."""
+        if name == "pyworker/update":
+            return to_response(self.update(request))
         if not self.token:
             raise Refusal(403, "internal report endpoints are off: MASTER_TOKEN is not set")
         import hmac
@@ -3125,7 +3151,7 @@ class StatusReporter:
         self.held_back = held_back  # reported as loading while this is true (no public key yet)
         container_id = environ.get("CONTAINER_ID", "")
         self.identity = {"id": int(container_id) if container_id.isdigit() else container_id,
-                         "mtoken": environ.get("MASTER_TOKEN", ""), "version": __version__}
+                         "mtoken": environ.get("MASTER_TOKEN", ""), "version": PROTOCOL_VERSION}
         self.url = public_url(environ, port, scheme)
         self.state = state
         self.metrics = metrics
@@ -4145,7 +4171,9 @@ class Worker:
         sessions.start()
         app = BackendApp(backend, plan.routes, state, self.metrics, self.current, plan.parallel,
                          options.queue_time, plan.workload,
-                         ReportEndpoints(environ.get("MASTER_TOKEN"), state), self.grants, self.store,
+                         ReportEndpoints(environ.get("MASTER_TOKEN"), state,
+                                         environ.get("VASTWORKER_UPDATE_FLAG") or "/.force_update"),
+                         self.grants, self.store,
                          self.ledger, sessions)
         self.server = WorkerServer(self.listener, app, options.timeout, options.max_body, self.tls,
                                    options.max_connections, options.body_memory)
