@@ -2022,6 +2022,48 @@ class Backend:
 flask_dict = {"GET": {"hello": lambda backend, request: "hello"}}
 """
 
+class HealthServer:
+    """A model server's health endpoint on loopback, answering whatever status it is told."""
+
+    def __init__(self, status):
+        import http.server
+        self.status = status
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(outer.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d/health" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_model_health_check_gates_loaded_and_later_fails_the_worker(start_worker, autoscaler):
+    health = HealthServer(503)
+    try:
+        worker = start_worker("helloworld", env=reporting_env(autoscaler, MODEL_HEALTH_ENDPOINT=health.url))
+        autoscaler.wait_for(lambda r: r["loadtime"] == 0)
+        assert not [r for r in autoscaler.records() if r["loadtime"] > 0]  # not loaded while unhealthy
+        health.status = 200
+        autoscaler.wait_for(lambda r: r["loadtime"] > 0 and not r["error_msg"])
+        assert worker.request("GET", "/value")[0] == 200
+        health.status = 500
+        failed = autoscaler.wait_for(lambda r: r["error_msg"], timeout=20)[-1]
+        assert failed["error_msg"] == "model health check %s answered 500" % health.url
+        assert worker.json("GET", "/value")[1]["detail"].startswith("the backend failed: model health check")
+    finally:
+        health.close()
+
 
 def test_a_log_line_makes_the_worker_ready(start_worker, write_backend, autoscaler, tmp_path):
     model_log = tmp_path / "model.log"

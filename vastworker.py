@@ -3356,8 +3356,8 @@ class Benchmark:
         return round(best, 3)
 
     def run(self, state, metrics):
-        """The on_ready step: cached result, else measure; loaded with it, or failed.  The
-        benchmark's own requests are not reported as traffic."""
+        """The cached result, else a measured one (None when the worker failed for want of a
+        success).  The benchmark's own requests are not reported as traffic."""
         max_perf = self.cached()
         if max_perf is not None:
             Log.write("info", "benchmark: %g workload/s (cached in %s)" % (max_perf, self.cache_file))
@@ -3365,14 +3365,57 @@ class Benchmark:
             Log.write("info", "benchmark: %(runs)d rounds of %(concurrency)d %(method)s /%(endpoint)s" % self.config)
             max_perf = self.measure()
             if max_perf <= 0:
-                return state.failed("benchmark: no successful response from %(method)s /%(endpoint)s" % self.config)
+                state.failed("benchmark: no successful response from %(method)s /%(endpoint)s" % self.config)
+                return None
             Log.write("info", "benchmark: %g workload/s" % max_perf)
             try:
                 self.store(max_perf)
             except OSError as exc:
                 Log.write("warning", "benchmark: could not cache the result in %s: %s" % (self.cache_file, exc))
         metrics.restart()
-        state.loaded(max_perf)
+        return max_perf
+
+
+class HealthCheck:
+    """The model server's health endpoint (MODEL_HEALTH_ENDPOINT, or backend.py's `healthcheck`),
+    as Vast's current worker uses it: once the model is ready, the worker is only loaded after
+    a first 200 (asked every 2 s, for up to `patience` seconds, else it fails); from then on it
+    is asked every 5 s, and an answer that is not 200 fails the worker, for good."""
+
+    def __init__(self, url, state, patience=300.0):
+        self.url = url
+        self.state = state
+        self.patience = patience
+
+    def status(self):
+        """The endpoint's status, or why there is none."""
+        try:
+            return http_exchange(self.url, timeout=10.0, verify=False)[0]
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            return describe_exception(exc)
+
+    def wait_until_healthy(self):
+        """True after a first 200; False, the worker failed, when none came in time."""
+        deadline = time.monotonic() + self.patience
+        while True:
+            answer = self.status()
+            if answer == 200:
+                return True
+            if time.monotonic() > deadline:
+                self.state.failed("model health check %s: no 200 within %g s (last: %s)" % (self.url, self.patience, answer))
+                return False
+            time.sleep(2.0)
+
+    def watch(self):
+        """From now on, in the background: a failed check fails the worker."""
+        def watch_forever():
+            while self.state.phase == "loaded":
+                time.sleep(5.0)
+                answer = self.status()
+                if answer != 200:
+                    return self.state.failed("model health check %s answered %s" % (self.url, answer))
+
+        threading.Thread(target=watch_forever, name="health", daemon=True).start()
 
 
 def benchmark_config(value, path, parallel):
@@ -3716,6 +3759,7 @@ environment variables:
                           /report_* endpoints (off without it), and Backend(master_token=...)
   PUBLIC_IPADDR, VAST_TCP_PORT_<port>  the public address reported as "url"
   MODEL_LOG               the model server's log, watched for the backend's log_actions
+  MODEL_HEALTH_ENDPOINT   the model server's health URL: loaded only after a 200, failed on a later non-200
   STATE_FILE              same as --state-file
   VASTWORKER_PUBKEY       the autoscaler's public key (PEM text), instead of --pubkey
   UNSECURED=true          same as --allow-unsigned
@@ -4021,6 +4065,11 @@ class BackendPlan:
         if not isinstance(self.max_perf, (int, float)) or not self.max_perf > 0:
             raise StartupError("%s: max_perf must be a positive number" % path)
         self.uses_notify = uses_notify(module)
+        self.healthcheck = environ.get("MODEL_HEALTH_ENDPOINT") or getattr(module, "healthcheck", None)
+        if self.healthcheck is not None and not (isinstance(self.healthcheck, str) and
+                                                 self.healthcheck.startswith(("http://", "https://"))):
+            raise StartupError("%s: healthcheck (or $MODEL_HEALTH_ENDPOINT) must be an http:// or https:// "
+                               "URL, not %r" % (path, self.healthcheck))
         self.persist = getattr(module, "persist", getattr(module.Backend, "persist", None))
         if self.persist is not None and not (isinstance(self.persist, (list, tuple, set)) and all(
                 isinstance(name, str) for name in self.persist)):
@@ -4154,7 +4203,11 @@ class Worker:
                 benchmark = Benchmark(plan.benchmark, os.path.basename(self.directory), file.read(),
                                       os.path.join(options.cache_dir, "vastworker-benchmark.json"),
                                       (loopback_for(host), port), self.tls is not None)
-            state.on_ready = lambda: benchmark.run(state, self.metrics)
+        else:
+            benchmark = None
+        health = HealthCheck(plan.healthcheck, state) if plan.healthcheck else None
+        if benchmark is not None or health is not None:
+            state.on_ready = lambda: self.become_loaded(benchmark, health)
         if plan.log_actions is not None:
             LogWatcher(plan.model_log, plan.log_actions, state).start()
         if plan.uses_notify:
@@ -4189,6 +4242,18 @@ class Worker:
         else:
             Log.write("info", "waiting for the backend to be ready (%s)" % (
                 "a loaded line in %s" % plan.model_log if plan.readiness == "log" else "vastworker.ready()"))
+
+    def become_loaded(self, benchmark, health):
+        """What readiness sets off when there is a benchmark or a health check: the benchmark's
+        max_perf, then a first healthy answer, then loaded -- or failed on the way."""
+        max_perf = benchmark.run(self.state, self.metrics) if benchmark is not None else None
+        if benchmark is not None and max_perf is None:
+            return
+        if health is not None and not health.wait_until_healthy():
+            return
+        self.state.loaded(max_perf)
+        if health is not None:
+            health.watch()
 
     def construct_backend(self):
         """Backend(), its saved state restored; the one place a backend's own start-up runs."""
