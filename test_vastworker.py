@@ -2658,14 +2658,17 @@ def test_route_signed_request_over_https_end_to_end(start_worker, autoscaler, ke
         return response.status, response.read()
 
     assert call({"auth_data": grant, "payload": {"amount": 3}}) == (200, b"Incremented")
-    assert call({"auth_data": grant, "payload": {"amount": 3}})[0] == 401  # replayed
-    assert call({"auth_data": dict(grant, cost=0.1), "payload": {"amount": 3}})[0] == 401  # tampered
+    assert call({"auth_data": grant, "payload": {"amount": 3}})[0] == 200  # the stand-in signs g4, as Vast
+    # does: the url alone, so a replay is a new request to this worker (g1 and g3 refuse it: above)
+    assert call({"auth_data": dict(grant, url="https://127.0.0.1:1"), "payload": {"amount": 3}})[0] == 401  # tampered
     assert call({"amount": 3})[0] == 401  # unsigned
     status, grant = autoscaler.json("POST", "/route/", {"endpoint": "hello", "cost": 1.0})
     assert call(dict(grant, amount=4)) == (200, b"Incremented")  # the flat form of the original
     connection = https_connection(port, keys)
     connection.request("GET", "/value", body="{}", headers=JSON)
     assert connection.getresponse().status == 401  # reading needs a grant as well
+    status, listed = autoscaler.json("POST", "/get_endpoint_workers/", {"id": 1, "api_key": "k"})
+    assert status == 200 and [(w["id"], w["status"], w["perf"]) for w in listed] == [(9, "RUNNING", 100.0)]
 
 
 def test_the_stand_in_does_not_show_master_tokens(start_worker, autoscaler):

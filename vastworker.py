@@ -3659,15 +3659,19 @@ class StandInAutoscaler:
     """`python3 vastworker.py autoscaler`: a local stand-in for Vast's autoscaler, served as a
     backend.  It prints and keeps the status records workers send, so a backend's reports can
     be watched before deploying (GET /records returns them), serves its public key and signs
-    grants at /route/ for the workers that reported themselves loaded.  Its key is generated in
-    the background (about a second of pure-Python arithmetic), so it answers at once; /pubkey/
-    and /route/ wait for the key.  GET /records never shows a record's mtoken: it says whether
+    grants at /route/ -- in Vast's current (url-only) shape unless told otherwise -- to the least
+    loaded of the workers that reported themselves loaded in the last 30 s, and lists them at
+    /get_endpoint_workers/ as the SDK expects.  Its key is generated in the background (about a
+    second of pure-Python arithmetic), so it answers at once; /pubkey/ and /route/ wait for it.  GET /records never shows a record's mtoken: it says whether
     the token matched `master_token` (the stand-in's $MASTER_TOKEN), as Vast's would check it."""
 
-    def __init__(self, shape="g3", master_token=""):
+    FRESH = 30.0  # seconds: a worker whose last report is older is not routed to
+
+    def __init__(self, shape="g4", master_token=""):
         self.records = []
         self.finished = []  # what workers posted to /delete_requests/
-        self.shape = "g3" if shape == "auto" else shape
+        self.workers = {}  # worker id -> (its latest record, when it came, when the first came)
+        self.shape = "g4" if shape == "auto" else shape
         self.master_token = master_token
         self._key = None
         self._key_made = threading.Event()
@@ -3692,27 +3696,50 @@ class StandInAutoscaler:
         ask = request.get_json(force=True)
         if not isinstance(ask, dict) or not isinstance(ask.get("endpoint"), str):
             abort(400, 'expected {"endpoint": NAME, "cost": WORKLOAD}')
-        ready = [record for record in self.records
-                 if record.get("url") and record.get("loadtime") and not record.get("error_msg")]
+        now = time.monotonic()
+        ready = [record for record, seen, _ in list(self.workers.values())
+                 if record.get("url") and record.get("loadtime") and not record.get("error_msg")
+                 and now - seen < self.FRESH]
         if not ready:
             return {"endpoint": ask["endpoint"], "status": "no ready worker"}
+        chosen = min(ready, key=lambda record: float(record.get("cur_load") or 0) /
+                     max(float(record.get("max_perf") or 0), 1e-6))  # the least loaded for its speed
         retry_of = ask.get("request_idx")  # a client routing again keeps its request's index
         with self._lock:
             self.reqnum += 1
             request_idx = retry_of if type(retry_of) is int and 0 < retry_of <= self.reqnum else self.reqnum
             grant = {"cost": float(ask.get("cost", DEFAULT_WORKLOAD)), "endpoint": ask["endpoint"],
-                     "reqnum": self.reqnum, "request_idx": request_idx, "url": ready[-1]["url"]}
+                     "reqnum": self.reqnum, "request_idx": request_idx, "url": chosen["url"]}
         grant["signature"] = self.key.sign(signed_message(grant, self.shape).encode())
         return grant
 
     def worker_status(self, _, request):
         record = request.get_json(force=True)
+        if not isinstance(record, dict):
+            abort(422, "expected a status record (a JSON object)")
         self.records.append(record)
+        key = str(record.get("id", record.get("url")))
+        first = self.workers.get(key, (None, None, time.time()))[2]
+        self.workers[key] = (record, time.monotonic(), first)
         fields = ("id", "loadtime", "max_perf", "cur_load", "new_load", "cur_perf",
                   "num_requests_working", "num_requests_recieved", "error_msg")
         print("%s worker_status %s" % (time.strftime("%H:%M:%S"), " ".join(
             "%s=%s" % (name, json.dumps(record[name])) for name in fields if name in record)), flush=True)
         return {"ok": True}
+
+    def endpoint_workers(self, _, request):
+        """Like Vast's /get_endpoint_workers/ (the SDK's worker listing): each reporting worker."""
+        listed = []
+        for record, seen, first in list(self.workers.values()):
+            status = "ERROR" if record.get("error_msg") else ("RUNNING" if record.get("loadtime") else "LOADING")
+            listed.append({"id": record.get("id") if isinstance(record.get("id"), int) else 0, "status": status,
+                           "cur_load": record.get("cur_load", 0.0), "new_load": record.get("new_load", 0.0),
+                           "cur_perf": record.get("cur_perf", 0.0), "perf": record.get("max_perf", 0.0),
+                           "measured_perf": record.get("max_perf", 0.0),
+                           "reqs_working": record.get("num_requests_working", 0),
+                           "disk_usage": record.get("additional_disk_usage", 0.0),
+                           "loaded_at": record.get("loadtime", 0.0), "started_at": first})
+        return listed
 
     def delete_requests(self, _, request):
         """Like Vast's: the finished requests a worker reports, kept for GET /requests."""
@@ -3740,7 +3767,7 @@ class StandInAutoscaler:
 
     def routes(self):
         return {"POST": {"worker_status/": self.worker_status, "route/": self.route,
-                         "delete_requests/": self.delete_requests},
+                         "delete_requests/": self.delete_requests, "get_endpoint_workers/": self.endpoint_workers},
                 "GET": {"records": self.list_records, "pubkey/": self.pubkey,
                         "requests": lambda _, request: list(self.finished)}}
 
