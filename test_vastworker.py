@@ -1995,6 +1995,75 @@ def test_a_grant_for_another_workers_url_is_refused(start_worker, write_backend,
     status, data = worker.json("POST", "/increment", {"auth_data": theirs, "payload": {"amount": 1}})
     assert status == 401 and "not this worker (http://127.0.0.1:1234)" in data["detail"]
 
+def test_ending_a_session_cuts_its_requests_in_flight(start_worker, hold, keys):
+    held = hold(settings="allow_parallel_requests = True")
+    worker = start_worker(held.backend, "--pubkey", str(keys / "spki.pem"), env=held.env)
+    grant = make_grant(keys, "g3", reqnum=1)
+    status, opened = worker.json("POST", "/session/create", {"auth_data": grant, "payload": {"lifetime": 30}})
+    assert status == 201
+    body = json.dumps({"auth_data": grant, "session_id": opened["session_id"], "payload": {}}).encode()
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+        sock.sendall(b"GET /hold HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        held.wait_started()
+        assert worker.json("POST", "/session/end", {"session_id": opened["session_id"], "session_auth": grant})[0] == 200
+        try:
+            cut = read_until_close(sock)
+        except ConnectionResetError:
+            cut = b""
+        assert cut == b""  # its client sees the connection end, with no answer
+    held.release()
+
+
+class FlakyAutoscaler:
+    """An autoscaler on loopback that takes status reports, and refuses the first `failures`
+    /delete_requests/ posts with 500 before taking them; what it took is in `deleted`."""
+
+    def __init__(self, failures):
+        import http.server
+        outer = self
+        self.failures, self.deleted = failures, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                status = 200
+                if self.path == "/delete_requests/":
+                    if outer.failures > 0:
+                        outer.failures, status = outer.failures - 1, 500
+                    else:
+                        outer.deleted.extend(body["requests"])
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_finished_requests_are_posted_again_until_the_autoscaler_takes_them(start_worker, write_backend, keys):
+    autoscaler = FlakyAutoscaler(failures=2)
+    try:
+        worker = start_worker(write_backend(GRANT_BACKEND), "--pubkey", str(keys / "spki.pem"),
+                              env={"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "8"})
+        for reqnum in (11, 12):
+            assert worker.json("POST", "/increment", {"auth_data": make_grant(keys, "g3", reqnum=reqnum),
+                                                      "payload": {"amount": 1}})[0] == 200
+        wait_until(lambda: len(autoscaler.deleted) == 2, timeout=20)
+        assert sorted((entry["request_idx"], entry["status"]) for entry in autoscaler.deleted) == [
+            (11, "Success"), (12, "Success")]
+        assert autoscaler.failures == 0  # it was refused twice first
+    finally:
+        autoscaler.close()
+
 
 def test_unsigned_requests_can_be_allowed(signed_worker, keys):
     worker = signed_worker("--allow-unsigned")
