@@ -146,6 +146,36 @@ class StaticServer:
         self.server.shutdown()
         self.server.server_close()
 
+class LoopbackServer:
+    """The other side of a test, on loopback: an HTTP/1.1 server whose answer(method, path, body)
+    gives each request's status, sent with an empty body (an autoscaler, a model server's health
+    endpoint, a program holding the worker's port).  `port` 0 picks a free one."""
+
+    def __init__(self, answer, port=0, host="127.0.0.1"):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def respond(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(answer(self.command, self.path, body))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_OPTIONS = respond
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
 
 def increment_until_stopped(port, stop, outcome, amount=1):
     """One client incrementing until `stop` is set; counts what was acknowledged (200) and retries
@@ -2015,52 +2045,29 @@ def test_ending_a_session_cuts_its_requests_in_flight(start_worker, hold, keys):
     held.release()
 
 
-class FlakyAutoscaler:
-    """An autoscaler on loopback that takes status reports, and refuses the first `failures`
-    /delete_requests/ posts with 500 before taking them; what it took is in `deleted`."""
-
-    def __init__(self, failures):
-        import http.server
-        outer = self
-        self.failures, self.deleted = failures, []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                status = 200
-                if self.path == "/delete_requests/":
-                    if outer.failures > 0:
-                        outer.failures, status = outer.failures - 1, 500
-                    else:
-                        outer.deleted.extend(body["requests"])
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
 
 def test_finished_requests_are_posted_again_until_the_autoscaler_takes_them(start_worker, write_backend, keys):
-    autoscaler = FlakyAutoscaler(failures=2)
+    refusals, deleted = [2], []
+
+    def answer(method, path, body):  # refuses the first two /delete_requests/ posts
+        if path != "/delete_requests/":
+            return 200
+        if refusals[0]:
+            refusals[0] -= 1
+            return 500
+        deleted.extend(json.loads(body)["requests"])
+        return 200
+
+    autoscaler = LoopbackServer(answer)
     try:
         worker = start_worker(write_backend(GRANT_BACKEND), "--pubkey", str(keys / "spki.pem"),
                               env={"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "8"})
         for reqnum in (11, 12):
             assert worker.json("POST", "/increment", {"auth_data": make_grant(keys, "g3", reqnum=reqnum),
                                                       "payload": {"amount": 1}})[0] == 200
-        wait_until(lambda: len(autoscaler.deleted) == 2, timeout=20)
-        assert sorted((entry["request_idx"], entry["status"]) for entry in autoscaler.deleted) == [
-            (11, "Success"), (12, "Success")]
-        assert autoscaler.failures == 0  # it was refused twice first
+        wait_until(lambda: len(deleted) == 2, timeout=20)
+        assert sorted((entry["request_idx"], entry["status"]) for entry in deleted) == [(11, "Success"), (12, "Success")]
+        assert refusals == [0]  # it was refused twice first
     finally:
         autoscaler.close()
 
@@ -2091,42 +2098,19 @@ class Backend:
 flask_dict = {"GET": {"hello": lambda backend, request: "hello"}}
 """
 
-class HealthServer:
-    """A model server's health endpoint on loopback, answering whatever status it is told."""
-
-    def __init__(self, status):
-        import http.server
-        self.status = status
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(outer.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = "http://127.0.0.1:%d/health" % self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
 
 def test_the_model_health_check_gates_loaded_and_later_fails_the_worker(start_worker, autoscaler):
-    health = HealthServer(503)
+    answers = {"status": 503}
+    health = LoopbackServer(lambda method, path, body: answers["status"])
+    health.url += "/health"
     try:
         worker = start_worker("helloworld", env=reporting_env(autoscaler, MODEL_HEALTH_ENDPOINT=health.url))
         autoscaler.wait_for(lambda r: r["loadtime"] == 0)
         assert not [r for r in autoscaler.records() if r["loadtime"] > 0]  # not loaded while unhealthy
-        health.status = 200
+        answers["status"] = 200
         autoscaler.wait_for(lambda r: r["loadtime"] > 0 and not r["error_msg"])
         assert worker.request("GET", "/value")[0] == 200
-        health.status = 500
+        answers["status"] = 500
         failed = autoscaler.wait_for(lambda r: r["error_msg"], timeout=20)[-1]
         assert failed["error_msg"] == "model health check %s answered 500" % health.url
         assert worker.json("GET", "/value")[1]["detail"].startswith("the backend failed: model health check")
@@ -3173,36 +3157,9 @@ def test_a_restart_under_load_loses_nothing(bootstrap, published, tmp_path):
     assert acknowledged > 50
     assert value_at(bootstrap.port) == acknowledged  # graceful: nothing in flight was cut off
 
-class PortHolder:
-    """Another HTTP/1.1 server on the worker's port, answering everything 200, as a stray
-    development server would."""
-
-    def __init__(self, port):
-        import http.server
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def answer(self):
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            do_GET = do_POST = do_OPTIONS = answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
 
 def test_another_server_on_the_port_is_not_taken_for_our_worker(bootstrap, published):
-    holder = PortHolder(bootstrap.port)
+    holder = LoopbackServer(lambda method, path, body: 200, port=bootstrap.port, host="0.0.0.0")
     try:
         result = bootstrap.run(PIPED.format(url=published.url, backend="helloworld"),
                                VASTWORKER_TARBALL=published.url + "/vastworker-main.tar.gz")
