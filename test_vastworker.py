@@ -1971,6 +1971,8 @@ def test_a_session_reuses_its_verified_grant_until_it_ends(signed_worker, keys):
     assert status == 200 and described["auth_data"] == grant and described["lifetime"] == 30
     assert described["expiration"] == opened["expiration"] + 60  # two accepted requests, not the 401
     assert session_call(worker, "/session/get", {"session_id": sid, "session_auth": other})[0] == 401
+    routed = dict(grant, __request_id="r-1", status="ready")  # Vast's whole /route/ answer, as the SDK keeps it
+    assert session_call(worker, "/session/get", {"session_id": sid, "session_auth": routed})[0] == 200
     assert session_call(worker, "/session/health", {"session_id": sid, "session_auth": grant}) == (200, {"ok": True})
     assert session_call(worker, "/session/create", {"auth_data": make_grant(keys, "g3", reqnum=3),
                                                     "payload": {}})[0] == 429  # --max-sessions 1

@@ -2618,11 +2618,12 @@ class GrantChecker:
         return None, None
 
     def verify(self, grant, replay=True):
-        """None when the grant is genuine and (unless replay is False) fresh, else why not.  Only what is signed moves the
-        replay history (decisions.md 14): under g1 and g3 the reqnum is signed, and each grant is
-        known by its signature's bytes (not their base64 text, which can be written several
-        ways); under g4 only the url is signed, the same for every request to this worker, so
-        there is nothing to tell one request from another and no history is kept or moved."""
+        """None when the grant is genuine and (unless replay is False) fresh, else why not.  Only
+        what is signed moves the replay history (decisions.md 14): under g1 and g3 the reqnum is
+        signed, and each grant is known by its signature's bytes (not their base64 text, which
+        can be written several ways); under g4 only the url is signed, the same for every
+        request to this worker, so nothing tells one request from another and no history is
+        kept or moved.  A grant for another worker's url is refused when this one knows its own."""
         for name in ("signature", "cost", "endpoint", "reqnum", "url"):
             if name not in grant:
                 return "the grant has no %s" % name
@@ -2700,6 +2701,7 @@ class Session:
         self.in_flight = set()  # the connections of its requests being served
 
     def granted_by(self, grant):
+        """Is `grant` (a request's, or a session_auth: Vast's whole /route/ answer) this session's?"""
         return grant.get("signature") == self.grant.get("signature") and grant.get("url") == self.grant.get("url")
 
     def extend(self):
@@ -2768,7 +2770,8 @@ class Sessions:
             if name == "session/health":
                 return {"ok": False}
             raise Refusal(410, "session %r is unknown or has ended" % session_id)
-        if data.get("session_auth") != session.grant:
+        session_auth = data.get("session_auth")
+        if not isinstance(session_auth, dict) or not session.granted_by(session_auth):
             raise Refusal(401, "session_auth is not the session's grant")
         if name == "session/get":
             return session.describe()
@@ -2933,8 +2936,8 @@ class BackendApp:
         self.sessions = sessions  # Vast's sessions, when grants are in use
 
     def respond(self, head, body, connection):
-        """(the response, the ticket finish() takes: its workload and its ledger record, each None
-        when it has none): a request's way to its handler and back.
+        """(the response, the ticket finish() takes: the request's workload, ledger record, session
+        and connection, None where it has none): a request's way to its handler and back.
         Every refusal on the way -- route, grant, state, lock, the handler's abort(), a state that
         could not be saved -- is a Refusal, answered here and nowhere else.  The response is None
         when the client left while the request waited: the handler never ran."""
