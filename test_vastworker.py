@@ -2497,6 +2497,26 @@ def test_vasts_own_sdk_client_runs_against_the_worker(start_worker, write_backen
                                    if entry["status"] == "Cancelled"], timeout=15)
     assert reported, "the abandoned requests were reported as Cancelled"
 
+def test_clients_that_leave_at_any_moment_leak_no_thread_and_leave_counts_exact(start_worker, autoscaler):
+    worker = start_worker("helloworld", "--log-level", "warning", env=reporting_env(autoscaler))
+    autoscaler.wait_for(lambda r: r["loadtime"] > 0)
+    def threads():
+        with open("/proc/%d/status" % worker.proc.pid) as status:
+            return int(re.search(r"Threads:\s+(\d+)", status.read()).group(1))
+
+    before = threads()
+    request = b'POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{"amount": 1}'
+    for cut in range(200):  # leave after the whole request, or halfway through it, at once
+        with socket.create_connection(("127.0.0.1", worker.port)) as sock:
+            sock.sendall(request if cut % 2 else request[:40 + cut % 60])
+    wait_until(lambda: threads() <= before)
+    applied = worker.value()  # itself a request, served
+    assert 0 < applied <= 100
+    served = (applied + 1) * 100.0
+    reports = autoscaler.wait_for(lambda r: r["num_requests_working"] == 0 and r["cur_load"] == 0.0
+                                  and sum(x["cur_perf"] for x in autoscaler.records()) >= served)
+    assert sum(r["cur_perf"] for r in autoscaler.records()) == served, reports[-1]  # each applied one, once
+
 
 def test_reports_go_to_the_first_address_that_takes_them(start_worker, autoscaler):
     env = reporting_env(autoscaler, REPORT_ADDR="http://127.0.0.1:%d/, %s" % (free_port(), autoscaler.url))
