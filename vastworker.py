@@ -14,10 +14,12 @@ command line at the bottom reaches everything.
 2. Wire: HTTP/1.1 on a socket -- headers, deadlines, the request head, ``encode_head`` (the one
    place a response head is written), the connection loop and the listening server.
 3. Flask shim: the ``flask`` module backends import -- request, response, abort, jsonify.
-4. Worker: what a request meets inside -- worker state, metrics, the lock, the state store,
-   signed grants, and dispatch (``BackendApp``), which turns a request into a response.
-5. Outbound: what the worker sends and watches by itself -- status reports, notify, the
-   benchmark, the public-key fetch, the model server's log.
+4. Worker: what a request meets inside -- worker state, metrics and the routed requests'
+   ledger, the lock, the state store, signed grants and sessions, and dispatch
+   (``BackendApp``), which turns a request into a response.
+5. Outbound: what the worker sends and watches by itself -- status reports and finished
+   requests, notify, the benchmark, the model's health check, the public-key fetch, the model
+   server's log.
 6. Tools: RSA signing and the stand-in autoscaler (``python3 vastworker.py autoscaler``).
 7. Command line: options, loading a backend, and the ``Worker`` that plans, binds, builds and
    runs everything above.
