@@ -1708,21 +1708,21 @@ def test_a_running_handler_can_see_that_its_client_left(start_worker, hold):
     wait_until(lambda: (held.directory / "noticed").exists())  # request.is_disconnected() said so
     assert worker.request("GET", "/fast")[0] == 200
 
-@pytest.mark.parametrize("settings", ["max_perf = 100", "max_perf = 100\nallow_parallel_requests = True"],
+@pytest.mark.parametrize("settings", ["max_perf = 25", "max_perf = 25\nallow_parallel_requests = True"],
                          ids=["serialised", "parallel"])
 def test_a_request_that_would_wait_too_long_is_refused_at_once(start_worker, hold, autoscaler, settings):
-    held = hold(settings=settings)  # a request a second, at the default workload of 100
-    worker = start_worker(held.backend, "--queue-time", "1.5", env=dict(reporting_env(autoscaler), **held.env))
+    held = hold(settings=settings)  # 4 s a request, at the default workload of 100
+    worker = start_worker(held.backend, "--queue-time", "5", env=dict(reporting_env(autoscaler), **held.env))
     first = threading.Thread(target=worker.request, args=("GET", "/hold"))
     first.start()
     held.wait_started()
-    second = threading.Thread(target=worker.request, args=("GET", "/hold"))  # 1 s of work ahead: taken
+    second = threading.Thread(target=worker.request, args=("GET", "/hold"))  # 4 s of work ahead: taken
     second.start()
-    autoscaler.wait_for(lambda r: r["num_requests_working"] == 2)
+    autoscaler.wait_for(lambda r: r["num_requests_working"] == 2)  # (it may wait 5 s for the lock)
     started = time.monotonic()
-    status, headers, body = worker.request("GET", "/fast")  # 2 s ahead, over the 1.5 s limit
+    status, headers, body = worker.request("GET", "/fast")  # 8 s ahead, over the 5 s limit
     assert status == 429 and headers["Retry-After"] == "1", (status, body, worker.log)
-    assert "would take 2.0 s, more than the 1.5 s" in json.loads(body)["detail"], (body, worker.log)
+    assert "would take 8.0 s, more than the 5 s" in json.loads(body)["detail"], (body, worker.log)
     assert time.monotonic() - started < 1  # refused at once, not after waiting for the lock
     held.release()
     first.join(10)
