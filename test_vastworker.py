@@ -2090,6 +2090,7 @@ def test_without_a_key_requests_are_served_with_a_warning(start_worker, write_ba
     grant = make_grant(keys, "g3", key="stranger")  # cannot be checked: unwrapped, not verified
     status, data = worker.json("POST", "/increment", {"auth_data": grant, "payload": {"amount": 1}})
     assert status == 200 and data["json"] == {"amount": 1}
+    worker.wait_for_log("no public key")
     assert worker.log.count("no public key") == 1
 
 
@@ -2334,7 +2335,7 @@ def test_loaded_record_then_updates_that_count_requests(start_worker, autoscaler
     assert sum(r["new_load"] for r in after_loaded()) == 800.0  # the SDK's default cost, 100, each
     assert sum(r["cur_perf"] for r in after_loaded()) == 800.0
     assert after_loaded()[-1]["cur_load"] == 0.0
-    assert re.search(r"worker_status id=123 loadtime=[\d.]+ max_perf=100\.0", autoscaler.log)
+    autoscaler.wait_for_log(r"worker_status id=123 loadtime=[\d.]+ max_perf=100\.0")
 
 
 def test_a_backend_defines_its_workload(start_worker, autoscaler, write_backend):
@@ -2387,7 +2388,7 @@ def test_routed_requests_are_listed_while_working_and_reported_when_done(start_w
     assert {idx: (done[idx]["status"], done[idx]["success"]) for idx in done} == {
         held_idx: ("Success", True), fast[0]: ("Success", True)}
     assert done[held_idx]["entered_queue_at"] <= done[held_idx]["work_started_at"] <= done[held_idx]["work_completed_at"]
-    assert re.search(r"delete_requests worker_id=31 ", autoscaler.log)
+    autoscaler.wait_for_log(r"delete_requests worker_id=31 ")
     autoscaler.wait_for(lambda r: r["num_requests_recieved"] == 2 and not r["working_request_idxs"])
 
 SDK_BACKEND = """
