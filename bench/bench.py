@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""Benchmark vastworker against the original worker's host: Flask's development server.
+"""Benchmark vastworker against the original worker's host, Flask's development server, and the
+current Vast worker's framework, aiohttp.
 
-Both serve the same backends in the same run, driven by the same load generator (wrk when it is
+All serve the same backends in the same run, driven by the same load generator (wrk when it is
 installed, else a built-in keep-alive client), after a warm-up.  Prints a table of requests/s and
 p50/p99 latency for GET /value and POST /increment at several concurrencies, the time from
 process start to the first 200, resident memory idle and after load, and a 50 ms I/O-bound
-endpoint, each with its ratio to Flask's figure.
+endpoint (not for aiohttp, whose event loop a blocking handler would stall), each with its
+ratio to the references' figures.
 
-    python3 bench/bench.py [--seconds 5] [--concurrency 1,16,64] [--no-flask]
+    python3 bench/bench.py [--seconds 5] [--concurrency 1,16,64] [--no-flask] [--no-aiohttp]
 
-Flask is only needed for the reference column (python3 -m pip install flask).
+Flask is only needed for its column (python3 -m pip install flask); aiohttp is installed by the
+benchmark itself into a venv in ~/.cache/vastworker, and left out, saying why, when it cannot be.
 """
 
 import argparse
@@ -49,6 +52,35 @@ def handler(endpoint):
     return module.flask_dict[request.method][endpoint](backend, request)
 
 app.run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)
+"""
+
+# The current Vast worker's framework, aiohttp, serving the same backend's handlers on its event
+# loop (they are quick: no thread, no lock needed), its access log off as the issue measured it.
+AIOHTTP_HOST = """
+import importlib.util, json, sys
+from aiohttp import web
+spec = importlib.util.spec_from_file_location("backend", sys.argv[1] + "/backend.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+backend = module.Backend()
+
+class Shim:
+    def __init__(self, data):
+        self.json = data
+
+async def handler(request):
+    found = module.flask_dict.get(request.method, {}).get(request.match_info["endpoint"])
+    if found is None:
+        raise web.HTTPNotFound()
+    data = await request.json() if request.can_read_body else None
+    result = found(backend, Shim(data))
+    if isinstance(result, (dict, list)):
+        return web.json_response(result)
+    return web.Response(text=result, content_type="text/html")
+
+app = web.Application()
+app.router.add_route("*", "/{endpoint:.+}", handler)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)
 """
 
 IO_BACKEND = """
@@ -91,11 +123,13 @@ class Cores:
 class Server:
     """One server process under test: vastworker or the Flask reference."""
 
-    def __init__(self, kind, backend_dir, cores, extra=(), probe="/value"):
+    def __init__(self, kind, backend_dir, cores, extra=(), probe="/value", python=None):
         self.kind = kind
         self.port = free_port()
         if kind == "flask":
             command = [sys.executable, "-c", FLASK_HOST, backend_dir, str(self.port)]
+        elif kind == "aiohttp":
+            command = [python, "-c", AIOHTTP_HOST, backend_dir, str(self.port)]
         elif kind == "vastworker -m":  # as start_server.sh runs it: bytecode from the cache
             command = [sys.executable, "-S", "-m", "vastworker", backend_dir, "--host", "127.0.0.1",
                        "--port", str(self.port)]
@@ -245,6 +279,24 @@ def load_worker(port, path, method, concurrency, seconds):
     print(json.dumps({"latencies": latencies, "failures": failures[0], "elapsed": elapsed}))
 
 
+def aiohttp_python():
+    """A Python with aiohttp, from a venv in ~/.cache/vastworker made for the benchmark; None,
+    saying why, when it cannot be had."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    venv = os.path.join(cache, "vastworker", "bench-aiohttp-py%d.%d" % sys.version_info[:2])
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(os.path.join(venv, "installed")):
+        try:
+            subprocess.run([sys.executable, "-m", "venv", venv], check=True, capture_output=True, timeout=120)
+            subprocess.run([python, "-m", "pip", "install", "--quiet", "aiohttp"], check=True,
+                           capture_output=True, timeout=300)
+        except (OSError, subprocess.SubprocessError) as exc:
+            print("aiohttp could not be installed into %s (%s): no aiohttp column" % (venv, exc))
+            return None
+        open(os.path.join(venv, "installed"), "w").close()
+    return python
+
+
 def ratio(ours, theirs, higher_is_better=True):
     if not theirs or not ours:
         return "-"
@@ -256,6 +308,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=5, help="length of each load run (default 5)")
     parser.add_argument("--concurrency", default="1,16,64", help="client counts (default 1,16,64)")
     parser.add_argument("--no-flask", action="store_true", help="skip the Flask reference")
+    parser.add_argument("--no-aiohttp", action="store_true", help="skip the aiohttp reference (Vast's current framework)")
     parser.add_argument("--builtin-load", action="store_true", help="use the built-in client even if wrk is installed")
     parser.add_argument("--load-worker", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -266,6 +319,9 @@ def main():
     use_wrk = shutil.which("wrk") is not None and not options.builtin_load
     run_load = wrk_load if use_wrk else builtin_load
     kinds = ["vastworker"]
+    python_with_aiohttp = None if options.no_aiohttp else aiohttp_python()
+    if python_with_aiohttp:
+        kinds.append("aiohttp")
     if not options.no_flask:
         if importlib.util.find_spec("flask") is not None:
             kinds.append("flask")
@@ -282,7 +338,7 @@ def main():
         # start-up: median of 5 fresh processes, from exec to the first 200
         startups = []
         for _ in range(5):
-            with Server(kind, HELLOWORLD, cores) as server:
+            with Server(kind, HELLOWORLD, cores, python=python_with_aiohttp) as server:
                 startups.append(server.startup_ms)
         rows_for = {"start to first 200": ("ms", statistics.median(startups), False)}
         if kind == "vastworker":
@@ -294,7 +350,7 @@ def main():
                     idle = server.rss_mb  # no compiler scratch memory: the bytecode is cached
             rows_for["start to first 200, python3 -m vastworker"] = ("ms", statistics.median(startups), False)
             rows_for["memory idle, python3 -m vastworker"] = ("MB", idle, False)
-        with Server(kind, HELLOWORLD, cores) as server:
+        with Server(kind, HELLOWORLD, cores, python=python_with_aiohttp) as server:
             rows_for["memory idle"] = ("MB", server.rss_mb, False)
             for method, path in (("GET", "/value"), ("POST", "/increment")):
                 for concurrency in concurrencies:
@@ -314,7 +370,8 @@ def main():
                                             % (kind, label, result.requests, counted))
             rows_for["memory after load"] = ("MB", server.rss_mb, False)
         with tempfile.TemporaryDirectory() as directory:
-            variants = [("parallel", "allow_parallel_requests = True")]
+            # aiohttp would run the blocking 50 ms handler on its event loop: not comparable
+            variants = [] if kind == "aiohttp" else [("parallel", "allow_parallel_requests = True")]
             if kind == "vastworker":
                 variants.append(("serialised", ""))
             for name, parallel in variants:
@@ -340,14 +397,18 @@ def main():
                 rows.append((label, unit, {kind: value}, better))
 
     print()
-    print("| measure | vastworker | Flask dev server | ratio |")
-    print("|---|---:|---:|---:|")
+    references = [kind for kind in ("aiohttp", "flask") if kind in kinds]
+    names = {"aiohttp": "aiohttp", "flask": "Flask dev server"}
+    print("| measure | vastworker | %s |" % " | ".join("%s | ratio" % names[kind] for kind in references))
+    print("|---|---:|" + "---:|---:|" * len(references))
     for label, unit, values, better in rows:
-        ours, theirs = values.get("vastworker"), values.get("flask")
-        print("| %s | %s | %s | %s |" % (
-            label, "%.1f %s" % (ours, unit) if ours is not None else "-",
-            "%.1f %s" % (theirs, unit) if theirs is not None else "-",
-            ratio(ours, theirs, better) if theirs is not None else "-"))
+        ours = values.get("vastworker")
+        cells = ["%.1f %s" % (ours, unit) if ours is not None else "-"]
+        for kind in references:
+            theirs = values.get(kind)
+            cells += ["%.1f %s" % (theirs, unit) if theirs is not None else "-",
+                      ratio(ours, theirs, better) if theirs is not None else "-"]
+        print("| %s | %s |" % (label, " | ".join(cells)))
     print()
     print("ideal for the 50 ms endpoint at c64: 1280 req/s in parallel, 20 req/s serialised")
     print("failed, lost or wrong responses: %s" % ("; ".join(problems) if problems else "none"))
