@@ -23,6 +23,9 @@ import textwrap
 import threading
 import time
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
 
 def run_the_suite():
     """`python3 test_vastworker.py`: pytest on this file, installing it first if need be."""
@@ -31,19 +34,15 @@ def run_the_suite():
         return pytest.main(["-q", os.path.abspath(__file__)] + sys.argv[1:])
     if os.environ.get("VASTWORKER_TEST_VENV") == sys.prefix:
         sys.exit("test_vastworker: pytest is still missing in %s" % sys.prefix)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    venv = os.path.join(cache, "vastworker", "test-venv-%d.%d" % sys.version_info[:2])
-    python = os.path.join(venv, "bin", "python")
-    print("test_vastworker: pytest is not installed for %s; setting it up in %s" % (sys.executable, venv),
-          flush=True)
+    from harness import cached_venv
+    print("test_vastworker: pytest is not installed for %s; setting it up in $XDG_CACHE_HOME/vastworker "
+          "(else ~/.cache/vastworker)" % sys.executable, flush=True)
     try:
-        if not os.path.exists(python):
-            subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "pytest"], check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        sys.exit("test_vastworker: could not make a virtual environment with pytest in %s (%s); on "
-                 "Debian or Ubuntu, apt-get install python3-venv, or install pytest yourself" % (venv, exc))
-    os.environ["VASTWORKER_TEST_VENV"] = venv
+        python = cached_venv("test-venv", "pytest")
+    except RuntimeError as exc:
+        sys.exit("test_vastworker: %s; on Debian or Ubuntu, apt-get install python3-venv, or install "
+                 "pytest yourself" % exc)
+    os.environ["VASTWORKER_TEST_VENV"] = os.path.dirname(os.path.dirname(python))
     os.execv(python, [python, os.path.abspath(__file__)] + sys.argv[1:])
 
 
@@ -52,12 +51,9 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402  (below the runner, which must work where pytest is not installed)
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-
 import vastworker  # noqa: E402  (the unit tests' subject: importing it starts nothing)
-from harness import (JSON, VASTWORKER, WorkerProcess, free_port, read_until_close, rss_kb,  # noqa: E402
-                     value_at, wait_until)
+from harness import (JSON, VASTWORKER, WorkerProcess, cached_venv, free_port, read_until_close,  # noqa: E402
+                     rss_kb, value_at, wait_until)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2462,18 +2458,10 @@ asyncio.run(main(sys.argv[1]))
 def vast_sdk():
     """Vast's own client SDK (PyPI vastai 1.9.1) in a virtual environment outside the project,
     made once and kept in ~/.cache/vastworker; the test is skipped, saying why, where it cannot be."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    venv = os.path.join(cache, "vastworker", "vastai-1.9.1-py%d.%d" % sys.version_info[:2])
-    python = os.path.join(venv, "bin", "python")
-    if not os.path.exists(os.path.join(venv, "installed")):
-        try:
-            subprocess.run([sys.executable, "-m", "venv", venv], check=True, capture_output=True, timeout=120)
-            subprocess.run([python, "-m", "pip", "install", "--quiet", "vastai==1.9.1"], check=True,
-                           capture_output=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as exc:
-            pytest.skip("Vast's SDK (vastai 1.9.1) could not be installed into %s: %s" % (venv, exc))
-        open(os.path.join(venv, "installed"), "w").close()
-    return python
+    try:
+        return cached_venv("vastai-1.9.1", "vastai==1.9.1")
+    except RuntimeError as exc:
+        pytest.skip("Vast's SDK: %s" % exc)
 
 
 def test_vasts_own_sdk_client_runs_against_the_worker(start_worker, write_backend, autoscaler, vast_sdk, tmp_path):

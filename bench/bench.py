@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from harness import ROOT, VASTWORKER, free_port, rss_kb, value_at, wait_until
+from harness import ROOT, VASTWORKER, cached_venv, free_port, rss_kb, value_at, wait_until
 
 HELLOWORLD = os.path.join(ROOT, "backends", "helloworld")
 
@@ -280,21 +280,12 @@ def load_worker(port, path, method, concurrency, seconds):
 
 
 def aiohttp_python():
-    """A Python with aiohttp, from a venv in ~/.cache/vastworker made for the benchmark; None,
-    saying why, when it cannot be had."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    venv = os.path.join(cache, "vastworker", "bench-aiohttp-py%d.%d" % sys.version_info[:2])
-    python = os.path.join(venv, "bin", "python")
-    if not os.path.exists(os.path.join(venv, "installed")):
-        try:
-            subprocess.run([sys.executable, "-m", "venv", venv], check=True, capture_output=True, timeout=120)
-            subprocess.run([python, "-m", "pip", "install", "--quiet", "aiohttp"], check=True,
-                           capture_output=True, timeout=300)
-        except (OSError, subprocess.SubprocessError) as exc:
-            print("aiohttp could not be installed into %s (%s): no aiohttp column" % (venv, exc))
-            return None
-        open(os.path.join(venv, "installed"), "w").close()
-    return python
+    """A Python with aiohttp (a venv the benchmark makes once); None, saying why, without it."""
+    try:
+        return cached_venv("bench-aiohttp", "aiohttp")
+    except RuntimeError as exc:
+        print("%s: no aiohttp column" % exc)
+        return None
 
 
 def ratio(ours, theirs, higher_is_better=True):

@@ -17,6 +17,24 @@ VASTWORKER = os.path.join(ROOT, "vastworker.py")
 JSON = {"Content-Type": "application/json"}
 
 
+def cached_venv(name, requirement):
+    """A Python with `requirement` pip-installed, from a virtual environment made once in
+    $XDG_CACHE_HOME/vastworker (else ~/.cache/vastworker), outside the project, and kept for the
+    runs after; RuntimeError, saying why, when it cannot be made."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    venv = os.path.join(cache, "vastworker", "%s-py%d.%d" % ((name,) + sys.version_info[:2]))
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(os.path.join(venv, "installed")):
+        try:
+            subprocess.run([sys.executable, "-m", "venv", venv], check=True, capture_output=True, timeout=300)
+            subprocess.run([python, "-m", "pip", "install", "--quiet", requirement], check=True,
+                           capture_output=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise RuntimeError("%s could not be installed into %s: %s" % (requirement, venv, exc))
+        open(os.path.join(venv, "installed"), "w").close()
+    return python
+
+
 def free_port():
     """A loopback port that nothing listens on just now."""
     with socket.socket() as probe:
