@@ -247,6 +247,12 @@ class ConnectionClosed(Exception):
     """The client went away before sending a whole request."""
 
 
+class AbortStream(Exception):
+    """A streamed body cannot go on (its source broke off, or its client left): the connection
+    is closed without the body's proper end, so the client knows it is incomplete, and the log
+    says why."""
+
+
 def _converted_one(value, type, default):
     """value passed through type(); the default when type() rejects it (Werkzeug's get)."""
     if type is None:
@@ -1048,6 +1054,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             return size
         except OSError:
             Log.write("debug", "%s %s: the client left during the stream" % (method, target))
+            return None
+        except AbortStream as exc:
+            Log.write("warning", "%s %s: stream cut after %d bytes: %s" % (method, target, size, exc))
             return None
         except BaseException:
             Log.exception("%s %s: the stream failed after %d bytes" % (method, target, size))
@@ -2843,8 +2852,9 @@ ALLOW_HEADER = "DELETE, GET, HEAD, OPTIONS, POST, PUT"  # fixed order: determini
 
 
 class Cancelled(Exception):
-    """The client left while its request waited for its turn: the handler never runs, nothing is
-    sent, and the request is accounted as cancelled (499)."""
+    """The client left while its request waited for its turn (the handler never runs) or while
+    its handler waited on a model server: nothing is sent, and the request is accounted as
+    cancelled (499)."""
 
 
 class ReportEndpoints:
@@ -3333,10 +3343,12 @@ class Benchmark:
             json.dump(cache, file, indent=1, sort_keys=True)
         os.replace(temporary, self.cache_file)
 
-    def one_request(self):
+    def one_request(self, index=0):
+        """Did the index'th request (its payload taken in turn from "payloads") succeed?"""
         headers = {"Content-Type": "application/json", INTERNAL_HEADER: INTERNAL_TOKEN}
+        payloads = self.config.get("payloads") or [self.config["payload"]]
         try:
-            status, _ = http_exchange(self.url, self.config["method"], json.dumps(self.config["payload"]),
+            status, _ = http_exchange(self.url, self.config["method"], json.dumps(payloads[index % len(payloads)]),
                                       headers, timeout=600, verify=False)
         except (OSError, http.client.HTTPException):
             return False
@@ -3349,8 +3361,8 @@ class Benchmark:
         best = 0.0
         for _ in range(config["runs"]):
             results = []
-            threads = [threading.Thread(target=lambda: results.append(self.one_request()))
-                       for _ in range(config["concurrency"])]
+            threads = [threading.Thread(target=lambda index=index: results.append(self.one_request(index)))
+                       for index in range(config["concurrency"])]
             started = time.monotonic()
             for thread in threads:
                 thread.start()
@@ -3383,14 +3395,14 @@ class Benchmark:
 
 class HealthCheck:
     """The model server's health endpoint (MODEL_HEALTH_ENDPOINT, or backend.py's `healthcheck`),
-    as Vast's current worker uses it: once the model is ready, the worker is only loaded after
-    a first 200 (asked every 2 s, for up to `patience` seconds, else it fails); from then on it
-    is asked every 5 s, and an answer that is not 200 fails the worker, for good."""
+    as Vast's current worker uses it: the worker is only loaded after a first 200, and from then
+    on it is asked every 5 s, and an answer that is not 200 fails the worker, for good."""
 
     def __init__(self, url, state, patience=300.0):
         self.url = url
         self.state = state
-        self.patience = patience
+        self.patience = patience  # after readiness, how long a first 200 may take
+        self.healthy = False  # a first 200 has come
 
     def status(self):
         """The endpoint's status, or why there is none."""
@@ -3399,17 +3411,36 @@ class HealthCheck:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             return describe_exception(exc)
 
-    def wait_until_healthy(self):
-        """True after a first 200; False, the worker failed, when none came in time."""
-        deadline = time.monotonic() + self.patience
+    def wait_until_healthy(self, patience=None, every=2.0):
+        """True after a first 200, asked `every` seconds; False when the worker failed meanwhile
+        (an error line in the model's log) or, with a `patience`, no 200 came within it.  While
+        it waits, the log says so once a minute."""
+        started = time.monotonic()
+        next_note = started + 30.0
         while True:
             answer = self.status()
             if answer == 200:
+                self.healthy = True
                 return True
-            if time.monotonic() > deadline:
-                self.state.failed("model health check %s: no 200 within %g s (last: %s)" % (self.url, self.patience, answer))
+            now = time.monotonic()
+            if self.state.phase == "failed":
                 return False
-            time.sleep(2.0)
+            if patience is not None and now - started > patience:
+                self.state.failed("model health check %s: no 200 within %g s (last: %s)" % (self.url, patience, answer))
+                return False
+            if now >= next_note:
+                Log.write("info", "waiting for the model server: %s answered %s after %.0f s"
+                          % (self.url, answer, now - started))
+                next_note = now + 60.0
+            time.sleep(every)
+
+    def become_ready(self):
+        """readiness "health": the model is ready at the first 200, however long loading takes."""
+        def wait():
+            if self.wait_until_healthy(every=1.0):
+                self.state.ready()
+
+        threading.Thread(target=wait, name="health", daemon=True).start()
 
     def watch(self):
         """From now on, in the background: a failed check fails the worker."""
@@ -3425,9 +3456,11 @@ class HealthCheck:
 
 def benchmark_config(value, path, parallel):
     """backend.py's `benchmark`, checked, with its defaults filled in."""
-    if not isinstance(value, dict) or not isinstance(value.get("endpoint"), str) or "payload" not in value:
-        raise StartupError('%s: benchmark must be a dict like {"endpoint": "generate", "payload": {...}}' % path)
-    unknown = set(value) - {"endpoint", "payload", "method", "runs", "concurrency", "workload"}
+    if not isinstance(value, dict) or not isinstance(value.get("endpoint"), str) or (
+            "payload" not in value) == (not isinstance(value.get("payloads"), list) or not value["payloads"]):
+        raise StartupError('%s: benchmark must be a dict like {"endpoint": "generate", "payload": {...}} '
+                           '(or "payloads": [...], taken in turn)' % path)
+    unknown = set(value) - {"endpoint", "payload", "payloads", "method", "runs", "concurrency", "workload"}
     if unknown:
         raise StartupError("%s: benchmark has unknown keys %s" % (path, ", ".join(sorted(unknown))))
     config = {"method": "POST", "runs": 3, "concurrency": 10 if parallel else 1, "workload": DEFAULT_WORKLOAD}
@@ -3583,6 +3616,451 @@ def log_actions_config(value, path):
         raise StartupError('%s: log_actions must be a dict like {"loaded": ["Connected"], '
                            '"error": ["Error:"], "info": ["Downloading"]} of substring lists' % path)
     return value
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Outbound: the model server proxy
+# ------------------------------------------------------------------------------------------------
+
+# What passes between the client and the model server.  Request headers: only these (the
+# client's Authorization is for the worker, not for the model server; a backend adds its own).
+# Response headers: all but hop-by-hop ones and our own Date and Server.
+FORWARDED_REQUEST_HEADERS = ("Accept", "Accept-Language", "Content-Type", "User-Agent", "X-Request-Id")
+DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"date", "server", "te", "trailer", "upgrade", "proxy-connection"}
+BUFFERED_UP_TO = 1 << 20  # an answer of known length up to this is read whole; others stream
+CLOSED_EARLY = "it closed the connection"
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9]\d\d)(?: ([^\r\n]*))?\r?\n")
+
+
+class UpstreamFailed(Exception):
+    """The model server could not be reached, or broke off its answer: why, in a few words."""
+
+
+REFUSED = "it refused the connection"
+
+
+def socket_failure(exc):
+    """An OSError on the model server's socket, in a few words."""
+    if isinstance(exc, ConnectionRefusedError):
+        return REFUSED
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        return "it reset the connection"
+    return (getattr(exc, "strerror", None) or describe_exception(exc)).lower()
+
+
+class ClientWatch:
+    """Waits on the model server for one request while watching that request's client.  Before
+    the answer has started, a client that leaves raises Cancelled (the handler stops, the request
+    is a 499); a half-closed client is told apart by the connection's own probe, then only
+    watched for a reset.  Once the answer streams nothing may be sent but the answer, so only a
+    reset or error counts (a closed client shows as one at the next write)."""
+
+    def __init__(self, request):
+        """Watch the client of `request` (None: nobody to watch)."""
+        self.connection = request._connection if request is not None else None  # its ConnectionHandler
+        self.streaming = False
+        self.settled = False  # the client's side was readable, and it had not left: stop asking
+
+    def wait(self, sock, seconds):
+        """Return when `sock` has something to read; UpstreamFailed after `seconds` of silence
+        (with no `sock`, after `seconds`)."""
+        poller = select.poll()
+        if sock is not None:
+            poller.register(sock, select.POLLIN)
+        client = None
+        if self.connection is not None:
+            client = self.connection.client.sock.fileno()
+            poller.register(client, 0 if self.streaming or self.settled else select.POLLIN | _POLLRDHUP)
+        until = time.monotonic() + seconds
+        while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise UpstreamFailed("no answer within %g s" % seconds)
+            for fd, events in poller.poll(min(left, 1.0) * 1000):
+                if fd != client:
+                    return
+                if events & (select.POLLERR | select.POLLHUP) or (
+                        not self.streaming and self.connection.client_gone()):
+                    self.connection.client.left = True
+                    raise Cancelled()
+                self.settled = True
+                poller.modify(client, 0)
+
+    def pause(self, seconds):
+        """Sleep `seconds` (a backend polling its model server), or raise Cancelled as soon as
+        the client leaves."""
+        try:
+            self.wait(None, seconds)
+        except UpstreamFailed:
+            pass
+
+
+class UpstreamConnection:
+    """One keep-alive HTTP/1.1 connection to the model server.  It reads through a buffer of
+    its own (http.client's hides what it holds), so the proxy always knows whether something is
+    waiting, and so whether it may sleep in poll() watching its client too."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buffer = bytearray()
+        self.answered = 0  # answers read whole: a failure before the next one may be a stale socket
+        self.received = 0  # bytes received of the current answer
+
+    def stale(self):
+        """An idle connection with something to read was closed by the model server (or spoke
+        out of turn): either way it cannot carry a request."""
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def fill(self, watch, seconds):
+        watch.wait(self.sock, seconds)
+        data = self.sock.recv(262144)
+        if not data:
+            raise UpstreamFailed(CLOSED_EARLY)
+        self.received += len(data)
+        self.buffer += data
+
+    def read_head(self, watch, seconds):
+        """(status, reason, [(name, value)]) of the next final answer; 1xx answers skipped."""
+        while True:
+            while True:
+                end = _HEAD_END.search(self.buffer)
+                if end is not None:
+                    break
+                if len(self.buffer) > 65536:
+                    raise UpstreamFailed("the model server sent a head of more than 64 KiB")
+                self.fill(watch, seconds)
+            head = bytes(self.buffer[:end.end()])
+            del self.buffer[:end.end()]
+            status = _STATUS_LINE.match(head)
+            if status is None:
+                raise UpstreamFailed("the model server did not answer in HTTP/1.x: %r" % head[:40])
+            headers = []
+            for line in head[status.end():].splitlines():
+                name, colon, value = line.partition(b":")
+                if line and (not colon or not name.strip() or name != name.strip()):
+                    raise UpstreamFailed("the model server sent a malformed header line %r" % line[:40])
+                if line:
+                    headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
+            code = int(status.group(1))
+            if code >= 200 or code == 101:
+                return code, (status.group(2) or b"").decode("latin-1"), headers
+
+    def pieces(self, framing, watch, seconds):
+        """The body as it arrives: ("length", n), ("chunked", None) or ("close", None).  Each
+        piece is what one read brought (an SSE event is flushed as soon as it comes)."""
+        kind, length = framing
+        if kind == "length":
+            while length:
+                if not self.buffer:
+                    self.fill(watch, seconds)
+                piece = bytes(self.buffer[:length])
+                del self.buffer[:len(piece)]
+                length -= len(piece)
+                yield piece
+        elif kind == "close":
+            while True:
+                if not self.buffer:
+                    try:
+                        self.fill(watch, seconds)
+                    except UpstreamFailed as exc:
+                        if str(exc) == CLOSED_EARLY:
+                            return
+                        raise
+                piece = bytes(self.buffer)
+                self.buffer.clear()
+                yield piece
+        else:
+            yield from self._chunks(watch, seconds)
+
+    def _chunks(self, watch, seconds):
+        while True:
+            while True:
+                line = _CHUNK_LINE.match(self.buffer)
+                if line is not None:
+                    break
+                if len(self.buffer) > 1024 or (b"\n" in self.buffer):
+                    raise UpstreamFailed("the model server sent a malformed chunk")
+                self.fill(watch, seconds)
+            size = int(line.group(1), 16)
+            del self.buffer[:line.end()]
+            if size == 0:
+                while not self.buffer.startswith(b"\r\n"):  # trailers: read and dropped
+                    end = self.buffer.find(b"\r\n")
+                    if end > 0:
+                        del self.buffer[:end + 2]
+                    elif len(self.buffer) > 65536:
+                        raise UpstreamFailed("the model server sent endless trailers")
+                    else:
+                        self.fill(watch, seconds)
+                del self.buffer[:2]
+                return
+            while size:
+                if not self.buffer:
+                    self.fill(watch, seconds)
+                piece = bytes(self.buffer[:size])
+                del self.buffer[:len(piece)]
+                size -= len(piece)
+                yield piece
+            while len(self.buffer) < 2:
+                self.fill(watch, seconds)
+            if self.buffer[:2] != b"\r\n":
+                raise UpstreamFailed("the model server sent a malformed chunk")
+            del self.buffer[:2]
+
+
+def framing_of(method, status, headers):
+    """How the body of an answer ends: ("length", n), ("chunked", None) or ("close", None)."""
+    if method == "HEAD" or status in (204, 304) or status < 200:
+        return "length", 0
+    encodings = [value.lower() for name, value in headers if name.lower() == "transfer-encoding"]
+    if encodings:
+        if encodings[-1].rsplit(",", 1)[-1].strip() != "chunked":
+            return "close", None
+        return "chunked", None
+    lengths = {value.strip() for name, value in headers if name.lower() == "content-length"}
+    if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
+        raise UpstreamFailed("the model server sent a bad Content-Length %s" % ", ".join(sorted(lengths)))
+    return ("length", int(lengths.pop())) if lengths else ("close", None)
+
+
+def stream_error(content_type, message):
+    """How a broken stream tells its client, in the stream's own format: an SSE event or an
+    NDJSON line carrying {"error": ...}, as vLLM, llama.cpp and Ollama write theirs; None for a
+    body that has no such form (it is cut, so the client sees it incomplete)."""
+    mimetype = parse_content_type(content_type or "")[0]
+    if mimetype == "text/event-stream":
+        return b"data: " + json.dumps({"error": {"message": message, "type": "upstream_error",
+                                                  "code": 502}}).encode() + b"\n\n"
+    if mimetype in ("application/x-ndjson", "application/jsonl", "application/json-lines"):
+        return json.dumps({"error": message}).encode() + b"\n"
+    return None
+
+
+def json_payload(request, silent=False):
+    """A model request's JSON object: its body, unwrapped when sent as Vast's SDK examples do,
+    {"input": {...}}; whatever its Content-Type.  Refusal(400) when it is not one (with
+    `silent`, None)."""
+    payload = request.get_json(force=True, silent=silent)
+    if isinstance(payload, dict) and len(payload) == 1 and isinstance(payload.get("input"), dict):
+        payload = payload["input"]
+    if isinstance(payload, dict):
+        return payload
+    if silent:
+        return None
+    raise Refusal(400, "the body must be a JSON object")
+
+
+def made_up_words(seed, count=250):
+    """`count` made-up words for a benchmark prompt: the same for a seed at every start (so the
+    cached result is found again), different between seeds (so no prefix cache serves them)."""
+    import random
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ner", "tu", "sa", "vel", "don", "ri", "pa", "shu", "tor", "en", "gra"]
+    return " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(count))
+
+
+class ModelServer:
+    """The model server a backend fronts (vLLM, llama.cpp, TGI, Ollama, ComfyUI ...), at a URL
+    like http://127.0.0.1:8000, through a pool of keep-alive connections shared by the worker's
+    threads.  forward() hands a request on and gives back the answer as a Response that streams
+    when the answer does; call() is for a backend's own JSON calls.  Failures become refusals at
+    once: 503 with Retry-After while the server has never answered (it is loading), 502 when it
+    refuses, resets or talks nonsense, 504 when it is silent for `timeout` seconds (while
+    streaming, `stall` seconds).  A client that leaves closes the upstream connection, which
+    makes vLLM, llama.cpp, SGLang, TGI and Ollama stop generating."""
+
+    def __init__(self, url, timeout=600.0, stall=120.0, connect_timeout=10.0, max_idle=64,
+                 error_event=stream_error):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError("a model server URL looks like http://127.0.0.1:8000, not %r" % url)
+        self.url = url.rstrip("/")
+        self.address = (parts.hostname, parts.port or 80)
+        self.host_header = parts.netloc
+        self.prefix = parts.path.rstrip("/")
+        self.timeout, self.stall, self.connect_timeout = timeout, stall, connect_timeout
+        self.max_idle = max_idle
+        self.error_event = error_event  # (content type, message): how a broken stream says so
+        self.answered = False  # has it ever answered: until then a refusal means "still loading"
+        self._idle = []
+        self._lock = threading.Lock()
+
+    # -- connections --------------------------------------------------------------------------
+    def _connection(self):
+        """An idle pooled connection that is still open, or a new one."""
+        while True:
+            with self._lock:
+                connection = self._idle.pop() if self._idle else None
+            if connection is None:
+                break
+            if not connection.stale():
+                return connection
+            connection.close()
+        try:
+            sock = socket.create_connection(self.address, timeout=self.connect_timeout)
+        except socket.timeout:
+            raise UpstreamFailed("the connection was not accepted within %g s" % self.connect_timeout)
+        except OSError as exc:
+            raise UpstreamFailed(socket_failure(exc))
+        sock.settimeout(None)  # waits are ClientWatch's poll(); sends are short
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return UpstreamConnection(sock)
+
+    def _give_back(self, connection):
+        connection.answered += 1
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def idle_connections(self):
+        with self._lock:
+            return len(self._idle)
+
+    def _exchange(self, method, path, headers, body, watch, timeout):
+        """Send one request; (connection, status, headers) once the answer's head is in.
+        A pooled connection the server had closed meanwhile fails before any answer: the request
+        is sent again, once, on a new one."""
+        target = self.prefix + "/" + path.lstrip("/")
+        lines = ["%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, self.host_header)]
+        lines.extend("%s: %s\r\n" % pair for pair in headers)
+        if body or method in ("POST", "PUT", "PATCH"):
+            lines.append("Content-Length: %d\r\n" % len(body))
+        data = "".join(lines).encode("latin-1") + b"\r\n" + body
+        for attempt in (1, 2):
+            connection = self._connection()
+            connection.received = 0
+            try:
+                connection.sock.sendall(data)
+                status, _, answer = connection.read_head(watch, timeout)
+            except Cancelled:
+                connection.close()
+                raise
+            except (OSError, UpstreamFailed) as exc:
+                connection.close()
+                why = str(exc) if isinstance(exc, UpstreamFailed) else socket_failure(exc)
+                if attempt == 1 and connection.answered and not connection.received and (
+                        why == CLOSED_EARLY or not isinstance(exc, UpstreamFailed)):
+                    continue  # a kept-alive connection the server had closed meanwhile
+                raise UpstreamFailed(why)
+            self.answered = True
+            return connection, status, answer
+
+    def refusal(self, why):
+        """The Refusal for a model server that failed before its answer began."""
+        if why.startswith("no answer within") or why.startswith("the connection was not accepted"):
+            return Refusal(504, "the model server %s: %s" % (self.url, why))
+        if not self.answered and why in (REFUSED, CLOSED_EARLY):
+            return Refusal(503, "the model server %s is not answering yet (%s): still loading?"
+                                % (self.url, why), retry_after=5)
+        return Refusal(502, "the model server %s: %s" % (self.url, why))
+
+    # -- what backends call ---------------------------------------------------------------------
+    def forward(self, request, path=None, json=None, method=None, headers=None, timeout=None):
+        """The model server's answer to `request`, for a handler to return.  The request goes to
+        `path` (default: its own path and query, less any api_key) with its own body, or with `json` in its place (a payload
+        the handler checked or changed); the headers in FORWARDED_REQUEST_HEADERS pass, plus
+        `headers`.  The answer comes back with its status, body and end-to-end headers: whole
+        when small and of known length, else streamed as it arrives."""
+        method = method or request.method
+        if json is not None:
+            body = json_body(json).encode()
+            content_type = [("Content-Type", "application/json")]
+        else:
+            body, content_type = request.get_data(), []
+        sent = [(name, request.headers[name]) for name in FORWARDED_REQUEST_HEADERS
+                if name in request.headers and not (content_type and name == "Content-Type")]
+        sent += content_type + list(headers.items() if hasattr(headers, "items") else headers or ())
+        watch = ClientWatch(request)
+        if path is None:  # its own path and query, but not the endpoint key Vast's SDK puts there
+            query = "&".join(part for part in request.query_string.decode("latin-1").split("&")
+                             if part and not part.startswith("api_key="))
+            path = request.path + ("?" + query if query else "")
+        target = path
+        try:
+            connection, status, answer = self._exchange(method, target, sent, body, watch,
+                                                                timeout or self.timeout)
+            framing = framing_of(method, status, answer)
+        except UpstreamFailed as exc:
+            raise self.refusal(str(exc))
+        kept = [(name, value) for name, value in answer if name.lower() not in DROPPED_RESPONSE_HEADERS]
+        content = next((value for name, value in answer if name.lower() == "content-type"), None)
+        if framing[0] == "length" and framing[1] <= BUFFERED_UP_TO:
+            try:
+                data = b"".join(connection.pieces(framing, watch, timeout or self.timeout))
+            except UpstreamFailed as exc:
+                connection.close()
+                raise Refusal(502, "the model server %s broke off its answer: %s" % (self.url, exc))
+            except Cancelled:
+                connection.close()
+                raise
+            self._give_back(connection)
+            response = Response(data, status, kept)
+        else:
+            response = Response(self._relay(connection, framing, watch, content, target), status, kept)
+        if content is None:
+            response.headers.remove("Content-Type")
+        return response
+
+    def _relay(self, connection, framing, watch, content_type, target):
+        """A streamed answer, piece by piece.  A model server that stalls, breaks off or sends
+        garbage ends the stream with an error event (SSE, NDJSON) or cuts it; a client that
+        leaves closes the upstream connection.  Either way the log says why."""
+        watch.streaming = True
+        finished = False
+        try:
+            for piece in connection.pieces(framing, watch, self.stall):
+                yield piece
+            finished = True
+            if framing[0] != "close":
+                self._give_back(connection)
+        except UpstreamFailed as exc:
+            why = "the model server %s broke off %s: %s" % (self.url, target, exc)
+            Log.write("warning", why)
+            event = self.error_event(content_type, why)
+            if event is None:
+                raise AbortStream(why)
+            yield event
+        except Cancelled:  # an OSError, as a write to the departed client would have raised
+            raise ConnectionAbortedError("the client left; the model server's answer was stopped")
+        finally:
+            if not finished:
+                connection.close()
+
+    def call(self, method, path, payload=None, client=None, timeout=None):
+        """(status, parsed JSON or the raw bytes) of a backend's own call to the model server:
+        `payload` sent as JSON; `client`, when given -- a Request, or the ClientWatch of one --
+        is the client whose departure cancels the wait (Cancelled).  Failures are the same
+        refusals as forward()'s."""
+        body = b"" if payload is None else json_body(payload).encode()
+        sent = [("Content-Type", "application/json")] if payload is not None else []
+        watch = client if isinstance(client, ClientWatch) else ClientWatch(client)
+        try:
+            connection, status, answer = self._exchange(method, path, sent, body, watch,
+                                                           timeout or self.timeout)
+            try:
+                data = b"".join(connection.pieces(framing_of(method, status, answer), watch,
+                                                  timeout or self.timeout))
+            except BaseException:
+                connection.close()
+                raise
+        except UpstreamFailed as exc:
+            raise self.refusal(str(exc))
+        if framing_of(method, status, answer)[0] == "close":
+            connection.close()
+        else:
+            self._give_back(connection)
+        try:
+            return status, json.loads(data)
+        except ValueError:
+            return status, data
 
 
 # ------------------------------------------------------------------------------------------------
@@ -4074,13 +4552,14 @@ class BackendPlan:
         self.routes = validate_routes(module, path)
         self.parallel = bool(getattr(module, "allow_parallel_requests", False))
         self.readiness = getattr(module, "readiness", "start")
-        if self.readiness not in ("start", "log", "call"):
-            raise StartupError("%s: readiness must be 'start', 'log' or 'call', not %r" % (path, self.readiness))
+        if self.readiness not in ("start", "log", "call", "health"):
+            raise StartupError("%s: readiness must be 'start', 'log', 'call' or 'health', not %r"
+                               % (path, self.readiness))
         self.log_actions = getattr(module, "log_actions", None)
         self.model_log = environ.get("MODEL_LOG") or getattr(module, "model_log", None)
         if self.log_actions is not None:
             log_actions_config(self.log_actions, path)
-            if not self.model_log:
+            if not self.model_log and self.readiness == "log":
                 raise StartupError("%s defines log_actions but no log to watch: set MODEL_LOG" % path)
         if self.readiness == "log" and not (self.log_actions or {}).get("loaded"):
             raise StartupError('%s: readiness "log" needs log_actions with "loaded" patterns' % path)
@@ -4102,6 +4581,8 @@ class BackendPlan:
                                                  self.healthcheck.startswith(("http://", "https://"))):
             raise StartupError("%s: healthcheck (or $MODEL_HEALTH_ENDPOINT) must be an http:// or https:// "
                                "URL, not %r" % (path, self.healthcheck))
+        if self.readiness == "health" and self.healthcheck is None:
+            raise StartupError('%s: readiness "health" needs a healthcheck URL (or $MODEL_HEALTH_ENDPOINT)' % path)
         self.persist = getattr(module, "persist", getattr(module.Backend, "persist", None))
         if self.persist is not None and not (isinstance(self.persist, (list, tuple, set)) and all(
                 isinstance(name, str) for name in self.persist)):
@@ -4240,8 +4721,10 @@ class Worker:
         health = HealthCheck(plan.healthcheck, state) if plan.healthcheck else None
         if benchmark is not None or health is not None:
             state.on_ready = lambda: self.become_loaded(benchmark, health)
-        if plan.log_actions is not None:
+        if plan.log_actions is not None and plan.model_log:
             LogWatcher(plan.model_log, plan.log_actions, state).start()
+        elif plan.log_actions is not None:
+            Log.write("info", "no MODEL_LOG: the model server's log is not watched")
         if plan.uses_notify:
             Log.write("info", "the backend reports to the autoscaler itself (it uses notify)")
         elif self.addresses:
@@ -4272,16 +4755,19 @@ class Worker:
         if plan.readiness == "start":
             state.ready()
         else:
-            Log.write("info", "waiting for the backend to be ready (%s)" % (
-                "a loaded line in %s" % plan.model_log if plan.readiness == "log" else "vastworker.ready()"))
+            Log.write("info", "waiting for the backend to be ready (%s)" % {
+                "log": "a loaded line in %s" % plan.model_log, "call": "vastworker.ready()",
+                "health": "a 200 from %s" % plan.healthcheck}[plan.readiness])
+            if plan.readiness == "health":
+                health.become_ready()
 
     def become_loaded(self, benchmark, health):
-        """What readiness sets off when there is a benchmark or a health check: the benchmark's
-        max_perf, then a first healthy answer, then loaded -- or failed on the way."""
+        """What readiness sets off when there is a benchmark or a health check: a first healthy
+        answer, then the benchmark's max_perf, then loaded -- or failed on the way."""
+        if health is not None and not health.healthy and not health.wait_until_healthy(health.patience):
+            return
         max_perf = benchmark.run(self.state, self.metrics) if benchmark is not None else None
         if benchmark is not None and max_perf is None:
-            return
-        if health is not None and not health.wait_until_healthy():
             return
         self.state.loaded(max_perf)
         if health is not None:
