@@ -8,6 +8,7 @@ Starting workers, polling and reading values are bench/harness.py's, shared with
 runs them with pytest; where this Python has no pytest, it first makes a virtual environment
 with it in ~/.cache/vastworker (outside the project) and runs there."""
 
+import base64
 import glob
 import http.client
 import importlib.util
@@ -2674,6 +2675,536 @@ def test_a_worker_without_its_key_is_held_back_reports_it_and_recovers(start_wor
 
 
 # ------------------------------------------------------------------------------------------------
+# 5. Outbound: the model server proxy and the model-server backends, against a fake model server
+#    (bench/fake_model_server.py) speaking vLLM's, llama.cpp's, TGI's and ComfyUI's wire formats
+# ------------------------------------------------------------------------------------------------
+
+from fake_model_server import FakeModelServer  # noqa: E402
+
+
+@pytest.fixture
+def fake_model():
+    """Makes fake model servers (listening unless open=False), all closed at the end."""
+    made = []
+
+    def make(flavor="vllm", open=True, **kwargs):
+        fake = FakeModelServer(flavor, **kwargs)
+        made.append(fake)
+        return fake.open() if open else fake
+
+    yield make
+    for fake in made:
+        fake.close()
+
+
+def model_worker(start_worker, backend, fake, tmp_path, *args, loaded=True, **env):
+    """A worker serving `backend` in front of `fake`, its benchmark made short; once loaded."""
+    worker = start_worker(backend, "--cache-dir", str(tmp_path), *args,
+                          env=dict({"MODEL_SERVER_URL": fake.url, "BENCHMARK_MAX_TOKENS": "2"}, **env))
+    if loaded:
+        worker.wait_for_log("loaded after", timeout=20)
+    return worker
+
+
+def sse_data(response):
+    """The data of each server-sent event of an http.client response, as it arrives."""
+    while True:
+        line = response.readline()
+        if not line:
+            return
+        line = line.decode().rstrip("\r\n")
+        if line.startswith("data:"):
+            yield line[5:].lstrip(" ")
+
+
+def open_stream(worker, path, payload):
+    connection = worker.connect()
+    connection.request("POST", path, json.dumps(payload), JSON)
+    return connection, connection.getresponse()
+
+
+PROXY_BACKEND = """
+import os
+import vastworker
+
+allow_parallel_requests = True
+
+class Backend:
+    def __init__(self):
+        self.model = vastworker.ModelServer(os.environ["MODEL_SERVER_URL"],
+                                            timeout=float(os.environ.get("PROXY_TIMEOUT", "600")),
+                                            stall=float(os.environ.get("PROXY_STALL", "120")))
+
+def relay(backend, request):
+    return backend.model.forward(request)
+
+flask_dict = {"POST": {"v1/completions": relay, "v1/chat/completions": relay},
+              "GET": {"v1/models": relay, "file": relay}}
+"""
+
+
+def test_the_openai_backend_relays_chat_completions_embeddings_and_models(start_worker, fake_model, tmp_path):
+    fake = fake_model("vllm")
+    worker = model_worker(start_worker, "openai", fake, tmp_path)
+    status, data = worker.json("POST", "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+    assert status == 200 and data["choices"][0]["message"]["content"] == "tok0 tok1 tok2 "
+    assert data["usage"]["completion_tokens"] == 3
+    assert fake.requests[-1][:2] == ("POST", "/v1/chat/completions")
+    assert fake.requests[-1][2]["model"] == "fake-model"  # named by the server's /v1/models
+    assert worker.json("GET", "/v1/models")[1]["data"][0]["id"] == "fake-model"
+    assert worker.json("POST", "/v1/embeddings", {"input": "hi"})[1]["data"][0]["embedding"] == [0.1, 0.2, 0.3]
+    status, headers, body = worker.request("POST", "/v1/completions", {"input": {"prompt": "hi", "max_tokens": 2}})
+    assert status == 200 and json.loads(body)["choices"][0]["text"] == "tok0 tok1 "  # Vast's wrapped form
+    assert headers["Content-Type"] == "application/json" and headers["Content-Length"] == str(len(body))
+    assert len({port for _, _, _, port in fake.requests[-4:]}) == 1  # one kept-alive upstream connection
+    status, data = worker.json("POST", "/v1/completions", {"prompt": "hi", "model": "another"})
+    assert status == 404 and data["error"]["message"] == "The model `another` does not exist."  # passed through
+
+
+def test_a_stream_is_relayed_event_by_event_as_the_model_server_writes_it(start_worker, fake_model, tmp_path):
+    fake = fake_model("vllm")
+    worker = model_worker(start_worker, "openai", fake, tmp_path)
+    fake.gate = threading.Semaphore(0)  # each token now waits for the test
+    connection, response = open_stream(worker, "/v1/completions", {
+        "prompt": "hi", "max_tokens": 3, "stream": True, "stream_options": {"include_usage": True}})
+    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+    assert response.getheader("Transfer-Encoding") == "chunked"
+    events = sse_data(response)
+    for index in range(3):  # were the worker to buffer, the next event would never come
+        fake.gate.release()
+        assert json.loads(next(events))["choices"][0]["text"] == "tok%d " % index
+    rest = list(events)
+    assert json.loads(rest[-2])["usage"]["completion_tokens"] == 3 and rest[-1] == "[DONE]"
+    connection.close()
+
+
+def test_a_client_hanging_up_stops_the_generation_upstream(start_worker, fake_model, tmp_path):
+    fake = fake_model("vllm")
+    worker = model_worker(start_worker, "openai", fake, tmp_path)
+    fake.gate = threading.Semaphore(0)
+    connection, response = open_stream(worker, "/v1/completions", {"prompt": "hi", "max_tokens": 50, "stream": True})
+    fake.gate.release()
+    next(sse_data(response))
+    connection.close()  # mid-stream
+    fake.gate.release(5)
+    fake.wait_for(lambda f: f.aborted == ["/v1/completions"])
+    worker.wait_for_log(r"POST /v1/completions 200 aborted")
+    seen = len(fake.requests)
+    with socket.create_connection(("127.0.0.1", worker.port)) as sock:  # not streamed: waiting whole
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        fake.wait_for(lambda f: len(f.requests) > seen)
+    fake.wait_for(lambda f: f.aborted == ["/v1/completions", "/v1/chat/completions"])
+    worker.wait_for_log(r"POST /v1/chat/completions 499 0 .*\(cancelled: the client left\)")
+
+
+def test_a_model_server_still_loading_keeps_the_worker_loading(start_worker, fake_model, tmp_path):
+    fake = fake_model("vllm", open=False)  # bound, not listening: refused, as vLLM is while it loads
+    worker = model_worker(start_worker, "openai", fake, tmp_path, loaded=False)
+    worker.wait_for_log(r"waiting for the backend to be ready \(a 200 from %s/health\)" % fake.url)
+    status, data = worker.json("GET", "/v1/models")
+    assert status == 503 and data["detail"] == "the backend is still loading"
+    fake.open()
+    worker.wait_for_log("loaded after", timeout=20)
+    assert worker.json("GET", "/v1/models")[0] == 200
+    fake.close()  # the model server dies
+    status, data = worker.json("GET", "/v1/models")
+    assert status in (502, 503) and ("refused the connection" in data["detail"] or "health" in data["detail"])
+    worker.wait_for_log(r"the backend failed: model health check", timeout=20)
+    status, data = worker.json("GET", "/v1/models")
+    assert status == 503 and data["detail"].startswith("the backend failed: model health check")
+
+
+def test_llama_servers_loading_503_keeps_the_worker_loading(start_worker, fake_model, tmp_path):
+    fake = fake_model("llamacpp")  # listening, but 503 "Loading model" to everything
+    worker = model_worker(start_worker, "openai", fake, tmp_path, loaded=False)
+    wait_until(lambda: [r for r in fake.requests if r[1] == "/health"])
+    assert worker.json("GET", "/v1/models")[0] == 503
+    fake.loaded()
+    worker.wait_for_log("loaded after", timeout=20)
+    status, data = worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200 and data["choices"][0]["text"] == "tok0 tok1 "
+
+
+def test_the_proxy_says_503_until_the_model_server_first_answers_then_502(start_worker, write_backend, fake_model):
+    fake = fake_model("vllm", open=False)
+    worker = start_worker(write_backend(PROXY_BACKEND), env={"MODEL_SERVER_URL": fake.url})
+    status, headers, body = worker.request("GET", "/v1/models")
+    assert status == 503 and headers["Retry-After"] == "5"
+    assert json.loads(body)["detail"] == ("the model server %s is not answering yet (it refused the connection): "
+                                          "still loading?" % fake.url)
+    fake.open()
+    assert worker.request("GET", "/v1/models")[0] == 200
+    fake.close()
+    status, data = worker.json("GET", "/v1/models")
+    assert (status, data["detail"]) == (502, "the model server %s: it refused the connection" % fake.url)
+
+
+def test_a_silent_model_server_is_a_504_and_a_stalled_stream_ends_with_an_error_event(
+        start_worker, write_backend, fake_model):
+    fake = fake_model("vllm")
+    worker = start_worker(write_backend(PROXY_BACKEND), env={
+        "MODEL_SERVER_URL": fake.url, "PROXY_TIMEOUT": "0.5", "PROXY_STALL": "0.5"})
+    fake.gate = threading.Semaphore(0)  # no token comes
+    status, data = worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 5})
+    assert (status, data["detail"]) == (504, "the model server %s: no answer within 0.5 s" % fake.url)
+    fake.wait_for(lambda f: f.aborted == ["/v1/completions"])  # and it was told to stop
+    fake.gate = None
+    connection, response = open_stream(worker, "/v1/completions", {
+        "prompt": "[[stall-after:2]]", "max_tokens": 5, "stream": True})
+    events = list(sse_data(response))
+    assert [json.loads(e)["choices"][0]["text"] for e in events[:2]] == ["tok0 ", "tok1 "]
+    assert json.loads(events[2])["error"] == {
+        "message": "the model server %s broke off /v1/completions: no answer within 0.5 s" % fake.url,
+        "type": "upstream_error", "code": 502}
+    assert len(events) == 3
+    worker.wait_for_log(r"WARNING the model server .* broke off /v1/completions: no answer within 0.5 s")
+
+
+@pytest.mark.parametrize("fault, why, own_error", [
+    ("error", None, True),  # the model server's own error event passes, then vLLM's [DONE]
+    ("garbage", "the model server sent a malformed chunk", False),
+    ("close", "it closed the connection", False),
+])
+def test_a_stream_the_model_server_breaks_off_ends_cleanly_with_an_error_event(
+        start_worker, fake_model, tmp_path, fault, why, own_error):
+    fake = fake_model("vllm")
+    worker = model_worker(start_worker, "openai", fake, tmp_path)
+    connection, response = open_stream(worker, "/v1/completions", {
+        "prompt": "[[%s-after:2]]" % fault, "max_tokens": 5, "stream": True})
+    events = list(sse_data(response))  # read to the end: the stream ends properly
+    assert [json.loads(e)["choices"][0]["text"] for e in events[:2]] == ["tok0 ", "tok1 "]
+    error = json.loads(events[2])["error"]
+    if own_error:
+        assert error["message"] == "fake failure mid-stream" and events[3:] == ["[DONE]"]
+    else:
+        assert error["message"].endswith("broke off /v1/completions: " + why) and len(events) == 3
+        worker.wait_for_log("broke off /v1/completions: " + re.escape(why))
+    assert worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200  # and it goes on
+
+
+def test_a_body_that_is_not_an_event_stream_is_cut_when_the_model_server_breaks_off(start_worker, write_backend):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+
+    def serve():
+        sock, _ = listener.accept()
+        sock.recv(65536)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Content-Length: 5000000\r\n\r\n" + b"x" * 100000)
+        sock.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        worker = start_worker(write_backend(PROXY_BACKEND),
+                              env={"MODEL_SERVER_URL": "http://127.0.0.1:%d" % listener.getsockname()[1]})
+        connection = worker.connect()
+        connection.request("GET", "/file")
+        response = connection.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()  # not a whole body that looks complete
+        worker.wait_for_log(r"GET /file: stream cut after 100000 bytes: the model server .* "
+                            r"broke off /file: it closed the connection")
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("body, detail", [
+    (b"{not json", "invalid JSON"),
+    ([1, 2], "the body must be a JSON object"),
+    ({"messages": "hi"}, "'messages' must be a list of messages"),
+    ({"messages": []}, "'messages' must be a non-empty list of objects"),
+    ({"max_tokens": 5}, "the request needs 'messages'"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}, "'max_tokens' must be a whole number"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "'max_tokens' must be at least 0"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "'stream' must be true or false"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": 7}, "'model' must be a string"),
+])
+def test_bad_input_is_refused_before_anything_goes_upstream(start_worker, fake_model, tmp_path, body, detail):
+    fake = fake_model("vllm")
+    worker = model_worker(start_worker, "openai", fake, tmp_path)
+    seen = len(fake.requests)
+    raw = body if isinstance(body, bytes) else json.dumps(body)
+    status, _, answer = worker.request("POST", "/v1/chat/completions", raw, JSON)
+    assert status == 400 and json.loads(answer)["detail"].startswith(detail)
+    assert len(fake.requests) == seen
+
+
+def test_a_huge_answer_is_streamed_through_not_held(start_worker, write_backend, fake_model):
+    fake = fake_model("vllm")
+    worker = start_worker(write_backend(PROXY_BACKEND), env={"MODEL_SERVER_URL": fake.url})
+    assert worker.request("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200
+    before = rss_kb(worker.proc.pid, "VmHWM")
+    status, headers, body = worker.request("POST", "/v1/completions", {"prompt": "[[big:40000000]]"})
+    assert status == 200 and headers["Transfer-Encoding"] == "chunked"
+    assert len(json.loads(body)["choices"][0]["text"]) == 40000000
+    assert rss_kb(worker.proc.pid, "VmHWM") - before < 20000  # KiB: far less than the 40 MB it passed on
+
+
+def open_files(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def test_a_thousand_aborted_streams_leave_no_thread_or_connection_behind(start_worker, fake_model, tmp_path):
+    fake = fake_model("vllm", token_delay=0.002)
+    worker = model_worker(start_worker, "openai", fake, tmp_path)
+    payload = json.dumps({"prompt": "hi", "max_tokens": 100000, "stream": True}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    threads_before = rss_kb(worker.proc.pid, "Threads")
+    files_before = open_files(worker.proc.pid)
+
+    def abort_streams(count):
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", worker.port)) as sock:
+                sock.sendall(request)
+                seen = b""
+                while b"data:" not in seen:
+                    seen += sock.recv(65536)
+
+    runners = [threading.Thread(target=abort_streams, args=(125,)) for _ in range(8)]
+    for runner in runners:
+        runner.start()
+    for runner in runners:
+        runner.join()
+    fake.wait_for(lambda f: len(f.aborted) == 1000, timeout=60)
+    wait_until(lambda: rss_kb(worker.proc.pid, "Threads") <= threads_before, timeout=20,
+               failure=lambda: "threads: %d before, %d now" % (threads_before, rss_kb(worker.proc.pid, "Threads")))
+    wait_until(lambda: open_files(worker.proc.pid) <= files_before, timeout=20,
+               failure=lambda: "open files: %d before, %d now" % (files_before, open_files(worker.proc.pid)))
+    assert worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200
+
+
+def shipped_backend(monkeypatch, name):
+    """backends/NAME/backend.py imported in this process, with our flask module for the time
+    of the test (not Flask's, nor one left behind for other tests)."""
+    monkeypatch.setitem(sys.modules, "flask", vastworker.make_flask_module(vastworker.CurrentRequest()))
+    spec = importlib.util.spec_from_file_location(name + "_backend", os.path.join(ROOT, "backends", name, "backend.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_openai_backends_workload_is_its_tokens(monkeypatch):
+    module = shipped_backend(monkeypatch, "openai")
+    assert module.estimate("v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 400}],
+                                                   "max_tokens": 50}) == 150
+    assert module.estimate("v1/completions", {"prompt": "abcd", "max_completion_tokens": 10, "n": 2}) == 21
+    assert module.estimate("v1/completions", {"prompt": "abcd"}) == 17  # OpenAI's default of 16 tokens
+    assert module.estimate("v1/embeddings", {"input": ["abcd", "efgh"]}) == 2
+
+
+OPENAI_CLIENT = """
+import json, sys
+import openai
+
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+out = {}
+chat = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+out["chat"] = [chat.choices[0].message.content, chat.usage.completion_tokens]
+stream = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=3, stream=True, stream_options={"include_usage": True})
+chunks = list(stream)
+out["chat_stream"] = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage.total_tokens > 0]
+out["completion_stream"] = "".join(c.choices[0].text for c in client.completions.create(
+    model="fake-model", prompt="hi", max_tokens=4, stream=True))
+out["models"] = [m.id for m in client.models.list()]
+out["embedding"] = client.embeddings.create(model="fake-model", input="hi").data[0].embedding
+try:
+    list(client.completions.create(model="fake-model", prompt="[[close-after:1]]", max_tokens=4, stream=True))
+    out["broken"] = "no error"
+except openai.APIError as exc:
+    out["broken"] = type(exc).__name__ + ": " + str(exc.message)
+try:
+    client.chat.completions.create(model="fake-model", messages=[], max_tokens=3)
+except openai.BadRequestError as exc:
+    out["bad"] = [exc.status_code, exc.message]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def openai_client():
+    """The openai Python client (PyPI openai 1.x) in a virtual environment outside the project;
+    the test is skipped, saying why, where it cannot be installed."""
+    try:
+        return cached_venv("openai-client", "openai>=1.40,<2")
+    except RuntimeError as exc:
+        pytest.skip("the openai client: %s" % exc)
+
+
+def test_the_openai_python_client_works_through_the_worker_unchanged(start_worker, fake_model, tmp_path, openai_client):
+    fake = fake_model("vllm")
+    worker = model_worker(start_worker, "openai", fake, tmp_path)
+    script = tmp_path / "client.py"
+    script.write_text(OPENAI_CLIENT)
+    result = subprocess.run([openai_client, str(script), "http://127.0.0.1:%d" % worker.port],
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    out = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    print("the openai client through the worker:", json.dumps(out))
+    assert out["chat"] == ["tok0 tok1 tok2 ", 3]
+    assert out["chat_stream"] == ["tok0 tok1 tok2 ", True]
+    assert out["completion_stream"] == "tok0 tok1 tok2 tok3 "
+    assert out["models"] == ["fake-model"] and out["embedding"] == [0.1, 0.2, 0.3]
+    assert out["broken"] == "APIError: the model server %s broke off /v1/completions: it closed the connection" % fake.url
+    assert out["bad"][0] == 400 and "'messages' must be a non-empty list of objects" in out["bad"][1]
+
+
+def test_the_tgi_backend_relays_generate_and_its_stream_as_tgi_writes_them(start_worker, fake_model, tmp_path):
+    fake = fake_model("tgi")
+    worker = model_worker(start_worker, "tgi", fake, tmp_path)
+    status, headers, body = worker.request("POST", "/generate", {"inputs": "hi", "parameters": {
+        "max_new_tokens": 3, "details": True}})
+    assert status == 200 and json.loads(body) == {"generated_text": "tok0 tok1 tok2 ", "details": {
+        "finish_reason": "length", "generated_tokens": 3, "seed": None}}
+    assert headers["x-generated-tokens"] == "3" and headers["x-prompt-tokens"] == "1"  # TGI's headers pass
+    connection, response = open_stream(worker, "/generate_stream", {"inputs": "hi", "parameters": {"max_new_tokens": 2}})
+    raw = response.read().decode()
+    assert raw.startswith(":\n\ndata:{")  # TGI's keep-alive comment, and its "data:" with no space, as sent
+    events = [json.loads(line[5:]) for line in raw.split("\n") if line.startswith("data:")]
+    assert [e["token"]["text"] for e in events] == ["tok0 ", "tok1 "] and events[-1]["generated_text"] == "tok0 tok1 "
+    connection.close()
+    connection, response = open_stream(worker, "/generate_stream", {"inputs": "[[close-after:1]]",
+                                                                    "parameters": {"max_new_tokens": 3}})
+    events = list(sse_data(response))
+    assert json.loads(events[-1]) == {"error": "the model server %s broke off /generate_stream: it closed the "
+                                               "connection" % fake.url, "error_type": "upstream"}
+    for body, detail in [({"parameters": {}}, "the request needs 'inputs'"),
+                         ({"inputs": 5}, "'inputs' must be a string"),
+                         ({"inputs": "x", "parameters": {"max_new_tokens": 0}},
+                          "'parameters.max_new_tokens' must be a whole number of at least 1")]:
+        status, data = worker.json("POST", "/generate", body)
+        assert (status, data["detail"]) == (400, detail)
+    assert not [r for r in fake.requests if r[2] and "parameters" in r[2] and r[2].get("inputs") in (None, 5, "x")]
+
+
+COMFY_WORKFLOW = {
+    "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "model.safetensors"}},
+    "3": {"class_type": "KSampler", "inputs": {"steps": 3, "model": ["4", 0]}},
+    "9": {"class_type": "SaveImage", "inputs": {"images": ["3", 0]}},
+}
+
+
+def comfy_workflow(steps=3, **changes):
+    workflow = json.loads(json.dumps(COMFY_WORKFLOW))
+    workflow["3"]["inputs"]["steps"] = steps
+    workflow.update(changes)
+    return workflow
+
+
+def test_the_comfyui_backend_runs_a_workflow_and_returns_its_images(start_worker, fake_model, tmp_path):
+    fake = fake_model("comfyui", step_delay=0.002)
+    worker = model_worker(start_worker, "comfyui", fake, tmp_path)
+    status, data = worker.json("POST", "/generate", {"workflow": comfy_workflow()})
+    assert status == 200 and len(data["images"]) == 1
+    assert base64.b64decode(data["images"][0]["base64"]).startswith(b"\x89PNG")
+    status, data = worker.json("POST", "/generate", {"prompt": comfy_workflow(), "images": "url"})
+    url = data["images"][0]["url"]
+    assert status == 200 and url.startswith("/view?filename=ComfyUI_") and "base64" not in data["images"][0]
+    status, headers, body = worker.request("GET", url)
+    assert status == 200 and headers["Content-Type"] == "image/png" and body.startswith(b"\x89PNG")
+    status, data = worker.json("POST", "/generate", {"workflow": comfy_workflow(**{"8": {"class_type": "FailNode"}})})
+    assert (status, data["detail"]) == (500, "the workflow failed in ComfyUI: FailNode failed")
+    bad = comfy_workflow()
+    bad["4"]["inputs"]["ckpt_name"] = "missing.safetensors"
+    status, data = worker.json("POST", "/generate", {"workflow": bad})
+    assert (status, data["detail"]) == (400, "ComfyUI refused the workflow: Prompt outputs failed validation; node 4 "
+                                             "(CheckpointLoaderSimple): Value not in list ckpt_name: "
+                                             "'missing.safetensors' not in []")
+    seen = len(fake.requests)
+    for body, detail in [({"workflow": {}}, "'workflow' must be a workflow in ComfyUI's API format"),
+                         ({"workflow": {"1": {"inputs": {}}}}, "workflow node '1' must be an object with a 'class_type'"),
+                         ({"workflow": comfy_workflow(), "images": "png"}, "'images' must be \"base64\" or \"url\"")]:
+        status, data = worker.json("POST", "/generate", body)
+        assert status == 400 and data["detail"].startswith(detail)
+    assert len(fake.requests) == seen
+
+
+def test_comfyui_progress_streams_as_ndjson(start_worker, fake_model, tmp_path):
+    fake = fake_model("comfyui", step_delay=0.002)
+    worker = model_worker(start_worker, "comfyui", fake, tmp_path)
+    fake.step_delay = 0.1
+    connection, response = open_stream(worker, "/generate", {"workflow": comfy_workflow(steps=15), "stream": True})
+    assert response.getheader("Content-Type") == "application/x-ndjson"
+    lines = [json.loads(line) for line in response.read().decode().splitlines()]
+    assert {line["status"] for line in lines[:-1]} <= {"queued", "running"} and "running" in [l["status"] for l in lines]
+    assert lines[-1]["status"] == "done" and base64.b64decode(lines[-1]["images"][0]["base64"]).startswith(b"\x89PNG")
+    connection.close()
+
+
+def send_without_reading(worker, path, payload):
+    """A request sent on a socket of its own, left open: close it to hang up."""
+    sock = socket.create_connection(("127.0.0.1", worker.port))
+    body = json.dumps(payload).encode()
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(body), body))
+    return sock
+
+
+def test_a_comfyui_client_hanging_up_interrupts_its_job_or_takes_it_off_the_queue(start_worker, fake_model, tmp_path):
+    fake = fake_model("comfyui", step_delay=0.002)
+    worker = model_worker(start_worker, "comfyui", fake, tmp_path)
+    fake.step_delay = 0.05
+    first = send_without_reading(worker, "/generate", {"workflow": comfy_workflow(steps=400)})
+    wait_until(lambda: fake.comfy.running is not None)
+    second = send_without_reading(worker, "/generate", {"workflow": comfy_workflow(steps=400)})
+    wait_until(lambda: fake.comfy.pending)
+    second.close()  # waiting in ComfyUI's queue: deleted from it, the running job left alone
+    fake.wait_for(lambda f: f.aborted == ["/queue delete"])
+    assert fake.interrupts == 0
+    first.close()  # running: interrupted
+    fake.wait_for(lambda f: f.aborted == ["/queue delete", "/interrupt"])
+    worker.wait_for_log(r"comfyui: job \S+ cancelled \(interrupted\): its client left")
+    worker.wait_for_log(r"POST /generate 499")
+
+
+def test_comfyuis_workload_is_in_proportion_to_pixels_and_steps(monkeypatch):
+    module = shipped_backend(monkeypatch, "comfyui")
+    assert module.cost({"1": {"class_type": "KSampler", "inputs": {"steps": 20}}}) == 100.0
+    assert module.cost({"1": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 2}},
+                        "2": {"class_type": "KSampler", "inputs": {"steps": 30}}}) == 100.0 * 8 * 1.5
+
+
+def upstream_pair(data):
+    """An UpstreamConnection over a socket pair whose other end has sent `data` and closed."""
+    ours, theirs = socket.socketpair()
+    theirs.sendall(data)
+    theirs.close()
+    return vastworker.UpstreamConnection(ours), vastworker.ClientWatch(None)
+
+
+def test_upstream_answers_are_read_strictly():
+    connection, watch = upstream_pair(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nX-A: 1\r\n"
+                                      b"Transfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: 1\r\n\r\n")
+    status, reason, headers = connection.read_head(watch, 1)
+    assert (status, reason, headers) == (200, "OK", [("X-A", "1"), ("Transfer-Encoding", "chunked")])
+    assert b"".join(connection.pieces(vastworker.framing_of("GET", 200, headers), watch, 1)) == b"hello"
+    assert connection.buffer == b""
+    for bad in (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX",
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"):
+        connection, watch = upstream_pair(bad)
+        _, _, headers = connection.read_head(watch, 1)
+        with pytest.raises(vastworker.UpstreamFailed):
+            b"".join(connection.pieces(vastworker.framing_of("GET", 200, headers), watch, 1))
+    for bad in (b"HTTP/2 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\n bad: fold\r\n\r\n", b"HTTP/1.1 200"):
+        connection, watch = upstream_pair(bad)
+        with pytest.raises(vastworker.UpstreamFailed):
+            connection.read_head(watch, 1)
+    assert vastworker.framing_of("HEAD", 200, [("Content-Length", "5")]) == ("length", 0)
+    assert vastworker.framing_of("GET", 200, []) == ("close", None)
+    with pytest.raises(vastworker.UpstreamFailed):
+        vastworker.framing_of("GET", 200, [("Content-Length", "5"), ("Content-Length", "6")])
+    assert vastworker.stream_error("application/x-ndjson", "gone") == b'{"error": "gone"}\n'
+    assert vastworker.stream_error("application/json", "gone") is None
+
+
+# ------------------------------------------------------------------------------------------------
 # 6. Tools: RSA signatures against openssl, the stand-in autoscaler end to end
 # ------------------------------------------------------------------------------------------------
 
@@ -3101,7 +3632,7 @@ def test_stop_ends_the_worker_by_its_pid_file(bootstrap, published):
 
 @pytest.mark.parametrize("backend, env, message", [
     ("nosuch", {"VASTWORKER_TARBALL": "{url}/vastworker-main.tar.gz"},
-     "no backend 'nosuch' in .*/vastworker/backends \\(available: helloautoscaler, helloworld"),
+     "no backend 'nosuch' in .*/vastworker/backends \\(available: comfyui, helloautoscaler, helloworld, openai, tgi"),
     ("helloworld", {"VASTWORKER_TARBALL": "http://127.0.0.1:{closed}/vastworker-main.tar.gz"},
      "could not download http://127.0.0.1:\\d+/vastworker-main.tar.gz"),
     ("helloworld", {"VASTWORKER_TARBALL": "{url}/start_server.sh"}, "is not a .tar.gz archive"),
