@@ -17,6 +17,11 @@
 #                        flag file VASTWORKER_UPDATE_FLAG (default /.force_update), which the
 #                        worker's POST /pyworker/update creates; it is removed once fetched
 #   VASTWORKER_WAIT      seconds to wait for the worker to serve; default 60
+#   MODEL_COMMAND        a command that starts the backend's model server, e.g.
+#                        "vllm serve Qwen/Qwen3-8B --host 127.0.0.1 --port 8000": run detached,
+#                        its output appended to MODEL_LOG (default $WORKSPACE/model.log), which
+#                        the worker watches.  One started before that still runs is kept (a
+#                        model takes minutes to load); --stop stops it too
 # The worker inherits this environment (WORKER_PORT/AUTH_PORT, CONTAINER_ID, MASTER_TOKEN,
 # REPORT_ADDR, ...).  When REPORT_ADDR is set, a failed start is reported to the autoscaler's
 # /worker_status/ so that the instance does not sit in "loading" for ever.
@@ -206,43 +211,68 @@ process_start() {
     fi
 }
 
-running_worker() {
-    # sets WORKER_PID to the worker this script started, if it still runs; fails otherwise
+started_process() {
+    # started_process PID_FILE: sets STARTED_PID to the process this script started and named in
+    # PID_FILE, if it still runs; fails otherwise
     local pid="" start=""
-    WORKER_PID=""
-    if [ ! -f "$PID_FILE" ]; then
+    STARTED_PID=""
+    if [ ! -f "$1" ]; then
         return 1
     fi
-    read -r pid start <"$PID_FILE" || true
+    read -r pid start <"$1" || true
     if [[ "$pid" =~ ^[0-9]+$ ]] && [ -n "$start" ] && [ "$(process_start "$pid")" = "$start" ]; then
-        WORKER_PID="$pid"
+        STARTED_PID="$pid"
         return 0
     fi
     return 1
 }
 
-stop_worker() {
-    # stop_worker [quiet]: stop the worker this script started, saying so either way
-    local waited
-    if ! running_worker; then
-        if [ "${1:-}" != "quiet" ]; then
-            say "no worker started by this script is running (pid file: $PID_FILE)"
+stop_started() {
+    # stop_started PID_FILE WHAT [quiet]: stop WHAT, started by this script (its whole process
+    # group: it was started with setsid), saying so either way
+    local waited pid
+    if ! started_process "$1"; then
+        if [ "${3:-}" != "quiet" ]; then
+            say "no $2 started by this script is running (pid file: $1)"
         fi
     else
-        say "stopping the worker started before (pid $WORKER_PID)"
-        kill -TERM "$WORKER_PID" 2>/dev/null || true
+        pid="$STARTED_PID"
+        say "stopping the $2 started before (pid $pid)"
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
         for waited in $(seq 1 150); do  # 15 s: the worker's grace time and some
-            if [ -z "$(process_start "$WORKER_PID")" ]; then
+            if [ -z "$(process_start "$pid")" ]; then
                 break
             fi
             sleep 0.1
         done
-        if [ -n "$(process_start "$WORKER_PID")" ]; then
+        if [ -n "$(process_start "$pid")" ]; then
             say "it is still running after ${waited}0 ms: killing it"
-            kill -KILL "$WORKER_PID" 2>/dev/null || true
+            kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
         fi
     fi
-    rm -f "$PID_FILE"
+    rm -f "$1"
+}
+
+stop_worker() {
+    # stop_worker [quiet]: stop the worker this script started
+    stop_started "$PID_FILE" worker "${1:-}"
+}
+
+start_model_server() {
+    # start_model_server: run $MODEL_COMMAND detached, its output in $MODEL_LOG, unless the model
+    # server this script started before still runs
+    if [ -z "${MODEL_COMMAND:-}" ]; then
+        return 0
+    fi
+    export MODEL_LOG="${MODEL_LOG:-$WORKSPACE/model.log}"
+    if started_process "$MODEL_PID_FILE"; then
+        say "the model server started before still runs (pid $STARTED_PID): kept"
+        return 0
+    fi
+    mkdir -p "$(dirname "$MODEL_LOG")" || fail "cannot create the directory of MODEL_LOG $MODEL_LOG"
+    say "starting the model server: $MODEL_COMMAND (log: $MODEL_LOG)"
+    setsid bash -c "$MODEL_COMMAND" >>"$MODEL_LOG" 2>&1 </dev/null &
+    printf '%s %s\n' "$!" "$(process_start "$!")" >"$MODEL_PID_FILE"
 }
 
 option_value() {
@@ -340,6 +370,7 @@ main() {
     WORKSPACE="${WORKSPACE:-/home/workspace}"
     LOG_FILE="$WORKSPACE/vastworker.log"
     PID_FILE="$WORKSPACE/vastworker.pid"
+    MODEL_PID_FILE="$WORKSPACE/model.pid"
     READY_FILE="$WORKSPACE/vastworker.ready"
     trap cleanup EXIT
     case "$backend" in
@@ -354,6 +385,7 @@ main() {
             ;;
         --stop)
             stop_worker
+            stop_started "$MODEL_PID_FILE" "model server" quiet
             return 0
             ;;
     esac
@@ -365,6 +397,7 @@ main() {
         fail "no backend '$backend' in $PROJECT/backends (available: $(available_backends))"
     fi
     stop_worker quiet
+    start_model_server
     start_worker "$backend" "$backend" "$@"  # the name for messages, then the worker's arguments
 }
 

@@ -3630,6 +3630,32 @@ def test_stop_ends_the_worker_by_its_pid_file(bootstrap, published):
     assert "stopping" not in bootstrap.stop().output  # nothing left to stop
 
 
+def test_start_server_runs_the_model_server_of_model_command_and_keeps_it_across_restarts(bootstrap, tmp_path):
+    model_port = free_port()
+    env = {"MODEL_COMMAND": "exec %s %s vllm --port %d" % (sys.executable, os.path.join(ROOT, "bench", "fake_model_server.py"),
+                                                        model_port),
+           "MODEL_SERVER_URL": "http://127.0.0.1:%d" % model_port, "BENCHMARK_MAX_TOKENS": "2"}
+    command = "bash %s openai --cache-dir %s" % (os.path.join(ROOT, "start_server.sh"), tmp_path)
+    first = bootstrap.run(command, **env)
+    assert first.returncode == 0 and "starting the model server: exec " in first.output, first.output
+    model_log = os.path.join(bootstrap.workspace, "model.log")
+    wait_until(lambda: "fake vllm model server on" in open(model_log).read(), timeout=20)
+
+    def models():
+        connection = http.client.HTTPConnection("127.0.0.1", bootstrap.port, timeout=10)
+        connection.request("GET", "/v1/models")
+        return connection.getresponse().status
+
+    wait_until(lambda: models() == 200, timeout=20)
+    with open(os.path.join(bootstrap.workspace, "model.pid")) as file:
+        model_pid = int(file.read().split()[0])
+    second = bootstrap.run(command, **env)
+    assert "the model server started before still runs (pid %d): kept" % model_pid in second.output, second.output
+    wait_until(lambda: models() == 200, timeout=20)
+    assert "stopping the model server started before (pid %d)" % model_pid in bootstrap.stop().output
+    assert not process_running(model_pid)
+
+
 @pytest.mark.parametrize("backend, env, message", [
     ("nosuch", {"VASTWORKER_TARBALL": "{url}/vastworker-main.tar.gz"},
      "no backend 'nosuch' in .*/vastworker/backends \\(available: comfyui, helloautoscaler, helloworld, openai, tgi"),
