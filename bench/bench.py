@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 
-from harness import ROOT, VASTWORKER, cached_venv, free_port, rss_kb, value_at, wait_until
+from harness import ROOT, VASTWORKER, Cores, cached_venv, free_port, rss_kb, value_at, wait_until
 
 HELLOWORLD = os.path.join(ROOT, "backends", "helloworld")
 
@@ -102,22 +102,6 @@ wrk.method = "POST"
 wrk.body = '{"amount": 1}'
 wrk.headers["Content-Type"] = "application/json"
 """
-
-
-class Cores:
-    """Pins the server and the load generator to different cores, when the machine allows."""
-
-    def __init__(self):
-        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        self.pinned = count >= 2 and shutil.which("taskset") is not None
-        self.description = ("server on core 0, load generator on core 1" if self.pinned
-                            else "not pinned (needs 2 cores and taskset)")
-
-    def server(self, command):
-        return ["taskset", "-c", "0"] + command if self.pinned else command
-
-    def load(self, command):
-        return ["taskset", "-c", "1"] + command if self.pinned else command
 
 
 class Server:

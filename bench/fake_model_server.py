@@ -44,12 +44,14 @@ class FakeModelServer:
         self.loading = flavor == "llamacpp"
         self.requests = []  # (method, path, JSON body or None, client port), in arrival order
         self.gate = None  # a threading.Semaphore: when set, each token waits for a release()
+        self.timestamps = False  # each streamed OpenAI chunk carries "t", when it was sent (the benchmark's)
         self.aborted = []  # paths whose generation stopped because the client left
         self.interrupts = 0
         self.changed = threading.Condition()
         self.comfy = ComfyQueue(self)
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler, bind_and_activate=False)
         self.httpd.daemon_threads = True
+        self.httpd.request_queue_size = 1024  # http.server's 5 drops connections that come at once
         self.httpd.fake = self
         self.httpd.server_bind()
         self.port = self.httpd.server_address[1]
@@ -99,7 +101,7 @@ class FakeModelServer:
 
 
 def tokens(count):
-    return ["tok%d " % index for index in range(count)]
+    return ("tok%d " % index for index in range(count))
 
 
 def fault_in(payload):
@@ -281,7 +283,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if chat:
             self.chunk(event(dict(base, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                    "logprobs": None, "finish_reason": None}])))
-        kind = self.generate(count, fault, lambda index, token: self.chunk(event(dict(base, choices=[choice(token)]))))
+        stamped = (lambda obj: dict(obj, t=time.time())) if self.fake.timestamps else (lambda obj: obj)
+        kind = self.generate(count, fault, lambda index, token: self.chunk(event(stamped(dict(base, choices=[choice(token)])))))
         if kind == "error":
             self.chunk(event({"error": {"message": "fake failure mid-stream", "type": "InternalServerError",
                                         "code": 500}}))
@@ -488,8 +491,10 @@ def main():
     parser.add_argument("--load-time", type=float, default=0.0,
                         help="seconds before it serves (refused, or 503 for llamacpp, meanwhile)")
     parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--timestamps", action="store_true", help='each streamed chunk says when it was sent ("t")')
     options = parser.parse_args()
     fake = FakeModelServer(options.flavor, options.port, options.token_delay, options.model)
+    fake.timestamps = options.timestamps
     if options.flavor == "llamacpp":
         fake.open()
     time.sleep(options.load_time)

@@ -5,6 +5,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -83,6 +84,22 @@ def read_until_close(sock):
     except socket.timeout:
         chunks.append(b"<timeout>")
     return b"".join(chunks)
+
+
+class Cores:
+    """Pins the server and the load generator to different cores, when the machine allows."""
+
+    def __init__(self):
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        self.pinned = count >= 2 and shutil.which("taskset") is not None
+        self.description = ("server on core 0, load generator on core 1" if self.pinned
+                            else "not pinned (needs 2 cores and taskset)")
+
+    def server(self, command):
+        return ["taskset", "-c", "0"] + command if self.pinned else command
+
+    def load(self, command):
+        return ["taskset", "-c", "1"] + command if self.pinned else command
 
 
 class WorkerProcess:
