@@ -378,7 +378,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             comfy.delete((payload or {}).get("delete", []))
             return self.answer(200, b"", "text/plain") or True
         if (method, path) == ("POST", "/interrupt"):
-            comfy.interrupt()
+            comfy.interrupt((payload or {}).get("prompt_id") if isinstance(payload, dict) else None)
             return self.answer(200, b"", "text/plain") or True
         if (method, path) == ("GET", "/view"):
             query = parse_qs(urlsplit(self.path).query)
@@ -430,8 +430,12 @@ class ComfyQueue:
         if deleted:
             self.fake.record("aborted", "/queue delete")
 
-    def interrupt(self):
+    def interrupt(self, prompt_id=None):
+        """Stop the running job; with a prompt_id, only when that is the one running (as
+        ComfyUI since 2025 does)."""
         with self.lock:
+            if self.running is None or (prompt_id is not None and self.running[1] != prompt_id):
+                return
             self.interrupted = True
             self.fake.record("aborted", "/interrupt")
             self.fake.interrupts += 1

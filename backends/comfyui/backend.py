@@ -115,13 +115,13 @@ class Job:
         return history.get(self.prompt_id) if isinstance(history, dict) else None
 
     def cancel(self):
-        """Interrupt the job if it runs (POST /interrupt stops whatever runs, so only when it is
-        ours), or take it off the queue."""
+        """Interrupt the job if it runs, or take it off the queue.  The interrupt names the job,
+        which ComfyUI since 2025 honours; older ones stop whatever runs, hence the look first."""
         if self.finished:
             return
         where, _ = self.place()
         if where == "running":
-            self.model.call("POST", "/interrupt", {})
+            self.model.call("POST", "/interrupt", {"prompt_id": self.prompt_id})
         elif where == "queued":
             self.model.call("POST", "/queue", {"delete": [self.prompt_id]})
         vastworker.Log.write("info", "comfyui: job %s cancelled (%s): its client left" % (
