@@ -3056,6 +3056,45 @@ def test_the_openai_python_client_works_through_the_worker_unchanged(start_worke
     assert out["bad"][0] == 400 and "'messages' must be a non-empty list of objects" in out["bad"][1]
 
 
+LLAMA_SERVER = os.environ.get("VASTWORKER_LLAMA_SERVER")  # a llama-server binary (llama.cpp's tools/server)
+LLAMA_MODEL = os.environ.get("VASTWORKER_LLAMA_MODEL")  # any GGUF model it loads
+
+
+@pytest.mark.skipif(not (LLAMA_SERVER and LLAMA_MODEL),
+                    reason="opt-in: set VASTWORKER_LLAMA_SERVER to a llama-server binary and "
+                           "VASTWORKER_LLAMA_MODEL to a GGUF model to run the openai backend against it")
+def test_a_real_llama_server_through_the_openai_backend(start_worker, tmp_path):
+    port = free_port()
+    log = tmp_path / "llama.log"
+    with open(str(log), "wb") as out:
+        server = subprocess.Popen([LLAMA_SERVER, "-m", LLAMA_MODEL, "--host", "127.0.0.1", "--port", str(port),
+                                   "-c", "8192", "-np", "2"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        worker = start_worker("openai", "--cache-dir", str(tmp_path), env={
+            "MODEL_SERVER_URL": "http://127.0.0.1:%d" % port, "MODEL_LOG": str(log), "BENCHMARK_MAX_TOKENS": "4"})
+        worker.wait_for_log("loaded after", timeout=120)
+        status, data = worker.json("POST", "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 5})
+        assert status == 200 and isinstance(data["choices"][0]["message"]["content"], str)
+        assert data["usage"]["completion_tokens"] <= 5
+        connection, response = open_stream(worker, "/v1/completions", {"prompt": "Once upon", "max_tokens": 5,
+                                                                       "stream": True})
+        events = list(sse_data(response))
+        assert events[-1] == "[DONE]" and all("choices" in json.loads(e) for e in events[:-1] if e.startswith("{"))
+        connection.close()
+        before = log.read_text(errors="replace").count("cancel")
+        connection, response = open_stream(worker, "/v1/completions", {"prompt": "Once upon", "max_tokens": 8000,
+                                                                       "stream": True})
+        next(sse_data(response))
+        connection.close()  # mid-generation: llama-server must hear of it and cancel the task
+        wait_until(lambda: log.read_text(errors="replace").count("cancel") > before, timeout=30,
+                   failure=lambda: "llama-server did not cancel:\n" + log.read_text(errors="replace")[-2000:])
+        worker.wait_for_log(r"POST /v1/completions 200 aborted")
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_the_tgi_backend_relays_generate_and_its_stream_as_tgi_writes_them(start_worker, fake_model, tmp_path):
     fake = fake_model("tgi")
     worker = model_worker(start_worker, "tgi", fake, tmp_path)
@@ -3082,6 +3121,61 @@ def test_the_tgi_backend_relays_generate_and_its_stream_as_tgi_writes_them(start
         status, data = worker.json("POST", "/generate", body)
         assert (status, data["detail"]) == (400, detail)
     assert not [r for r in fake.requests if r[2] and "parameters" in r[2] and r[2].get("inputs") in (None, 5, "x")]
+
+
+HF_CLIENT = """
+import json, sys
+from huggingface_hub import InferenceClient
+
+client = InferenceClient(sys.argv[1])
+out = {"text": client.text_generation("hi", max_new_tokens=3)}
+out["stream"] = [token for token in client.text_generation("hi", max_new_tokens=3, stream=True)]
+details = client.text_generation("hi", max_new_tokens=2, details=True)
+out["details"] = [details.generated_text, details.details.generated_tokens]
+try:
+    list(client.text_generation("[[close-after:1]]", max_new_tokens=3, stream=True))
+    out["broken"] = "no error"
+except Exception as exc:
+    out["broken"] = type(exc).__name__ + ": " + str(exc)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def hf_client():
+    """Hugging Face's own TGI client (huggingface_hub's InferenceClient) in a virtual environment
+    outside the project; the test is skipped, saying why, where it cannot be installed."""
+    try:
+        return cached_venv("hf-client", "huggingface_hub>=0.24,<1")
+    except RuntimeError as exc:
+        pytest.skip("huggingface_hub: %s" % exc)
+
+
+def test_hugging_faces_tgi_client_works_through_the_worker_unchanged(start_worker, fake_model, tmp_path, hf_client):
+    fake = fake_model("tgi")
+    worker = model_worker(start_worker, "tgi", fake, tmp_path)
+    script = tmp_path / "client.py"
+    script.write_text(HF_CLIENT)
+    result = subprocess.run([hf_client, str(script), "http://127.0.0.1:%d" % worker.port],
+                            capture_output=True, timeout=120, env=dict(os.environ, HF_HUB_DISABLE_TELEMETRY="1"))
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    out = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    print("huggingface_hub's client through the worker:", json.dumps(out))
+    assert out["text"] == "tok0 tok1 tok2 " and out["stream"] == ["tok0 ", "tok1 ", "tok2 "]
+    assert out["details"] == ["tok0 tok1 ", 2]
+    assert out["broken"].endswith("the model server %s broke off /generate_stream: it closed the connection" % fake.url)
+
+
+def test_a_fatal_line_in_the_model_servers_log_fails_the_worker_with_it(start_worker, fake_model, tmp_path):
+    fake = fake_model("vllm", open=False)
+    model_log = tmp_path / "model.log"
+    worker = model_worker(start_worker, "openai", fake, tmp_path, loaded=False, MODEL_LOG=str(model_log))
+    with open(str(model_log), "a") as log:
+        log.write("INFO loading weights\nRuntimeError: Engine core initialization failed. See root cause above.\n")
+    worker.wait_for_log("the backend failed: model log: RuntimeError: Engine core initialization failed")
+    status, data = worker.json("GET", "/v1/models")
+    assert status == 503 and data["detail"] == ("the backend failed: model log: RuntimeError: Engine core "
+                                                 "initialization failed. See root cause above.")
 
 
 COMFY_WORKFLOW = {

@@ -4516,7 +4516,7 @@ def validate_routes(module, path):
         if not isinstance(endpoints, dict):
             raise StartupError("%s: flask_dict[%r] is not a dict of endpoint names to handlers" % (path, method))
         for endpoint, handler in endpoints.items():
-            if not isinstance(endpoint, str) or not endpoint or endpoint.startswith("/"):
+            if not isinstance(endpoint, str) or endpoint.startswith("/"):  # "" is the root, "/"
                 raise StartupError("%s: flask_dict[%r] endpoint %r must be a name without a leading "
                                    "'/', e.g. 'increment'" % (path, method, endpoint))
             if not callable(handler):

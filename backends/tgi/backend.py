@@ -1,7 +1,7 @@
 """Hugging Face's text-generation-inference (TGI) behind the worker, on its native API:
 POST /generate ({"inputs": "...", "parameters": {"max_new_tokens": 64, ...}}) answers once;
 POST /generate_stream answers with server-sent events, one per token, the last carrying the
-generated_text.  (TGI's OpenAI-style /v1/chat/completions is the openai backend's.)  Requests
+generated_text; POST / is either, by its "stream" field (what huggingface_hub's client calls).  (TGI's OpenAI-style /v1/chat/completions is the openai backend's.)  Requests
 are checked before they go upstream; a client that hangs up stops the generation.
 
 Environment: MODEL_SERVER_URL (default http://127.0.0.1:3000, the launcher's default port),
@@ -78,7 +78,15 @@ def generate_stream(backend, request):
     return backend.model.forward(request, "/generate_stream", json=checked_payload(request))
 
 
-flask_dict = {"POST": {"generate": generate, "generate_stream": generate_stream}}
+def compat(backend, request):
+    """POST /, as TGI serves it (and huggingface_hub's InferenceClient calls it): generate, or
+    generate_stream when the body says "stream": true."""
+    payload = checked_payload(request)
+    return backend.model.forward(request, "/generate_stream" if payload.get("stream") else "/generate",
+                                 json=payload)
+
+
+flask_dict = {"POST": {"generate": generate, "generate_stream": generate_stream, "": compat}}
 
 
 BENCHMARK_TOKENS = int(os.environ.get("BENCHMARK_MAX_TOKENS", "128"))
