@@ -3228,6 +3228,8 @@ def test_comfyui_progress_streams_as_ndjson(start_worker, fake_model, tmp_path):
     assert response.getheader("Content-Type") == "application/x-ndjson"
     lines = [json.loads(line) for line in response.read().decode().splitlines()]
     assert {line["status"] for line in lines[:-1]} <= {"queued", "running"} and "running" in [l["status"] for l in lines]
+    steps = [(line["step"], line["steps"]) for line in lines if "step" in line]  # from ComfyUI's websocket
+    assert steps and steps == sorted(steps) and all(total == 15 for _, total in steps)
     assert lines[-1]["status"] == "done" and base64.b64decode(lines[-1]["images"][0]["base64"]).startswith(b"\x89PNG")
     connection.close()
 

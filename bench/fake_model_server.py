@@ -13,6 +13,8 @@ it takes and every generation it stops because its client went away (`aborted`),
 test wait for either; with a `gate`, a test releases the tokens one by one."""
 
 import argparse
+import base64
+import hashlib
 import http.server
 import json
 import re
@@ -210,7 +212,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     # -- dispatch -------------------------------------------------------------------------------
     def do_GET(self):
+        if self.fake.flavor == "comfyui" and urlsplit(self.path).path in ("/ws", "/api/ws"):
+            return self.websocket()
         self.dispatch("GET", None)
+
+    def websocket(self):
+        """ComfyUI's /ws: the handshake, then the socket is the job queue's to send frames on
+        until the client closes it."""
+        client_id = parse_qs(urlsplit(self.path).query).get("clientId", [""])[0]
+        accept = base64.b64encode(hashlib.sha1((self.headers.get("Sec-WebSocket-Key", "") +
+                                                "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        self.wfile.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        self.fake.comfy.sockets[client_id] = self.connection
+        send_frame(self.connection, {"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}},
+                                                                  "sid": client_id}})
+        try:
+            while self.connection.recv(65536):
+                pass
+        except OSError:
+            pass
+        self.fake.comfy.sockets.pop(client_id, None)
+        self.close_connection = True
 
     def do_POST(self):
         self.dispatch("POST", self.body())
@@ -389,6 +412,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return False
 
 
+def send_frame(sock, message):
+    """A websocket text frame, as a server sends it (unmasked)."""
+    data = json.dumps(message).encode()
+    length = bytes([len(data)]) if len(data) < 126 else bytes([126]) + len(data).to_bytes(2, "big")
+    try:
+        sock.sendall(b"\x81" + length + data)
+    except OSError:
+        pass
+
+
 class ComfyQueue:
     """ComfyUI's prompt queue: jobs run one at a time in a thread, a job of `steps` (the graph's
     largest "steps" input, else 4) taking step_delay each; an interrupt stops the running one."""
@@ -398,6 +431,7 @@ class ComfyQueue:
         self.lock = threading.Condition()
         self.pending, self.running, self.done = [], None, {}
         self.images = {}
+        self.sockets = {}  # clientId: its websocket, where a job's progress goes
         self.number = 0
         self.interrupted = False
         self.stopped = False
@@ -407,7 +441,7 @@ class ComfyQueue:
         with self.lock:
             self.number += 1
             prompt_id = str(uuid.uuid4())
-            self.pending.append((self.number, prompt_id, graph))
+            self.pending.append((self.number, prompt_id, graph, client_id))
             if self.thread is None:
                 self.thread = threading.Thread(target=self.run, daemon=True)
                 self.thread.start()
@@ -416,8 +450,8 @@ class ComfyQueue:
 
     def queue(self):
         with self.lock:
-            running = [[n, i, g, {}, []] for n, i, g in ([self.running] if self.running else [])]
-            return {"queue_running": running, "queue_pending": [[n, i, g, {}, []] for n, i, g in self.pending]}
+            running = [[n, i, g, {}, []] for n, i, g, _ in ([self.running] if self.running else [])]
+            return {"queue_running": running, "queue_pending": [[n, i, g, {}, []] for n, i, g, _ in self.pending]}
 
     def history(self, prompt_id):
         with self.lock:
@@ -453,13 +487,16 @@ class ComfyQueue:
                     return
                 self.running = self.pending.pop(0)
                 self.interrupted = False
-            number, prompt_id, graph = self.running
+            number, prompt_id, graph, client_id = self.running
             steps = max([node.get("inputs", {}).get("steps", 0) for node in graph.values()
                          if isinstance(node, dict) and isinstance(node.get("inputs", {}).get("steps", 0), int)] or [4]) or 4
             failing = any(isinstance(node, dict) and node.get("class_type") == "FailNode" for node in graph.values())
             status = "success"
-            for _ in range(steps):
+            for step in range(steps):
                 time.sleep(self.fake.step_delay)
+                if client_id in self.sockets:
+                    send_frame(self.sockets[client_id], {"type": "progress", "data": {
+                        "value": step + 1, "max": steps, "prompt_id": prompt_id, "node": "3"}})
                 with self.lock:
                     if self.interrupted:
                         status = "interrupted"

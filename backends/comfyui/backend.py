@@ -1,7 +1,7 @@
 """ComfyUI behind the worker: POST /generate with a workflow (the API format that ComfyUI's
 "Export (API)" saves) submits it, waits for it and answers with its images, as base64 or as URLs
 the worker serves at GET /view.  With "stream": true the answer is NDJSON progress lines (queued,
-position, running, elapsed) ending with the result.  A client that hangs up takes its job with
+position, running with the sampler's step, elapsed) ending with the result.  A client that hangs up takes its job with
 it: interrupted when it runs, taken off the queue when it waits.
 
     {"workflow": {"3": {"class_type": "KSampler", "inputs": {...}}, ...},
@@ -18,6 +18,8 @@ COMFYUI_BENCHMARK_WORKFLOW (a file with a workflow of your own to benchmark inst
 import base64
 import json
 import os
+import socket
+import struct
 import time
 import uuid
 from urllib.parse import urlencode
@@ -69,6 +71,64 @@ def cost(workflow):
     return BASE_COST * pixels / (512 * 512) * steps / 20
 
 
+class ProgressSocket:
+    """ComfyUI's websocket (/ws?clientId=...) for one job, read for its "progress" messages (the
+    sampler's steps), which nothing else tells.  A small client: ComfyUI talks, we only listen,
+    answering pings; text frames are JSON, binary ones (previews) are skipped."""
+
+    def __init__(self, model, client_id):
+        self.sock = socket.create_connection(model.address, timeout=5)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(("GET %s/ws?clientId=%s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\n"
+                           "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                           % (model.prefix, client_id, model.host_header, key)).encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            data = self.sock.recv(4096)
+            if not data or len(self.buffer) > 65536:
+                raise OSError("no websocket handshake")
+            self.buffer += data
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise OSError("ComfyUI refused the websocket: %r" % head[:40])
+        self.sock.setblocking(False)
+
+    def messages(self):
+        """The JSON messages that have come in since the last call (never waits)."""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                self.buffer += data
+        except BlockingIOError:
+            pass
+        found = []
+        while len(self.buffer) >= 2:
+            opcode, length = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F
+            start = 2 + {126: 2, 127: 8}.get(length, 0)
+            if len(self.buffer) < start:
+                break
+            if length >= 126:
+                length = struct.unpack(">H" if length == 126 else ">Q", self.buffer[2:start])[0]
+            if len(self.buffer) < start + length:
+                break
+            payload, self.buffer = self.buffer[start:start + length], self.buffer[start + length:]
+            if opcode == 1:
+                try:
+                    found.append(json.loads(payload))
+                except ValueError:
+                    pass
+            elif opcode == 9:  # ping: a pong, masked as a client's frames must be
+                mask = os.urandom(4)
+                self.sock.send(bytes([0x8A, 0x80 | len(payload)]) + mask +
+                               bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        return found
+
+    def close(self):
+        self.sock.close()
+
+
 def validation_errors(answer):
     """ComfyUI's 400 to /prompt in one line: its message, then each node's errors."""
     error = answer.get("error")
@@ -87,7 +147,8 @@ class Job:
     def __init__(self, model, request, workflow):
         self.model = model
         self.watch = vastworker.ClientWatch(request)
-        status, answer = model.call("POST", "/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex},
+        self.client_id = uuid.uuid4().hex  # its websocket's id: progress goes to that socket only
+        status, answer = model.call("POST", "/prompt", {"prompt": workflow, "client_id": self.client_id},
                                     client=self.watch)
         if status == 400 and isinstance(answer, dict):  # ComfyUI's validation, node by node
             abort(400, "ComfyUI refused the workflow: %s" % validation_errors(answer))
@@ -164,28 +225,42 @@ class Job:
             raise
 
     def progress(self, images):
-        """NDJSON lines: where the job is, each time it moves and at least every second (which
-        also finds out a client that left), then the outputs."""
+        """NDJSON lines: where the job is (queued with how many ahead, running with the sampler's
+        step when ComfyUI's websocket tells it), each time that changes and at least every
+        second (which also finds out a client that left), then the outputs."""
         self.watch.streaming = True
-        said, said_at = None, 0.0
+        said, said_at, step = None, 0.0, None
+        try:
+            steps = ProgressSocket(self.model, self.client_id)
+        except OSError as exc:
+            vastworker.Log.write("info", "comfyui: no step progress (%s)" % exc)
+            steps = None
         try:
             while True:
                 entry = self.result()
                 if entry is not None:
                     yield json.dumps(dict(self.outputs(entry, images), status="done")) + "\n"
                     return
+                for message in steps.messages() if steps is not None else ():
+                    data = message.get("data") or {}
+                    if message.get("type") == "progress" and data.get("prompt_id", self.prompt_id) == self.prompt_id:
+                        step = (data.get("value"), data.get("max"))
                 where, ahead = self.place(self.watch)
                 now = time.monotonic()
-                if (where, ahead) != said or now - said_at >= 1.0:
-                    said, said_at = (where, ahead), now
+                if (where, ahead, step) != said or now - said_at >= 1.0:
+                    said, said_at = (where, ahead, step), now
                     line = {"status": where, "prompt_id": self.prompt_id, "seconds": round(now - self.started, 1)}
                     if where == "queued":
                         line["ahead"] = ahead
+                    elif where == "running" and step is not None:
+                        line["step"], line["steps"] = step
                     yield json.dumps(line) + "\n"
                 self.watch.pause(POLL)
         except vastworker.Refusal as refusal:
             yield json.dumps({"status": "failed", "prompt_id": self.prompt_id, "error": refusal.detail}) + "\n"
         finally:
+            if steps is not None:
+                steps.close()
             if not self.finished:
                 self.cancel()
 
