@@ -1,8 +1,8 @@
 """ComfyUI behind the worker: POST /generate with a workflow (the API format that ComfyUI's
 "Export (API)" saves) submits it, waits for it and answers with its images, as base64 or as URLs
-the worker serves at GET /view.  With "stream": true the answer is NDJSON progress lines (queued,
-position, running with the sampler's step, elapsed) ending with the result.  A client that hangs up takes its job with
-it: interrupted when it runs, taken off the queue when it waits.
+the worker serves at GET /view.  With "stream": true the answer is NDJSON progress lines (queued
+and how many ahead, running and the sampler's step, elapsed) ending with the result.  A client
+that hangs up takes its job with it: interrupted when it runs, taken off the queue when it waits.
 
     {"workflow": {"3": {"class_type": "KSampler", "inputs": {...}}, ...},
      "images": "base64" | "url", "stream": false}
