@@ -5,9 +5,9 @@ current Vast worker's framework, aiohttp.
 All serve the same backends in the same run, driven by the same load generator (wrk when it is
 installed, else a built-in keep-alive client), after a warm-up.  Prints a table of requests/s and
 p50/p99 latency for GET /value and POST /increment at several concurrencies, the time from
-process start to the first 200, resident memory idle and after load, and a 50 ms I/O-bound
-endpoint (not for aiohttp, whose event loop a blocking handler would stall), each with its
-ratio to the references' figures.
+process start to the first 200, resident memory idle and after load, a 50 ms I/O-bound
+endpoint (not for aiohttp, whose event loop a blocking handler would stall), and 8 MB JSON
+uploads and answers, each with its ratio to the references' figures.
 
     python3 bench/bench.py [--seconds 5] [--concurrency 1,16,64] [--no-flask] [--no-aiohttp]
 
@@ -78,7 +78,7 @@ async def handler(request):
         return web.json_response(result)
     return web.Response(text=result, content_type="text/html")
 
-app = web.Application()
+app = web.Application(client_max_size=64 * 1024 * 1024)  # as vastworker's --max-body (aiohttp's is 1 MB)
 app.router.add_route("*", "/{endpoint:.+}", handler)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)
 """
@@ -96,6 +96,27 @@ def wait(backend, request):
 
 flask_dict = {{"GET": {{"wait": wait}}}}
 """
+
+# Large bodies, as image backends see them: an 8 MB JSON upload (a base64 image) whose field the
+# handler reads, and an 8 MB JSON answer.
+LARGE_BACKEND = """
+IMAGE = "iVBORw0KGgo" * (8 * 1024 * 1024 // 11)
+
+class Backend:
+    pass
+
+def upload(backend, request):
+    return {"length": len(request.json["image"])}
+
+def download(backend, request):
+    return {"image": IMAGE}
+
+def ping(backend, request):
+    return {"ok": True}
+
+flask_dict = {"POST": {"upload": upload}, "GET": {"download": download, "ping": ping}}
+"""
+
 
 WRK_POST = """
 wrk.method = "POST"
@@ -263,6 +284,40 @@ def load_worker(port, path, method, concurrency, seconds):
     print(json.dumps({"latencies": latencies, "failures": failures[0], "elapsed": elapsed}))
 
 
+def large_bodies(cores, port, pid):
+    """Median ms of 11 uploads and of 11 downloads of 8 MB of JSON (one each first, to warm up),
+    from a client on the load core, and the server's peak memory during the uploads over its
+    memory before them, in MB."""
+    def client(what):
+        command = cores.load([sys.executable, os.path.abspath(__file__), "--large-client", str(port), what])
+        return json.loads(subprocess.run(command, capture_output=True, check=True, timeout=600).stdout)
+
+    before = rss_kb(pid)
+    upload = client("upload")
+    peak = (rss_kb(pid, "VmHWM") - before) / 1024
+    return upload, client("download"), peak
+
+
+def large_client(port, what):
+    """The median of 11 timed requests of one kind, after one untimed."""
+    body = json.dumps({"image": "iVBORw0KGgo" * (8 * 1024 * 1024 // 11)}).encode()
+    request = ("POST", "/upload", body) if what == "upload" else ("GET", "/download", None)
+
+    def once():
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        started = time.perf_counter()
+        connection.request(request[0], request[1], request[2], {"Content-Type": "application/json"} if body else {})
+        response = connection.getresponse()
+        answer = response.read()
+        connection.close()
+        if response.status != 200:
+            raise SystemExit("%s %s: %d %r" % (request[0], request[1], response.status, answer[:200]))
+        return (time.perf_counter() - started) * 1000
+
+    once()
+    print(json.dumps(statistics.median(once() for _ in range(11))))
+
+
 def aiohttp_python():
     """A Python with aiohttp (a venv the benchmark makes once); None, saying why, without it."""
     try:
@@ -286,9 +341,12 @@ def main():
     parser.add_argument("--no-aiohttp", action="store_true", help="skip the aiohttp reference (Vast's current framework)")
     parser.add_argument("--builtin-load", action="store_true", help="use the built-in client even if wrk is installed")
     parser.add_argument("--load-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--large-client", nargs=2, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.load_worker:
         return load_worker(*json.loads(options.load_worker))
+    if options.large_client:
+        return large_client(int(options.large_client[0]), options.large_client[1])
 
     cores = Cores()
     use_wrk = shutil.which("wrk") is not None and not options.builtin_load
@@ -363,6 +421,14 @@ def main():
                 rows_for["50 ms I/O c64 %s p99" % name] = ("ms", result.p99, False)
                 if result.failures:
                     problems.append("%s 50 ms I/O %s: %d failed responses" % (kind, name, result.failures))
+        with tempfile.TemporaryDirectory() as directory:
+            with open(os.path.join(directory, "backend.py"), "w") as file:
+                file.write(LARGE_BACKEND)
+            with Server(kind, directory, cores, probe="/ping", python=python_with_aiohttp) as server:
+                upload, download, peak = large_bodies(cores, server.port, server.proc.pid)
+            rows_for["8 MB JSON upload, median of 11"] = ("ms", upload, False)
+            rows_for["8 MB JSON answer, median of 11"] = ("ms", download, False)
+            rows_for["8 MB JSON uploads: peak memory over idle"] = ("MB", peak, False)
         for label, (unit, value, better) in rows_for.items():
             for row in rows:
                 if row[0] == label:
