@@ -2950,6 +2950,64 @@ def open_files(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
+class RawUpstream:
+    """A model server written by hand on a socket: `serve(sock)` gets each connection."""
+
+    def __init__(self, serve):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.connections = []
+
+        def accept():
+            while True:
+                try:
+                    sock, _ = self.listener.accept()
+                except OSError:
+                    return
+                self.connections.append(sock)
+                threading.Thread(target=serve, args=(sock,), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def close(self):
+        self.listener.close()
+        for sock in self.connections:
+            sock.close()
+
+
+def test_a_stream_that_ends_with_its_connection_is_relayed_whole_and_the_connection_closed(start_worker, write_backend):
+    def serve(sock):
+        sock.recv(65536)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+                     b"data: one\n\ndata: two\n\n")
+        sock.close()
+
+    upstream = RawUpstream(serve)
+    try:
+        worker = start_worker(write_backend(PROXY_BACKEND), env={"MODEL_SERVER_URL": upstream.url})
+        files = open_files(worker.proc.pid)
+        for _ in range(5):
+            status, headers, body = worker.request("GET", "/file")
+            assert (status, body) == (200, b"data: one\n\ndata: two\n\n") and "Connection" not in headers
+        wait_until(lambda: open_files(worker.proc.pid) <= files,
+                   failure=lambda: "open files: %d before, %d now" % (files, open_files(worker.proc.pid)))
+    finally:
+        upstream.close()
+
+
+def test_a_model_server_that_stops_reading_the_request_is_a_504(start_worker, write_backend):
+    upstream = RawUpstream(lambda sock: None)  # accepts, never reads
+    try:
+        worker = start_worker(write_backend(PROXY_BACKEND), env={"MODEL_SERVER_URL": upstream.url,
+                                                                "PROXY_TIMEOUT": "0.5"})
+        status, data = worker.json("POST", "/v1/completions", {"prompt": "x" * 30000000})
+        assert (status, data["detail"]) == (504, "the model server %s: it stopped reading the request" % upstream.url)
+    finally:
+        upstream.close()
+
+
 def test_a_thousand_aborted_streams_leave_no_thread_or_connection_behind(start_worker, fake_model, tmp_path):
     fake = fake_model("vllm", token_delay=0.002)
     worker = model_worker(start_worker, "openai", fake, tmp_path)

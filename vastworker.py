@@ -3690,10 +3690,13 @@ class UpstreamFailed(Exception):
 
 
 REFUSED = "it refused the connection"
+SEND_STALLED = "it stopped reading the request"
 
 
 def socket_failure(exc):
     """An OSError on the model server's socket, in a few words."""
+    if isinstance(exc, socket.timeout):
+        return SEND_STALLED
     if isinstance(exc, ConnectionRefusedError):
         return REFUSED
     if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
@@ -3964,7 +3967,7 @@ class ModelServer:
             raise UpstreamFailed("the connection was not accepted within %g s" % self.connect_timeout)
         except OSError as exc:
             raise UpstreamFailed(socket_failure(exc))
-        sock.settimeout(None)  # waits are ClientWatch's poll(); sends are short
+        sock.settimeout(self.timeout)  # reads wait in ClientWatch's poll(); this bounds a send
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return UpstreamConnection(sock)
 
@@ -4011,7 +4014,7 @@ class ModelServer:
 
     def refusal(self, why):
         """The Refusal for a model server that failed before its answer began."""
-        if why.startswith("no answer within") or why.startswith("the connection was not accepted"):
+        if why.startswith(("no answer within", "the connection was not accepted")) or why == SEND_STALLED:
             return Refusal(504, "the model server %s: %s" % (self.url, why))
         if not self.answered and why in (REFUSED, CLOSED_EARLY):
             return Refusal(503, "the model server %s is not answering yet (%s): still loading?"
@@ -4070,12 +4073,12 @@ class ModelServer:
         garbage ends the stream with an error event (SSE, NDJSON) or cuts it; a client that
         leaves closes the upstream connection.  Either way the log says why."""
         watch.streaming = True
-        finished = False
+        kept = False
         try:
             for piece in connection.pieces(framing, watch, self.stall):
                 yield piece
-            finished = True
-            if framing[0] != "close":
+            kept = framing[0] != "close"  # a body that ends with its connection ends that too
+            if kept:
                 self._give_back(connection)
         except UpstreamFailed as exc:
             why = "the model server %s broke off %s: %s" % (self.url, target, exc)
@@ -4087,7 +4090,7 @@ class ModelServer:
         except Cancelled:  # an OSError, as a write to the departed client would have raised
             raise ConnectionAbortedError("the client left; the model server's answer was stopped")
         finally:
-            if not finished:
+            if not kept:
                 connection.close()
 
     def call(self, method, path, payload=None, client=None, timeout=None):
