@@ -380,6 +380,48 @@ def test_error_bodies_are_short_json_in_our_own_words():
 # 2. Wire: parsing, framing, deadlines, the connection cap, TLS
 # ------------------------------------------------------------------------------------------------
 
+def read_head_both_ways(head):
+    """What RequestHead makes of a head (with its fast path for plain heads), and what the
+    line-by-line parser alone makes of it: the same, or the same refusal."""
+    def reading(make):
+        try:
+            parsed = make()
+        except vastworker.Refusal as refusal:
+            return ("refused", refusal.code, refusal.detail)
+        return (parsed.method, parsed.version, parsed.http11, parsed.absolute_host, parsed.target, parsed.path,
+                parsed.query_string, parsed.fields, list(parsed.headers.items()), parsed.connection,
+                parsed.content_length, parsed.chunked, parsed.keep_alive)
+
+    def line_by_line():
+        parsed = object.__new__(vastworker.RequestHead)
+        parsed._finish(*parsed._parse_any(head))
+        return parsed
+
+    return reading(lambda: vastworker.RequestHead(head)), reading(line_by_line)
+
+
+def test_the_fast_path_for_plain_heads_reads_them_as_the_line_by_line_parser_does():
+    import random
+    rng = random.Random(7)
+    lines = [b"GET /value HTTP/1.1", b"POST /increment?x=%41&y HTTP/1.0", b"get /value HTTP/1.1",
+             b"GET //a//b HTTP/1.1", b"GET http://h/x HTTP/1.1", b"OPTIONS * HTTP/1.1", b"GET /v HTTP/1.2",
+             b"GET /caf\xc3\xa9 HTTP/1.1", b"GET /%E2%82%AC HTTP/1.1", b"GET  /v HTTP/1.1", b"GET /v HTTP/2.0"]
+    fields = [b"Host: a", b"host:b", b"Content-Length: 5", b"Content-Length: 5, 5", b"Content-Length: 07",
+              b"Transfer-Encoding: chunked", b"Connection: close", b"Connection: keep-alive, Upgrade",
+              b"X_Under: 1", b"X-Tab:\ta\tb ", b"X-Obs: caf\xe9", b"X-Empty:", b"X-Sp:   spaced out   ",
+              b" folded", b"Bad Name: 1", b"Cookie: a=1", b"Cookie: b=2", b"X-Ctl: a\x01b", b"X-Nul: a\x00b",
+              b"X-Colon: a: b", b"Accept: */*"]
+    compared = plain = 0
+    for _ in range(4000):
+        ending = rng.choice([b"\r\n", b"\n"])
+        head = ending.join([rng.choice(lines)] + [rng.choice(fields) for _ in range(rng.randint(0, 6))])
+        fast, slow = read_head_both_ways(head)
+        assert fast == slow, head
+        compared += 1
+        plain += vastworker._PLAIN_HEAD.fullmatch(head) is not None
+    assert plain > 500 and compared - plain > 500  # both paths well exercised
+
+
 def test_a_request_head_is_parsed_with_its_framing():
     head = vastworker.RequestHead(
         b"post /caf%C3%A9/x?a=1&b HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\nCookie: a=1\r\n"
