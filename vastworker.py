@@ -4367,6 +4367,7 @@ environment variables:
   MASTER_TOKEN            shared secret: the reports' "mtoken", the key to the internal
                           /report_* endpoints (off without it), and Backend(master_token=...)
   PUBLIC_IPADDR, VAST_TCP_PORT_<port>  the public address reported as "url"
+  MODEL_SERVER_URL        the model server the openai, tgi and comfyui backends front
   MODEL_LOG               the model server's log, watched for the backend's log_actions
   MODEL_HEALTH_ENDPOINT   the model server's health URL: loaded only after a 200, failed on a later non-200
   STATE_FILE              same as --state-file
