@@ -80,6 +80,26 @@ def hello(start_worker):
     return start_worker("helloworld")
 
 
+def venv_or_skip(name, requirement, what):
+    """A Python with `requirement` in a virtual environment outside the project (made once, kept
+    in ~/.cache/vastworker); the test is skipped, saying why, where it cannot be installed."""
+    try:
+        return cached_venv(name, requirement)
+    except RuntimeError as exc:
+        pytest.skip("%s: %s" % (what, exc))
+
+
+def run_client(python, source, tmp_path, *args, env=None):
+    """Run a client script written by others' libraries (`source`, in that venv's `python`) with
+    `args`; the JSON it prints last."""
+    script = tmp_path / "client.py"
+    script.write_text(source)
+    result = subprocess.run([python, str(script)] + [str(arg) for arg in args], capture_output=True,
+                            timeout=120, env=dict(os.environ, **(env or {})))
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    return json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+
 @pytest.fixture
 def write_backend(tmp_path):
     """Write a backend.py (dedented source) into a new directory; its path."""
@@ -2499,12 +2519,8 @@ asyncio.run(main(sys.argv[1]))
 
 @pytest.fixture(scope="module")
 def vast_sdk():
-    """Vast's own client SDK (PyPI vastai 1.9.1) in a virtual environment outside the project,
-    made once and kept in ~/.cache/vastworker; the test is skipped, saying why, where it cannot be."""
-    try:
-        return cached_venv("vastai-1.9.1", "vastai==1.9.1")
-    except RuntimeError as exc:
-        pytest.skip("Vast's SDK: %s" % exc)
+    """Vast's own client SDK (PyPI vastai 1.9.1), where it can be installed."""
+    return venv_or_skip("vastai-1.9.1", "vastai==1.9.1", "Vast's SDK")
 
 
 def test_vasts_own_sdk_client_runs_against_the_worker(start_worker, write_backend, autoscaler, vast_sdk, tmp_path):
@@ -2514,11 +2530,7 @@ def test_vasts_own_sdk_client_runs_against_the_worker(start_worker, write_backen
         "PUBLIC_IPADDR": "127.0.0.1", "VAST_TCP_PORT_%d" % port: str(port)})
     worker.wait_for_log("public key from")
     autoscaler.wait_for(lambda r: r["loadtime"] > 0)
-    client = tmp_path / "client.py"
-    client.write_text(SDK_CLIENT)
-    result = subprocess.run([vast_sdk, str(client), autoscaler.url], capture_output=True, timeout=120)
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    out = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    out = run_client(vast_sdk, SDK_CLIENT, tmp_path, autoscaler.url)
     print("Vast's SDK against the worker:", json.dumps(out))
     assert out["single"] == [200, {"count": 1}]
     assert out["concurrent"] == list(range(2, 10))  # serialised by the lock: each count once
@@ -3132,23 +3144,14 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def openai_client():
-    """The openai Python client (PyPI openai 1.x) in a virtual environment outside the project;
-    the test is skipped, saying why, where it cannot be installed."""
-    try:
-        return cached_venv("openai-client", "openai>=1.40,<2")
-    except RuntimeError as exc:
-        pytest.skip("the openai client: %s" % exc)
+    """The openai Python client (PyPI openai 1.x), where it can be installed."""
+    return venv_or_skip("openai-client", "openai>=1.40,<2", "the openai client")
 
 
 def test_the_openai_python_client_works_through_the_worker_unchanged(start_worker, fake_model, tmp_path, openai_client):
     fake = fake_model("vllm")
     worker = model_worker(start_worker, "openai", fake, tmp_path)
-    script = tmp_path / "client.py"
-    script.write_text(OPENAI_CLIENT)
-    result = subprocess.run([openai_client, str(script), "http://127.0.0.1:%d" % worker.port],
-                            capture_output=True, timeout=120)
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    out = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    out = run_client(openai_client, OPENAI_CLIENT, tmp_path, "http://127.0.0.1:%d" % worker.port)
     print("the openai client through the worker:", json.dumps(out))
     assert out["chat"] == ["tok0 tok1 tok2 ", 3]
     assert out["chat_stream"] == ["tok0 tok1 tok2 ", True]
@@ -3249,23 +3252,15 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def hf_client():
-    """Hugging Face's own TGI client (huggingface_hub's InferenceClient) in a virtual environment
-    outside the project; the test is skipped, saying why, where it cannot be installed."""
-    try:
-        return cached_venv("hf-client", "huggingface_hub>=0.24,<1")
-    except RuntimeError as exc:
-        pytest.skip("huggingface_hub: %s" % exc)
+    """Hugging Face's own TGI client (huggingface_hub's InferenceClient), where it can be installed."""
+    return venv_or_skip("hf-client", "huggingface_hub>=0.24,<1", "huggingface_hub")
 
 
 def test_hugging_faces_tgi_client_works_through_the_worker_unchanged(start_worker, fake_model, tmp_path, hf_client):
     fake = fake_model("tgi")
     worker = model_worker(start_worker, "tgi", fake, tmp_path)
-    script = tmp_path / "client.py"
-    script.write_text(HF_CLIENT)
-    result = subprocess.run([hf_client, str(script), "http://127.0.0.1:%d" % worker.port],
-                            capture_output=True, timeout=120, env=dict(os.environ, HF_HUB_DISABLE_TELEMETRY="1"))
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    out = json.loads(result.stdout.decode().strip().splitlines()[-1])
+    out = run_client(hf_client, HF_CLIENT, tmp_path, "http://127.0.0.1:%d" % worker.port,
+                     env={"HF_HUB_DISABLE_TELEMETRY": "1"})
     print("huggingface_hub's client through the worker:", json.dumps(out))
     assert out["text"] == "tok0 tok1 tok2 " and out["stream"] == ["tok0 ", "tok1 ", "tok2 "]
     assert out["details"] == ["tok0 tok1 ", 2]

@@ -4145,14 +4145,14 @@ class ModelServer:
             connection, status, answer = self._exchange(method, path, sent, body, watch,
                                                            timeout or self.timeout)
             try:
-                data = b"".join(connection.pieces(framing_of(method, status, answer), watch,
-                                                  timeout or self.timeout))
+                framing = framing_of(method, status, answer)
+                data = b"".join(connection.pieces(framing, watch, timeout or self.timeout))
             except BaseException:
                 connection.close()
                 raise
         except UpstreamFailed as exc:
             raise self.refusal(str(exc))
-        if framing_of(method, status, answer)[0] == "close":
+        if framing[0] == "close":
             connection.close()
         else:
             self._give_back(connection)
