@@ -732,7 +732,7 @@ class ClientSocket:
 
 def decode_path(raw):
     """Percent-decode a request path as UTF-8, invalid bytes becoming U+FFFD (Werkzeug's rule)."""
-    if b"%" not in raw:
+    if raw.find(b"%") < 0:  # not `in`: on bytes it makes and drops a TypeError first (1,800 instructions)
         try:
             return raw.decode("ascii")
         except UnicodeDecodeError:
@@ -1451,13 +1451,18 @@ def _finite_float(text):
     return value
 
 
+# One decoder for every request, as json.loads keeps one: json.loads given these hooks builds a new
+# decoder and scanner each call, 1.1 us of a 13-byte body's 2.5 us (timeit).
+_REQUEST_JSON = json.JSONDecoder(object_pairs_hook=JSONObject, parse_float=_finite_float,
+                                 parse_constant=_reject_constant)
+
+
 def parse_request_json(body):
     """Strict JSON (decisions.md 5): NaN, Infinity, overflowing numbers, invalid UTF-8 and nesting
     too deep to parse are client errors, and so is a body that is just null.  Objects come back
     as JSONObject, a top-level array as JSONArray; what is refused raises Refusal(400)."""
     try:
-        value = json.loads(body, object_pairs_hook=JSONObject, parse_float=_finite_float,
-                           parse_constant=_reject_constant)
+        value = _REQUEST_JSON.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except StrictJSONError as exc:
         raise Refusal(400, "invalid JSON: %s" % exc)
     except UnicodeDecodeError:
@@ -1633,6 +1638,8 @@ class Request:
 
     @property
     def is_json(self):
+        if self.headers.get("Content-Type") == "application/json":  # the usual one, as sent
+            return True
         mimetype = self.mimetype
         return mimetype == "application/json" or (
             mimetype.startswith("application/") and mimetype.endswith("+json"))
@@ -2651,16 +2658,16 @@ class GrantChecker:
             if hmac.compare_digest(internal.encode(), INTERNAL_TOKEN.encode()):
                 return  # the worker's own benchmark: it has no grant to show
         body = request.get_data()
-        data = None
-        if b'"signature"' in body or b'"auth_data"' in body:  # parsed here only if it may carry one
+        grant = session_id = None
+        if body.find(b'"signature"') >= 0 or body.find(b'"auth_data"') >= 0:  # parsed only if it may carry one
             try:
                 data = parse_request_json(body)
             except Refusal:
-                pass
-        grant, payload = self.grant_of(data)
-        if grant is not None:
-            request.replace_json(payload)
-        session_id = data.get("session_id") if isinstance(data, dict) and grant is not None else None
+                data = None
+            grant, payload = self.grant_of(data)
+            if grant is not None:
+                request.replace_json(payload)
+                session_id = data.get("session_id")
         if session_id is not None:
             return self.check_in_session(request, grant, session_id, sessions)
         if self.key is None:
