@@ -115,16 +115,21 @@ class Log:
 
     LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
     level = 20
+    LABELS = {name: name.upper() for name in LEVELS}
     _pending = collections.deque()
     _writing = threading.Lock()
     _flusher = None
+    _stamp = (0, "")  # (second, its timestamp): formatted once a second, not once a line
 
     @classmethod
     def write(cls, level, message, always=False):
         """always: a line that is written at any level, at once (the one that says the worker is up)."""
         rank = cls.LEVELS[level]
         if always or rank >= cls.level:
-            cls._pending.append("%s %s %s\n" % (time.strftime("%Y-%m-%d %H:%M:%S"), level.upper(), message))
+            now, stamp = int(time.time()), cls._stamp
+            if now != stamp[0]:
+                stamp = cls._stamp = (now, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)))
+            cls._pending.append("%s %s %s\n" % (stamp[1], cls.LABELS[level], message))
             if always or rank >= 30 or cls._flusher is None:
                 cls.flush()
 
