@@ -237,6 +237,7 @@ class Refusal(Exception):
 
 HOP_BY_HOP = frozenset(("connection", "content-length", "keep-alive", "transfer-encoding"))
 _HEAD_END = re.compile(rb"\n\r?\n")
+_NO_TOKENS = frozenset()  # a request's Connection tokens when it sends none
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # printable ASCII, as h11 reads a request target
@@ -289,6 +290,8 @@ class Headers:
     Headers, reduced): a request's and a response's.  Iterating gives (name, value) pairs, as
     Flask's headers do."""
 
+    _index = None  # a request's: {lower-case name: position}, until anything changes them
+
     def __init__(self, items=None):
         self._items = []
         if items:
@@ -310,6 +313,7 @@ class Headers:
             else:
                 seen[lower] = len(items)
                 items.append((name.title(), value))
+        headers._index = seen  # a request's headers are looked up by name, a few times each
         return headers
 
     @staticmethod
@@ -329,6 +333,11 @@ class Headers:
 
     def get(self, key, default=None, type=None):
         lower = key.lower()
+        if self._index is not None:
+            position = self._index.get(lower)
+            if position is None:
+                return default
+            return _converted_one(self._items[position][1], type, default) if type else self._items[position][1]
         for name, value in self._items:
             if name.lower() == lower:
                 return _converted_one(value, type, default)
@@ -348,6 +357,8 @@ class Headers:
 
     def __contains__(self, key):
         lower = key.lower()
+        if self._index is not None:
+            return lower in self._index
         return any(name.lower() == lower for name, _ in self._items)
 
     def __iter__(self):
@@ -373,6 +384,7 @@ class Headers:
 
     def add(self, name, value):
         self._items.append(self._checked(name, value))
+        self._index = None
 
     def extend(self, items):
         for name, value in self._pairs(items):
@@ -381,6 +393,7 @@ class Headers:
     def remove(self, key):
         lower = key.lower()
         self._items = [(k, v) for k, v in self._items if k.lower() != lower]
+        self._index = None
 
     __delitem__ = remove
 
@@ -795,10 +808,11 @@ class RequestHead:
         """The headers as the handler sees them, and the framing facts, from the parsed fields."""
         self.fields = fields
         self.headers = Headers.received(pairs)
-        self.connection = {token.strip().lower() for value in self.fields.get("connection", ())
-                           for token in value.split(",")}
-        self.content_length = self._content_length()
-        self.chunked = self._chunked()
+        tokens = fields.get("connection")
+        self.connection = {token.strip().lower() for value in tokens
+                           for token in value.split(",")} if tokens else _NO_TOKENS
+        self.content_length = self._content_length() if "content-length" in fields else None
+        self.chunked = self._chunked() if "transfer-encoding" in fields else False
         hosts = len(self.fields.get("host", ()))
         if hosts > 1 or (hosts == 0 and self.http11):  # RFC 9112 3.2
             raise Refusal(400, "an HTTP/1.1 request needs one Host header, not %d" % hosts)
@@ -860,9 +874,9 @@ class RequestHead:
         return fields, pairs
 
     def _content_length(self):
-        values = self.fields.get("content-length")
-        if not values:
-            return None
+        values = self.fields["content-length"]
+        if len(values) == 1 and values[0].isdigit() and values[0].isascii() and len(values[0]) <= 18:
+            return int(values[0])  # the usual one
         numbers = {value.strip() for joined in values for value in joined.split(",")}
         if len(numbers) != 1:
             raise Refusal(400, "conflicting Content-Length headers")
@@ -874,9 +888,7 @@ class RequestHead:
         return int(number)
 
     def _chunked(self):
-        values = self.fields.get("transfer-encoding")
-        if not values:
-            return False
+        values = self.fields["transfer-encoding"]
         codings = [coding.strip(" \t").lower() for value in values for coding in value.split(",")]
         if codings != ["chunked"]:
             raise Refusal(501, "only the chunked transfer coding is accepted, got %r"
@@ -1044,8 +1056,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         if length and not server.bodies.take(length):
             raise server.bodies.refusal()
         try:
-            if (length or head.chunked) and head.http11 and \
-                    "100-continue" in (value.lower() for value in head.fields.get("expect", ())):
+            if (length or head.chunked) and head.http11 and "expect" in head.fields and \
+                    "100-continue" in (value.lower() for value in head.fields["expect"]):
                 client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
             if length or head.chunked:
                 client.start_body()
