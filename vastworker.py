@@ -922,30 +922,51 @@ class HTTPResponse:
         return cls(refusal.code, [("Content-Type", "application/json")] + refusal.headers, refusal.body())
 
 
+# The status line and headers of the responses sent lately, encoded: most responses repeat a few
+# heads ("200 OK, Content-Type: application/json"), and one written from this is 0.38 us against
+# 0.92 us line by line (timeit).  Cleared when full, so that varying headers cannot grow it.
+_HEAD_LINES = {}
+
+
+def _head_lines(status_code, phrase, items):
+    """(the status line and the response's own header lines, encoded; whether Date is to be
+    added; the Server line, or nothing when the response names its own), remembered."""
+    lines = ["HTTP/1.1 %d %s\r\n" % (status_code, phrase)]
+    given = set()
+    for name, value in items:
+        lower = name.lower()
+        given.add(lower)
+        if lower not in HOP_BY_HOP:
+            lines.append("%s: %s\r\n" % (name, value))
+    server = b"" if "server" in given else b"Server: %s\r\n" % SERVER_HEADER.encode("ascii")
+    fixed = ("".join(lines).encode("latin-1"), "date" not in given, server)
+    if len(fixed[0]) <= 4096:
+        if len(_HEAD_LINES) >= 256:
+            _HEAD_LINES.clear()
+        _HEAD_LINES[(status_code, phrase, items)] = fixed
+    return fixed
+
+
 def encode_head(status_code, phrase, headers, date, length=None, chunked=False, connection=None):
     """The one place a response head is written, for every answer on every socket: the status
     line, the response's own headers (hop-by-hop ones dropped: the framing is ours), Date and
     Server unless given, then Content-Length or chunked, and Connection when it is not the
     default.  Latin-1, as HTTP heads are: a header that is not raises UnicodeEncodeError."""
-    lines = ["HTTP/1.1 %d %s\r\n" % (status_code, phrase)]
-    given = set()
-    for name, value in headers:
-        lower = name.lower()
-        given.add(lower)
-        if lower not in HOP_BY_HOP:
-            lines.append("%s: %s\r\n" % (name, value))
-    if "date" not in given:
-        lines.append("Date: %s\r\n" % date)
-    if "server" not in given:
-        lines.append("Server: %s\r\n" % SERVER_HEADER)
+    key = (status_code, phrase, tuple(headers._items))
+    fixed = _HEAD_LINES.get(key)
+    if fixed is None:
+        fixed = _head_lines(*key)
+    head, date_wanted, server = fixed
+    if date_wanted:
+        head += b"Date: %s\r\n" % date.encode("ascii")
+    head += server
     if length is not None:
-        lines.append("Content-Length: %d\r\n" % length)
+        head += b"Content-Length: %d\r\n" % length
     elif chunked:
-        lines.append("Transfer-Encoding: chunked\r\n")
+        head += b"Transfer-Encoding: chunked\r\n"
     if connection is not None:
-        lines.append("Connection: %s\r\n" % connection)
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
+        head += b"Connection: %s\r\n" % connection.encode("ascii")
+    return head + b"\r\n"
 
 
 yield_core = getattr(os, "sched_yield", lambda: time.sleep(0))  # POSIX; elsewhere a GIL release
@@ -1822,6 +1843,9 @@ def content_type_for(mimetype):
     return mimetype
 
 
+HTML_CONTENT_TYPE = content_type_for("text/html")  # a str or bytes result's, Flask's default
+
+
 def is_response(value):
     """Ours or Werkzeug's (duck-typed): something with a status code, headers and a body."""
     return isinstance(value, HTTPResponse) or (
@@ -1854,6 +1878,17 @@ class Response(HTTPResponse):
             self.set_data(response)
         elif response is not None:
             self._set_iterable(response)
+
+    @classmethod
+    def plain(cls, body, content_type):
+        """A 200 with a bytes body and its Content-Type, as most handlers' results become: the
+        same response the constructor makes, without its decisions (a profile showed them)."""
+        response = cls.__new__(cls)
+        response.headers = Headers()
+        response.headers._items.append(("Content-Type", content_type))
+        response._status_code, response.phrase = 200, "OK"
+        response.body, response.chunks = body, None
+        return response
 
     def _set_iterable(self, iterable):
         if isinstance(iterable, (list, tuple)):
@@ -1963,7 +1998,7 @@ def jsonify(*args, **kwargs):
     if args and kwargs:
         raise TypeError("jsonify() takes positional or keyword arguments, not both")
     value = kwargs if kwargs else (args[0] if len(args) == 1 else (list(args) if args else None))
-    return Response(json_body(value), mimetype="application/json")
+    return Response.plain(json_body(value).encode("ascii"), "application/json")
 
 
 class BadReturnValue(TypeError):
@@ -2000,13 +2035,15 @@ def to_response(value):
     raises BadReturnValue for what cannot be one."""
     if isinstance(value, HTTPResponse):
         return value
-    if isinstance(value, (str, bytes, bytearray)):
-        return Response(value)
+    if isinstance(value, str):
+        return Response.plain(value.encode("utf-8"), HTML_CONTENT_TYPE)
     if isinstance(value, (dict, list)):
         try:
-            return Response(json_body(value), mimetype="application/json")
+            return Response.plain(json_body(value).encode("ascii"), "application/json")
         except (TypeError, ValueError) as exc:
             raise BadReturnValue("the handler's result could not be sent as JSON: %s" % exc)
+    if isinstance(value, (bytes, bytearray)):
+        return Response.plain(bytes(value), HTML_CONTENT_TYPE)
     if isinstance(value, tuple):
         body, status, headers = _tuple_parts(value)
         response = to_response(body)
