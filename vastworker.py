@@ -1250,7 +1250,8 @@ class WorkerServer(http.server.ThreadingHTTPServer):
         self.stopping = False
         self.deadlines = DeadlineWatcher()
         self._active = 0
-        self._active_changed = threading.Condition()
+        self._active_lock = threading.Lock()  # a plain lock: a Condition's `with` is two Python calls
+        self._active_changed = threading.Condition(self._active_lock)
         self._date = (0, "")
 
     def http_date(self):
@@ -1335,13 +1336,13 @@ class WorkerServer(http.server.ThreadingHTTPServer):
             self._tls_refusals.release()
 
     def request_started(self):
-        with self._active_changed:
+        with self._active_lock:
             self._active += 1
 
     def request_finished(self):
-        with self._active_changed:
+        with self._active_lock:
             self._active -= 1
-            if not self._active:
+            if not self._active and self.stopping:  # only a stop waits for none in flight
                 self._active_changed.notify_all()
 
     def wait_idle(self, timeout):
