@@ -502,6 +502,18 @@ def test_every_response_head_is_encoded_the_same_way():
         % (date.encode(), vastworker.__version__.encode()))
     with pytest.raises(UnicodeEncodeError):
         vastworker.encode_head(200, "OK", vastworker.Headers([("X-Euro", "\u20ac")]), date, length=0)
+    # heads are remembered by their status and headers: each still gets its own lines and Date
+    json_head = vastworker.encode_head(200, "OK", vastworker.Headers([("Content-Type", "application/json")]),
+                                       date, length=7)
+    text_head = vastworker.encode_head(200, "OK", vastworker.Headers([("Content-Type", "text/plain")]),
+                                       "Fri, 02 Jan 2026 00:00:00 GMT", length=7)
+    assert b"application/json" in json_head and date.encode() in json_head
+    assert b"text/plain" in text_head and b"Fri, 02 Jan" in text_head and b"application/json" not in text_head
+    assert vastworker.encode_head(200, "OK", vastworker.Headers([("Content-Type", "application/json")]),
+                                  date, length=7) == json_head
+    for number in range(1000):  # headers that vary per response cannot grow the memory of them
+        vastworker.encode_head(200, "OK", vastworker.Headers([("X-Request", str(number))]), date, length=0)
+    assert len(vastworker._HEAD_LINES) <= 256
 
 
 def test_huge_content_length_is_413_at_once(hello):
@@ -928,6 +940,8 @@ def test_strict_json_gives_dicts_whose_missing_fields_are_the_clients_fault():
     assert (caught.value.code, caught.value.detail) == (400, "missing JSON field 'missing'")
     array = vastworker.parse_request_json(b"[1, 2]")
     assert array == [1, 2] and array[1] == 2
+    for encoding in ("utf-8-sig", "utf-16", "utf-32"):  # JSON's other encodings, as json.loads reads them
+        assert vastworker.parse_request_json('{"caf\u00e9": 1}'.encode(encoding)) == {"caf\u00e9": 1}
     with pytest.raises(vastworker.Refusal):
         array["amount"]
 
@@ -953,6 +967,28 @@ def test_return_values_convert_as_in_flask():
     for bad in (None, 5, ("x",), (("a", 1), 200), {"v": float("nan")}, {1}):
         with pytest.raises(vastworker.BadReturnValue):
             vastworker.to_response(bad)
+    # the plain results are built without the constructor, and are the response it makes
+    for value, made in (("x", vastworker.Response("x")), (b"\x00", vastworker.Response(b"\x00")),
+                        ([1], vastworker.Response('[1]\n', mimetype="application/json"))):
+        response = vastworker.to_response(value)
+        assert type(response) is vastworker.Response
+        assert (response.status, response.headers.items(), response.body, response.chunks) == (
+            made.status, made.headers.items(), made.body, made.chunks)
+    first, second = vastworker.to_response("a"), vastworker.to_response("a")
+    first.headers["X-A"] = "1"
+    first.status = 201
+    assert "X-A" not in second.headers and second.status_code == 200 and first.status == "201 Created"
+
+
+def test_request_headers_are_found_by_name_before_and_after_a_change():
+    headers = vastworker.Headers.received([("host", "x"), ("X-A", "1"), ("x-a", "2"), ("Cookie", "a=1")])
+    assert headers.get("X-a") == "1, 2" and headers["HOST"] == "x" and "cookie" in headers
+    assert headers.get("Missing") is None and headers.get("X-A", type=int) is None
+    headers.remove("host")
+    assert headers.get("Host") is None and "host" not in headers and headers.get("x-a") == "1, 2"
+    headers["X-B"] = "3"
+    assert headers.get("x-b") == "3" and "X-B" in headers
+    assert headers.items() == [("X-A", "1, 2"), ("Cookie", "a=1"), ("X-B", "3")]
 
 
 SURFACE_BACKEND = """
