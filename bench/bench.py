@@ -6,8 +6,9 @@ All serve the same backends in the same run, driven by the same load generator (
 installed, else a built-in keep-alive client), after a warm-up.  Prints a table of requests/s and
 p50/p99 latency for GET /value and POST /increment at several concurrencies, the time from
 process start to the first 200, resident memory idle and after load, a 50 ms I/O-bound
-endpoint (not for aiohttp, whose event loop a blocking handler would stall), and 8 MB JSON
-uploads and answers, each with its ratio to the references' figures.
+endpoint (not for aiohttp, whose event loop a blocking handler would stall), the same GET and
+POST over TLS (vastworker and aiohttp, with a self-signed certificate; needs wrk and openssl), and
+8 MB JSON uploads and answers, each with its ratio to the references' figures.
 
     python3 bench/bench.py [--seconds 5] [--concurrency 1,16,64] [--no-flask] [--no-aiohttp]
 
@@ -80,7 +81,12 @@ async def handler(request):
 
 app = web.Application(client_max_size=64 * 1024 * 1024)  # as vastworker's --max-body (aiohttp's is 1 MB)
 app.router.add_route("*", "/{endpoint:.+}", handler)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)
+tls = None
+if len(sys.argv) > 3:  # certificate and key: HTTPS
+    import ssl
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(sys.argv[3], sys.argv[4])
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None, ssl_context=tls)
 """
 
 IO_BACKEND = """
@@ -128,24 +134,27 @@ wrk.headers["Content-Type"] = "application/json"
 class Server:
     """One server process under test: vastworker or the Flask reference."""
 
-    def __init__(self, kind, backend_dir, cores, extra=(), probe="/value", python=None):
+    def __init__(self, kind, backend_dir, cores, extra=(), probe="/value", python=None, tls=None):
+        """tls: (certificate file, key file) to serve HTTPS (vastworker and aiohttp)."""
         self.kind = kind
         self.port = free_port()
         if kind == "flask":
             command = [sys.executable, "-c", FLASK_HOST, backend_dir, str(self.port)]
         elif kind == "aiohttp":
-            command = [python, "-c", AIOHTTP_HOST, backend_dir, str(self.port)]
+            command = [python, "-c", AIOHTTP_HOST, backend_dir, str(self.port)] + list(tls or ())
         elif kind == "vastworker -m":  # as start_server.sh runs it: bytecode from the cache
             command = [sys.executable, "-S", "-m", "vastworker", backend_dir, "--host", "127.0.0.1",
                        "--port", str(self.port)]
         else:
             command = [sys.executable, "-I", "-S", VASTWORKER, backend_dir, "--host", "127.0.0.1",
                        "--port", str(self.port)] + list(extra)
+            if tls:
+                command += ["--certfile", tls[0], "--keyfile", tls[1]]
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(cores.server(command), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, cwd=ROOT)
         try:
-            self.first_200 = wait_for_200(self.port, self.proc, probe)
+            self.first_200 = wait_for_200(self.port, self.proc, probe, tls=tls is not None)
         except BaseException:
             self.stop()
             raise
@@ -175,12 +184,17 @@ class Server:
             self.proc.wait()
 
 
-def wait_for_200(port, proc, path="/value", timeout=30):
+def wait_for_200(port, proc, path="/value", timeout=30, tls=False):
     """The moment the server first answers 200 (polled every 2 ms, for the start-up time)."""
     def answered():
         if proc.poll() is not None:
             raise SystemExit("a server exited at start-up (exit status %s)" % proc.returncode)
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        if tls:
+            import ssl
+            connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=1,
+                                                     context=ssl._create_unverified_context())
+        else:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
         try:
             connection.request("GET", path)
             return connection.getresponse().status == 200 and time.perf_counter()
@@ -204,9 +218,9 @@ class Load:
         self.p50, self.p99, self.failures = p50, p99, failures
 
 
-def wrk_load(cores, port, path, method, concurrency, seconds):
+def wrk_load(cores, port, path, method, concurrency, seconds, scheme="http"):
     command = ["wrk", "-t1", "-c%d" % concurrency, "-d%ds" % seconds, "--latency", "--timeout", "30s",
-               "http://127.0.0.1:%d%s" % (port, path)]
+               "%s://127.0.0.1:%d%s" % (scheme, port, path)]
     script = None
     if method == "POST":
         script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
@@ -318,6 +332,19 @@ def large_client(port, what):
     print(json.dumps(statistics.median(once() for _ in range(11))))
 
 
+def tls_files(directory):
+    """(certificate, key) for 127.0.0.1, self-signed by openssl into `directory`; None, saying
+    why, when openssl is missing."""
+    if shutil.which("openssl") is None:
+        print("openssl is not installed: no TLS rows")
+        return None
+    crt, key = os.path.join(directory, "tls.crt"), os.path.join(directory, "tls.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", crt],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return crt, key
+
+
 def aiohttp_python():
     """A Python with aiohttp (a venv the benchmark makes once); None, saying why, without it."""
     try:
@@ -361,6 +388,8 @@ def main():
         else:
             print("Flask is not installed: no reference column (python3 -m pip install flask)")
     concurrencies = [int(c) for c in options.concurrency.split(",")]
+    keys = tempfile.TemporaryDirectory()
+    tls = tls_files(keys.name) if use_wrk else None  # the built-in client speaks plain HTTP only
     print("machine: %d cores, %s; Python %s; load generator: %s; %d s per run after a 1 s warm-up"
           % (os.cpu_count(), cores.description, sys.version.split()[0],
              "wrk" if use_wrk else "built-in keep-alive client", options.seconds))
@@ -402,6 +431,17 @@ def main():
                             problems.append("%s %s: %d increments acknowledged, %d counted"
                                             % (kind, label, result.requests, counted))
             rows_for["memory after load"] = ("MB", server.rss_mb, False)
+        if tls and kind != "flask":  # the original served plain HTTP behind Vast's proxy
+            with Server(kind, HELLOWORLD, cores, python=python_with_aiohttp, tls=tls) as server:
+                for method, path in (("GET", "/value"), ("POST", "/increment")):
+                    for concurrency in [c for c in concurrencies if c > 1]:
+                        run_load(cores, server.port, path, method, concurrency, 1, "https")
+                        result = run_load(cores, server.port, path, method, concurrency, options.seconds, "https")
+                        label = "TLS %s %s c%d" % (method, path, concurrency)
+                        rows_for[label + " req/s"] = ("req/s", result.rate, True)
+                        rows_for[label + " p99"] = ("ms", result.p99, False)
+                        if result.failures:
+                            problems.append("%s %s: %d failed responses" % (kind, label, result.failures))
         with tempfile.TemporaryDirectory() as directory:
             # aiohttp would run the blocking 50 ms handler on its event loop: not comparable
             variants = [] if kind == "aiohttp" else [("parallel", "allow_parallel_requests = True")]
