@@ -805,9 +805,9 @@ class RequestHead:
         return self._parse_fields(lines[1:])
 
     def _finish(self, fields, pairs):
-        """The headers as the handler sees them, and the framing facts, from the parsed fields."""
+        """The framing facts from the parsed fields; the header lines kept for the handler."""
         self.fields = fields
-        self.headers = Headers.received(pairs)
+        self.pairs = pairs
         tokens = fields.get("connection")
         self.connection = {token.strip().lower() for value in tokens
                            for token in value.split(",")} if tokens else _NO_TOKENS
@@ -896,6 +896,11 @@ class RequestHead:
         if self.content_length is not None:
             raise Refusal(400, "Content-Length and Transfer-Encoding together are ambiguous")
         return True
+
+    @property
+    def headers(self):
+        """The headers as the handler sees them, made on each call (Request keeps its own)."""
+        return Headers.received(self.pairs)
 
     @property
     def keep_alive(self):
@@ -1594,7 +1599,7 @@ class Request:
         self.path = head.path  # percent-decoded
         self.query_string = head.query_string  # bytes, as sent
         self.protocol = head.version
-        self.headers = head.headers
+        self._head = head
         self.content_length = head.content_length
         self._absolute_host = head.absolute_host
         self.remote_addr, self.remote_port = connection.client_address[:2]
@@ -1604,6 +1609,21 @@ class Request:
         self._cached_json = (_MISSING, _MISSING)
         self._connection = connection
         self.auth = None  # the verified grant from the autoscaler, when the request carried one
+
+    @lazy
+    def headers(self):
+        """Made when first read: most handlers never read them, and each header is some 45
+        bytecodes to make."""
+        return self._head.headers
+
+    def sent_header(self, name):
+        """The value of a header as sent (`name` lower-case, without '_'), repeats joined as
+        request.headers joins them; None when not sent.  For the worker's own reads, which
+        need no request.headers."""
+        values = self._head.fields.get(name)
+        if values is None:
+            return None
+        return values[0] if len(values) == 1 else ("; " if name == "cookie" else ", ").join(values)
 
     def is_disconnected(self):
         """Has the client left?  A long handler (a model call) can ask, and stop: its answer
@@ -1661,7 +1681,7 @@ class Request:
     # -- content type ----------------------------------------------------------------------
     @property
     def content_type(self):
-        return self.headers.get("Content-Type")
+        return self.sent_header("content-type")
 
     @lazy
     def _parsed_content_type(self):
@@ -1677,7 +1697,7 @@ class Request:
 
     @property
     def is_json(self):
-        if self.headers.get("Content-Type") == "application/json":  # the usual one, as sent
+        if self.content_type == "application/json":  # the usual one, as sent
             return True
         mimetype = self.mimetype
         return mimetype == "application/json" or (
@@ -2571,6 +2591,7 @@ GRANT_SHAPES = ("auto", "g4", "g3", "g1")
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
 RSA_ENCRYPTION_OID = bytes.fromhex("2a864886f70d010101")
 INTERNAL_HEADER = "X-Vastworker-Internal"  # the worker's own requests (its benchmark) carry this
+INTERNAL_HEADER_LOWER = INTERNAL_HEADER.lower()
 INTERNAL_TOKEN = os.urandom(16).hex()  # ... with this value, known to no one outside the process
 
 
@@ -2707,7 +2728,7 @@ class GrantChecker:
         A request inside a session (its envelope names a session_id) must carry that session's
         grant, verified but not refused as a replay, and extends the session; an unknown or
         ended session is 410.  Returns the request's Session, or None."""
-        internal = request.headers.get(INTERNAL_HEADER)
+        internal = request.sent_header(INTERNAL_HEADER_LOWER)
         if internal is not None:
             import hmac
             if hmac.compare_digest(internal.encode(), INTERNAL_TOKEN.encode()):
