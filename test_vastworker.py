@@ -940,7 +940,7 @@ def test_strict_json_gives_dicts_whose_missing_fields_are_the_clients_fault():
     assert (caught.value.code, caught.value.detail) == (400, "missing JSON field 'missing'")
     array = vastworker.parse_request_json(b"[1, 2]")
     assert array == [1, 2] and array[1] == 2
-    for encoding in ("utf-8-sig", "utf-16", "utf-32"):  # JSON's other encodings, as json.loads reads them
+    for encoding in ("utf-8-sig", "utf-16", "utf-32", "utf-16-le", "utf-16-be", "utf-32-le"):  # as json.loads
         assert vastworker.parse_request_json('{"caf\u00e9": 1}'.encode(encoding)) == {"caf\u00e9": 1}
     with pytest.raises(vastworker.Refusal):
         array["amount"]

@@ -1079,6 +1079,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         max_body, length = server.max_body, head.content_length
         if length is not None and length > max_body:
             raise Refusal(413, "the request body is %d bytes; the limit is %d" % (length, max_body))
+        if length and len(client.buffer) >= length:  # it came with its head: in memory already,
+            return client.read_body(length), 0, True  # nothing to wait for, nothing to budget
         if length and not server.bodies.take(length):
             raise server.bodies.refusal()
         try:
@@ -1499,6 +1501,7 @@ def _finite_float(text):
 # decoder and scanner each call, 1.1 us of a 13-byte body's 2.5 us (timeit).
 _REQUEST_JSON = json.JSONDecoder(object_pairs_hook=JSONObject, parse_float=_finite_float,
                                  parse_constant=_reject_constant)
+_UTF8_JSON_STARTS = (b"{", b"[", b'"')  # the usual first bytes: UTF-8, unless a NUL follows
 
 
 def parse_request_json(body):
@@ -1506,7 +1509,8 @@ def parse_request_json(body):
     too deep to parse are client errors, and so is a body that is just null.  Objects come back
     as JSONObject, a top-level array as JSONArray; what is refused raises Refusal(400)."""
     try:
-        value = _REQUEST_JSON.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+        utf8 = body[:1] in _UTF8_JSON_STARTS and body[1:2] != b"\x00"  # else maybe UTF-16 or 32
+        value = _REQUEST_JSON.decode(body.decode("utf-8" if utf8 else json.detect_encoding(body), "surrogatepass"))
     except StrictJSONError as exc:
         raise Refusal(400, "invalid JSON: %s" % exc)
     except UnicodeDecodeError:
@@ -2248,7 +2252,10 @@ class Metrics:
 
     def started(self, workload, grant=None):
         with self._lock:
-            self._received(grant)
+            if grant is None:  # the usual request, without a grant: one more
+                self.received += 1
+            else:
+                self._received(grant)
             self.working += 1
             self.in_flight += workload
             self.new_load += workload
