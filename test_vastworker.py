@@ -964,7 +964,9 @@ def test_return_values_convert_as_in_flask():
     assert vastworker.to_response(response) is response
     stream = iter(["a", "b"])
     assert vastworker.to_response(stream).chunks is stream
-    for bad in (None, 5, ("x",), (("a", 1), 200), {"v": float("nan")}, {1}):
+    circular = []
+    circular.append(circular)
+    for bad in (None, 5, ("x",), (("a", 1), 200), {"v": float("nan")}, {1}, circular):
         with pytest.raises(vastworker.BadReturnValue):
             vastworker.to_response(bad)
     # the plain results are built without the constructor, and are the response it makes
