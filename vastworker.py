@@ -1076,7 +1076,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         whether the connection's framing is still certain after it).  A body that would pass
         the budget is refused before it is read; on any failure nothing stays held."""
         server, client = self.server, self.client
-        max_body, length = server.max_body, head.content_length
+        length = head.content_length
+        if not length and not head.chunked:
+            # No body; but a POST or PUT without a length may have sent one anyway
+            return b"", 0, length is not None or head.method not in ("POST", "PUT", "PATCH")
+        max_body = server.max_body
         if length is not None and length > max_body:
             raise Refusal(413, "the request body is %d bytes; the limit is %d" % (length, max_body))
         if length and len(client.buffer) >= length:  # it came with its head: in memory already,
@@ -1084,22 +1088,18 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         if length and not server.bodies.take(length):
             raise server.bodies.refusal()
         try:
-            if (length or head.chunked) and head.http11 and "expect" in head.fields and \
+            if head.http11 and "expect" in head.fields and \
                     "100-continue" in (value.lower() for value in head.fields["expect"]):
                 client.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-            if length or head.chunked:
-                client.start_body()
+            client.start_body()
             if head.chunked:
                 body, held = client.read_chunked(max_body, server.bodies)
                 return body, held, True
-            if length:
-                return client.read_body(length), length, True
+            return client.read_body(length), length, True
         except BaseException:
             if length:
                 server.bodies.give_back(length)
             raise
-        # No length: the body is empty, but a POST or PUT without one may have sent bytes anyway
-        return b"", 0, length is not None or head.method not in ("POST", "PUT", "PATCH")
 
     def client_gone(self):
         """For dispatch and request.is_disconnected(): has the client of this request left?"""
