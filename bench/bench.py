@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,8 @@ import tempfile
 import threading
 import time
 
-from harness import ROOT, VASTWORKER, Cores, cached_venv, free_port, rss_kb, value_at, wait_until
+from harness import (ROOT, VASTWORKER, Cores, cached_venv, free_port, http_status, rss_kb, stop_process,
+                     value_at, wait_until)
 
 HELLOWORLD = os.path.join(ROOT, "backends", "helloworld")
 
@@ -154,7 +154,7 @@ class Server:
         self.proc = subprocess.Popen(cores.server(command), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, cwd=ROOT)
         try:
-            self.first_200 = wait_for_200(self.port, self.proc, probe, tls=tls is not None)
+            self.first_200 = wait_for_200(self.port, self.proc, probe, certificate=tls and tls[0])
         except BaseException:
             self.stop()
             raise
@@ -174,34 +174,21 @@ class Server:
         self.stop()
 
     def stop(self):
-        if self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
-def wait_for_200(port, proc, path="/value", timeout=30, tls=False):
-    """The moment the server first answers 200 (polled every 2 ms, for the start-up time)."""
+def wait_for_200(port, proc, path="/value", timeout=30, certificate=None):
+    """The moment the server first answers 200 (polled every 2 ms, for the start-up time); over
+    HTTPS, checked against `certificate`, when one is given."""
+    context = None
+    if certificate is not None:
+        import ssl
+        context = ssl.create_default_context(cafile=certificate)
+
     def answered():
         if proc.poll() is not None:
             raise SystemExit("a server exited at start-up (exit status %s)" % proc.returncode)
-        if tls:
-            import ssl
-            connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=1,
-                                                     context=ssl._create_unverified_context())
-        else:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        try:
-            connection.request("GET", path)
-            return connection.getresponse().status == 200 and time.perf_counter()
-        except OSError:
-            return False
-        finally:
-            connection.close()
+        return http_status(port, path, 1, context) == 200 and time.perf_counter()
 
     try:
         return wait_until(answered, timeout, 0.002)
@@ -340,7 +327,8 @@ def tls_files(directory):
         return None
     crt, key = os.path.join(directory, "tls.crt"), os.path.join(directory, "tls.key")
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", crt],
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", key, "-out", crt],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return crt, key
 

@@ -62,6 +62,35 @@ def wait_until(predicate, timeout=10, interval=0.05, failure=None):
         time.sleep(interval)
 
 
+def stop_process(proc, sig=signal.SIGTERM, timeout=15):
+    """Stop a child process with `sig`, killing it if it has not exited within `timeout`
+    seconds; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def http_status(port, path, timeout=1, context=None):
+    """The status of GET `path` on a loopback port (HTTPS with an ssl `context`); None when
+    nothing answers."""
+    if context is None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    else:
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=context)
+    try:
+        connection.request("GET", path)
+        return connection.getresponse().status
+    except OSError:
+        return None
+    finally:
+        connection.close()
+
+
 def value_at(port, timeout=10):
     """helloworld's counter: GET /value on a new connection."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
@@ -175,12 +204,6 @@ class WorkerProcess:
 
     def stop(self, sig=signal.SIGTERM, timeout=10):
         """Stop the worker; its exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, sig, timeout)
         self._reader.join(5)
-        return self.proc.returncode
+        return code

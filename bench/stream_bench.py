@@ -18,14 +18,13 @@ import json
 import os
 import re
 import selectors
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-from harness import ROOT, VASTWORKER, Cores, cached_venv, free_port, rss_kb, wait_until
+from harness import ROOT, VASTWORKER, Cores, cached_venv, free_port, http_status, rss_kb, stop_process, wait_until
 
 FAKE = os.path.join(ROOT, "bench", "fake_model_server.py")
 
@@ -168,24 +167,10 @@ class Process:
     def answers(self, path):
         if self.proc.poll() is not None:
             raise SystemExit("a benchmark process exited at start-up (exit status %s)" % self.proc.returncode)
-        import http.client
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-        try:
-            connection.request("GET", path)
-            return connection.getresponse().status == 200
-        except OSError:
-            return False
-        finally:
-            connection.close()
+        return http_status(self.port, path, timeout=2) == 200
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def run_client(cores, *args):
