@@ -308,13 +308,18 @@ class Headers:
             lower = name.lower()
             if lower in seen:
                 index = seen[lower]
-                glue = "; " if lower == "cookie" else ", "
-                items[index] = (items[index][0], items[index][1] + glue + value)
+                items[index] = (items[index][0], cls.joined(lower, (items[index][1], value)))
             else:
                 seen[lower] = len(items)
                 items.append((name.title(), value))
         headers._index = seen  # a request's headers are looked up by name, a few times each
         return headers
+
+    @staticmethod
+    def joined(lower, values):
+        """A request header's repeated values as one, as Flask shows them: "; " between Cookie
+        values, ", " between any other's."""
+        return ("; " if lower == "cookie" else ", ").join(values)
 
     @staticmethod
     def _pairs(items):
@@ -1627,7 +1632,7 @@ class Request:
         values = self._head.fields.get(name)
         if values is None:
             return None
-        return values[0] if len(values) == 1 else ("; " if name == "cookie" else ", ").join(values)
+        return values[0] if len(values) == 1 else Headers.joined(name, values)
 
     def is_disconnected(self):
         """Has the client left?  A long handler (a model call) can ask, and stop: its answer
