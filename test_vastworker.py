@@ -2791,9 +2791,9 @@ def fake_model():
         fake.close()
 
 
-def model_worker(start_worker, backend, fake, tmp_path, *args, loaded=True, **env):
+def model_worker(start_worker, backend, fake, tmp_path, *args, loaded=True, port="0", **env):
     """A worker serving `backend` in front of `fake`, its benchmark made short; once loaded."""
-    worker = start_worker(backend, "--cache-dir", str(tmp_path), *args,
+    worker = start_worker(backend, "--cache-dir", str(tmp_path), *args, port=port,
                           env=dict({"MODEL_SERVER_URL": fake.url, "BENCHMARK_MAX_TOKENS": "2"}, **env))
     if loaded:
         worker.wait_for_log("loaded after", timeout=20)
@@ -3091,6 +3091,35 @@ def test_a_stream_that_ends_with_its_connection_is_relayed_whole_and_the_connect
         upstream.close()
 
 
+@pytest.mark.parametrize("head, why", [
+    (b"HTTP/1.1 200 OK\r\nX-A: 1\rSet-Cookie: a=b\r\nContent-Length: 2\r\n\r\nok", "stray CR, NUL, VT or FF"),
+    (b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok", "stray CR, NUL, VT or FF"),
+    (b"HTTP/1.1 200 OK\r\nX-A: a\x0bb\r\nContent-Length: 2\r\n\r\nok", "stray CR, NUL, VT or FF"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nok", "invalid Content-Length"),  # '\xb2'.isdigit()
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok", "conflicting Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok", "together are ambiguous"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "only the chunked transfer coding"),
+    (b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 2\r\n\r\nok", "folded header lines"),
+    (b"HTTP/1.1 200 OK\r\nX A: 1\r\nContent-Length: 2\r\n\r\nok", "malformed header line"),
+    (b"HTTP/1.1 200 O\x00K\r\nContent-Length: 2\r\n\r\nok", "not an HTTP/1.x status line"),
+])
+def test_a_malformed_answer_head_from_the_model_server_is_a_502(start_worker, write_backend, head, why):
+    def serve(sock):
+        sock.recv(65536)
+        sock.sendall(head)
+        sock.close()
+
+    upstream = RawUpstream(serve)
+    try:
+        worker = start_worker(write_backend(PROXY_BACKEND), env={"MODEL_SERVER_URL": upstream.url})
+        raw = worker.raw(b"GET /file HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_of(raw) == 502 and b"Set-Cookie" not in raw and b"\x00" not in raw and b"\x0b" not in raw, raw
+        assert why in json.loads(body_of(raw))["detail"], raw
+        assert "Traceback" not in worker.log
+    finally:
+        upstream.close()
+
+
 def test_a_model_server_that_stops_reading_the_request_is_a_504(start_worker, write_backend):
     upstream = RawUpstream(lambda sock: None)  # accepts, never reads
     try:
@@ -3117,7 +3146,9 @@ def test_a_thousand_aborted_streams_leave_no_thread_or_connection_behind(start_w
                 sock.sendall(request)
                 seen = b""
                 while b"data:" not in seen:
-                    seen += sock.recv(65536)
+                    data = sock.recv(65536)
+                    assert data, seen  # closed before the stream began: fail, not spin
+                    seen += data
 
     runners = [threading.Thread(target=abort_streams, args=(125,)) for _ in range(8)]
     for runner in runners:
@@ -3417,25 +3448,26 @@ def upstream_pair(data):
 def test_upstream_answers_are_read_strictly():
     connection, watch = upstream_pair(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nX-A: 1\r\n"
                                       b"Transfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: 1\r\n\r\n")
-    status, reason, headers = connection.read_head(watch, 1)
-    assert (status, reason, headers) == (200, "OK", [("X-A", "1"), ("Transfer-Encoding", "chunked")])
-    assert b"".join(connection.pieces(vastworker.framing_of("GET", 200, headers), watch, 1)) == b"hello"
+    answer = connection.read_head("GET", watch, 1)
+    assert (answer.status, answer.pairs, answer.framing) == (
+        200, [("X-A", "1"), ("Transfer-Encoding", "chunked")], ("chunked", None))
+    assert b"".join(connection.pieces(answer.framing, watch, 1)) == b"hello"
     assert connection.buffer == b""
     for bad in (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX",
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
                 b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"):
         connection, watch = upstream_pair(bad)
-        _, _, headers = connection.read_head(watch, 1)
+        answer = connection.read_head("GET", watch, 1)
         with pytest.raises(vastworker.UpstreamFailed):
-            b"".join(connection.pieces(vastworker.framing_of("GET", 200, headers), watch, 1))
-    for bad in (b"HTTP/2 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\n bad: fold\r\n\r\n", b"HTTP/1.1 200"):
+            b"".join(connection.pieces(answer.framing, watch, 1))
+    for bad in (b"HTTP/2 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\n bad: fold\r\n\r\n", b"HTTP/1.1 200",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n"):
         connection, watch = upstream_pair(bad)
         with pytest.raises(vastworker.UpstreamFailed):
-            connection.read_head(watch, 1)
-    assert vastworker.framing_of("HEAD", 200, [("Content-Length", "5")]) == ("length", 0)
-    assert vastworker.framing_of("GET", 200, []) == ("close", None)
-    with pytest.raises(vastworker.UpstreamFailed):
-        vastworker.framing_of("GET", 200, [("Content-Length", "5"), ("Content-Length", "6")])
+            connection.read_head("GET", watch, 1)
+    assert vastworker.ResponseHead(b"HTTP/1.1 200 OK\r\nContent-Length: 5", "HEAD").framing == ("length", 0)
+    assert vastworker.ResponseHead(b"HTTP/1.1 200 OK", "GET").framing == ("close", None)
+    assert vastworker.ResponseHead(b"HTTP/1.1 204 No Content", "GET").framing == ("length", 0)
     assert vastworker.stream_error("application/x-ndjson", "gone") == b'{"error": "gone"}\n'
     assert vastworker.stream_error("application/json", "gone") is None
 
@@ -3476,7 +3508,7 @@ def test_verification_agrees_with_openssl(keys, pem):
 
 def test_route_signed_request_over_https_end_to_end(start_worker, autoscaler, keys):
     port = free_port()
-    env = {"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "9", "MASTER_TOKEN": "m",
+    env = {"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "9", "MASTER_TOKEN": "secret",
            "PUBLIC_IPADDR": "127.0.0.1", "VAST_TCP_PORT_%d" % port: str(port)}
     worker = start_worker("helloworld", "--certfile", str(keys / "tls.crt"), "--keyfile", str(keys / "tls.key"),
                           port=str(port), env=env)
@@ -4210,6 +4242,299 @@ def test_soak_of_keep_alive_clients_mixing_good_and_bad(start_worker):
     grown = (rss_kb(worker.proc.pid) - before) / 1024
     print("soak: %d increments acknowledged, resident memory +%.1f MB" % (sum(counts) // 2, grown))
     assert grown < 32
+
+
+# ------------------------------------------------------------------------------------------------
+# Hardening, second round: limits a client or a model server could push past
+# ------------------------------------------------------------------------------------------------
+
+SPLITTING_BACKEND = """
+from flask import Response
+
+class Backend:
+    pass
+
+def phrase(backend, request):
+    return "ok", "200 " + request.args["s"]
+
+def status(backend, request):
+    return Response("ok", status=request.args["s"])
+
+def header(backend, request):
+    return "ok", 200, {"X-Echo": request.args["v"]}
+
+def name(backend, request):
+    return "ok", 200, {request.args["n"]: "1"}
+
+flask_dict = {"GET": {"phrase": phrase, "status": status, "header": header, "name": name}}
+"""
+
+
+@pytest.mark.parametrize("path", [
+    "/phrase?s=OK%0d%0aSet-Cookie:%20a=b", "/phrase?s=OK%0aSet-Cookie:%20a=b", "/phrase?s=OK%00",
+    "/status?s=200%20OK%0d%0aSet-Cookie:%20a=b", "/status?s=200%20O%0bK",
+    "/header?v=a%0d%0aSet-Cookie:%20a=b", "/header?v=a%00b", "/header?v=a%0bb", "/header?v=a%0cb",
+    "/header?v=a%7fb", "/name?n=Set-Cookie:%20a=b%0a", "/name?n=X%20Y"])
+def test_a_status_or_header_built_from_request_data_cannot_split_the_response(start_worker, write_backend, path):
+    worker = start_worker(write_backend(SPLITTING_BACKEND))
+    raw = worker.raw(b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % path.encode())
+    head = raw.split(b"\r\n\r\n", 1)[0]
+    assert status_of(raw) == 500, raw
+    assert b"Set-Cookie" not in head and not re.search(rb"[\x00\x0b\x0c\x7f]", head), raw
+    assert worker.wait_for_log("invalid response header|holds a control character")
+
+
+def test_a_tab_in_a_header_value_or_phrase_is_allowed(start_worker, write_backend):
+    worker = start_worker(write_backend(SPLITTING_BACKEND))
+    raw = worker.raw(b"GET /header?v=a%09b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(raw) == 200 and b"\r\nX-Echo: a\tb\r\n" in raw
+    raw = worker.raw(b"GET /phrase?s=Fine%09Here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 Fine\tHere\r\n")
+
+
+def test_encoded_surrogates_in_a_json_body_are_not_utf8(hello):
+    cesu8 = b'{"amount": 1, "note": "\xed\xa0\xbd\xed\xb8\x80"}'  # U+1F600 as CESU-8 writes it
+    status, data = hello.json("POST", "/increment", cesu8, JSON)
+    assert status == 400 and "not valid UTF-8" in data["detail"], data
+    with pytest.raises(vastworker.Refusal, match="not valid UTF-8"):
+        vastworker.parse_request_json(b'"\xed\xb2\x80"')  # a lone low surrogate
+    assert vastworker.parse_request_json('{"a": "\U0001f600"}'.encode()) == {"a": "\U0001f600"}
+    assert hello.value() == 0
+
+
+def test_workloads_are_summed_exactly_and_nothing_in_flight_is_exactly_zero():
+    metrics = vastworker.Metrics()
+    for workload in (51, 1e20, 0.1, 0.2):
+        metrics.started(workload)
+    for workload in (1e20, 0.1, 51, 0.2):  # in another order: floats would leave 0.0 - 51 or a crumb
+        metrics.finished(workload, 200)
+    snapshot = metrics.snapshot()
+    assert snapshot["cur_load"] == 0.0 and metrics.in_flight == 0 and snapshot["num_requests_working"] == 0
+    assert snapshot["new_load"] == snapshot["cur_perf"] == pytest.approx(1e20)
+    metrics.acknowledge(snapshot)
+    assert metrics.snapshot()["new_load"] == metrics.snapshot()["cur_perf"] == 0.0
+
+
+LOAD_SETTINGS = """
+max_perf = 10  # workload a second: with --queue-time 5, no request counts for more than 50
+allow_parallel_requests = True
+
+def workload(backend, request):
+    return float(request.args.get("w", 1))
+"""
+
+
+def test_a_huge_stated_workload_neither_shuts_others_out_nor_leaves_the_load_wrong(
+        start_worker, hold, autoscaler):
+    held = hold(settings=LOAD_SETTINGS)
+    worker = start_worker(held.backend, "--queue-time", "5", env=dict(reporting_env(autoscaler), **held.env))
+    clients = [threading.Thread(target=worker.request, args=("GET", "/hold?w=" + w)) for w in ("0.1", "0.2", "1e20")]
+    for started, client in enumerate(clients, 1):  # the huge one last: the small ones fit ahead of it
+        client.start()
+        held.wait_started(started)
+    autoscaler.wait_for(lambda r: r["num_requests_working"] == 3)
+    assert autoscaler.records()[-1]["cur_load"] == 50.3  # 1e20 counted as what 5 s serve: 50
+    status, _, body = worker.request("GET", "/fast?w=1")  # 5.03 s ahead of it: refused, but only just
+    assert status == 429 and b"would take 5.0 s" in body, body
+    held.release()
+    for client in clients:
+        client.join(10)
+    assert worker.request("GET", "/fast?w=1")[0] == 200
+    final = autoscaler.wait_for(lambda r: r["num_requests_working"] == 0 and r["loadtime"] > 0)[-1]
+    assert final["cur_load"] == 0.0, final
+
+
+def test_one_grant_cannot_hog_the_worker_with_sessions(start_worker, write_backend, keys, autoscaler):
+    backend = write_backend(GRANT_BACKEND + "\nmax_perf = 100\n")
+    worker = start_worker(backend, "--pubkey", str(keys / "spki.pem"), "--queue-time", "5",
+                          env={"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "9", "MASTER_TOKEN": "secret"})
+    grant = make_grant(keys, "g4", cost=1e300)  # g4 signs the url alone: any cost verifies
+    status, data = session_call(worker, "/session/create", {"auth_data": grant, "payload": {"lifetime": 1e9 - 1}})
+    assert status == 422 and "at most 3600 seconds" in json.dumps(data), data
+    status, opened = session_call(worker, "/session/create", {"auth_data": grant, "payload": {"lifetime": 60}})
+    assert status == 201, opened
+    for reqnum in (2, 3):  # others are still served: the session's cost is not work they wait behind
+        status, data = worker.json("POST", "/increment", {"auth_data": make_grant(keys, "g4", reqnum=reqnum, cost=1e300),
+                                                          "payload": {"amount": 1}})
+        assert status == 200, data
+    autoscaler.wait_for(lambda r: r["cur_load"] == 500.0 and r["num_requests_working"] == 1)  # 100/s for 5 s
+    status, data = session_call(worker, "/session/end", {"session_id": opened["session_id"], "session_auth": grant})
+    assert status == 200, data
+    final = autoscaler.wait_for(lambda r: r["num_requests_working"] == 0 and r["cur_perf"] > 0)[-1]
+    assert autoscaler.wait_for(lambda r: r["num_requests_working"] == 0)[-1]["cur_load"] == 0.0, final
+
+
+def test_requests_extend_a_session_only_up_to_its_longest_lifetime():
+    session = vastworker.Session("s", {}, 60.0, None, None, None, 1.0, max_lifetime=100.0)
+    for _ in range(50):
+        session.extend()
+    assert session.expiration <= time.time() + 100.0
+
+
+def test_the_openai_backend_refuses_max_tokens_past_the_models_context(start_worker, fake_model, tmp_path):
+    fake = fake_model("vllm", context=2048)
+    worker = model_worker(start_worker, "openai", fake, tmp_path)
+    sent = len(fake.requests)
+    for field in ("max_tokens", "max_completion_tokens"):
+        status, data = worker.json("POST", "/v1/chat/completions",
+                                   {"messages": [{"role": "user", "content": "hi"}], field: 10 ** 20})
+        assert status == 400 and "%r is 100000000000000000000, more than the model's context of 2048" % field \
+            in data["detail"], data
+    assert [request[:2] for request in fake.requests[sent:] if request[0] != "GET"] == []  # nothing sent
+    status, data = worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2048})
+    assert status == 200, data
+
+
+def test_the_stand_in_refuses_forged_and_malformed_status_reports(start_worker, autoscaler):
+    port = free_port()
+    worker = start_worker("helloworld", port=str(port), env=reporting_env(
+        autoscaler, PUBLIC_IPADDR="127.0.0.1", **{"VAST_TCP_PORT_%d" % port: str(port)}))
+    genuine = autoscaler.wait_for(lambda r: r["loadtime"] > 0)[-1]
+    forged = dict(genuine, url="http://203.0.113.66:80", cur_load=0.0, mtoken="guess")
+    status, data = autoscaler.json("POST", "/worker_status/", forged)
+    assert status == 401 and "MASTER_TOKEN" in data["detail"], data
+    assert autoscaler.json("POST", "/worker_status/", dict(forged, mtoken=None))[0] == 401
+    assert autoscaler.json("POST", "/delete_requests/", {"worker_id": 123, "requests": [{}]})[0] == 401
+    for field, value in (("cur_load", -1e9), ("cur_load", "abc"), ("max_perf", None), ("url", "javascript:x"),
+                         ("num_requests_working", 1.5), ("id", [1]), ("error_msg", 5)):
+        status, data = autoscaler.json("POST", "/worker_status/", dict(genuine, mtoken="secret", **{field: value}))
+        assert status == 422 and field in data["detail"], (field, data)
+    for _ in range(3):  # routing still works, and only to the genuine worker
+        status, grant = autoscaler.json("POST", "/route/", {"endpoint": "hello", "cost": 1.0})
+        assert status == 200 and grant["url"] == genuine["url"], grant
+    assert all(record["mtoken_matches"] for record in autoscaler.records())
+    assert worker.request("GET", "/value")[0] == 200
+
+
+def test_a_stand_in_without_a_token_says_so_and_still_validates(start_worker):
+    stand_in = start_worker("autoscaler", env={"MASTER_TOKEN": ""})
+    stand_in.wait_for_log("no MASTER_TOKEN: status reports are taken from anyone")
+    status, data = stand_in.json("POST", "/worker_status/", {"id": 1, "url": "http://127.0.0.1:1",
+                                                             "loadtime": 1.0, "cur_load": "abc", "max_perf": 1.0})
+    assert status == 422 and "cur_load" in data["detail"]
+    assert stand_in.json("POST", "/route/", {"endpoint": "x"}) == (200, {"endpoint": "x", "status": "no ready worker"})
+
+
+def test_a_client_that_closes_while_the_model_server_is_silent_stops_it_and_is_cancelled(
+        start_worker, fake_model, tmp_path, autoscaler):
+    fake = fake_model("vllm")
+    port = free_port()
+    worker = model_worker(start_worker, "openai", fake, tmp_path, port=str(port), **reporting_env(
+        autoscaler, PUBLIC_IPADDR="127.0.0.1", **{"VAST_TCP_PORT_%d" % port: str(port)}))
+    autoscaler.wait_for(lambda r: r["loadtime"] > 0 and r["url"])
+    worker.wait_for_log("public key from")
+    status, grant = autoscaler.json("POST", "/route/", {"endpoint": "llm", "cost": 10.0})
+    assert status == 200 and grant["url"] == "http://127.0.0.1:%d" % port, grant
+    body = json.dumps({"auth_data": grant, "payload": {"prompt": "[[stall-after:2]]", "max_tokens": 5,
+                                                        "stream": True}}).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    seen = b""
+    while seen.count(b"data:") < 2:  # two tokens, then the model server says nothing more
+        data = sock.recv(65536)
+        assert data, seen
+        seen += data
+    closed = time.monotonic()
+    sock.close()  # a clean close: a FIN, no reset
+    fake.wait_for(lambda f: f.aborted == ["/v1/completions"], timeout=3)  # the upstream request is closed
+    assert time.monotonic() - closed < 3
+    worker.wait_for_log(r"POST /v1/completions 200 aborted")
+    finished = wait_until(lambda: autoscaler.json("GET", "/requests")[1], timeout=10)
+    assert [(entry["request_idx"], entry["status"]) for entry in finished] == [(grant["request_idx"], "Cancelled")]
+
+
+def test_a_client_that_half_closed_before_the_stream_still_gets_all_of_it(start_worker, fake_model, tmp_path):
+    fake = fake_model("vllm", token_delay=0.05)
+    worker = model_worker(start_worker, "openai", fake, tmp_path)
+    body = json.dumps({"prompt": "hi", "max_tokens": 5, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.shutdown(socket.SHUT_WR)  # as some clients send a request: it still reads the answer
+        answer = read_until_close(sock)
+    assert answer.count(b"data: {") == 6 and b"data: [DONE]" in answer, answer
+    assert fake.aborted == []
+
+
+FILES_BACKEND = """
+import os, time
+
+allow_parallel_requests = True
+
+class Backend:
+    def __init__(self):
+        self.hogged = []
+
+def take_all(backend):
+    try:
+        while True:
+            backend.hogged.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+
+def hog(backend, request):
+    take_all(backend)
+    deadline = time.monotonic() + 30
+    while request.args.get("hold") and not os.path.exists(os.environ["RELEASE"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        take_all(backend)  # holding: a leak that takes whatever comes free
+    return "hogging %d" % len(backend.hogged)
+
+def free(backend, request):
+    while backend.hogged:
+        os.close(backend.hogged.pop())
+    return "freed"
+
+flask_dict = {"GET": {"hog": hog, "free": free, "fast": lambda backend, request: "fast"}}
+"""
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not shutil.which("prlimit"), reason="prlimit (util-linux) is not installed")
+def test_the_connection_cap_fits_the_file_limit_which_is_raised_first(start_worker):
+    worker = start_worker("helloworld", wrapper=["prlimit", "--nofile=100:300"])
+    worker.wait_for_log(r"at most 172 connections, not 1024: this process may open 300 files")
+    with open("/proc/%d/limits" % worker.proc.pid) as file:
+        assert re.search(r"Max open files\s+300\s+300", file.read())
+
+
+@pytest.mark.skipif(not shutil.which("prlimit"), reason="prlimit (util-linux) is not installed")
+def test_out_of_file_descriptors_the_worker_makes_room_or_says_503_and_never_spins(start_worker, write_backend,
+                                                                                    tmp_path):
+    release = tmp_path / "release"
+    worker = start_worker(write_backend(FILES_BACKEND), wrapper=["prlimit", "--nofile=200:200"],
+                          env={"RELEASE": str(release)})
+    idle = socket.create_connection(("127.0.0.1", worker.port), timeout=10)
+    idle.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")  # served, then idle on a kept-alive connection
+    assert idle.recv(65536).endswith(b"\r\n\r\nfast")
+    control = worker.connect()
+    control.request("GET", "/hog")  # every descriptor is taken now; this connection stays open
+    assert control.getresponse().read().startswith(b"hogging")
+    assert worker.request("GET", "/fast")[:3:2] == (200, b"fast")  # the idle connection gave way
+    assert read_until_close(idle) == b""
+    worker.wait_for_log("out of file descriptors with")
+    control.request("GET", "/hog?hold=1")  # takes what came free, and holds its connection busy
+    wait_until(lambda: worker.request("GET", "/fast")[0] == 503)  # once the last free one is taken
+    before = cpu_seconds(worker.proc.pid)
+    for _ in range(2):  # none left to evict: 503 at once, not a hang
+        status, _, body = worker.request("GET", "/fast")
+        assert status == 503 and b"out of file descriptors" in body, body
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as waiting:
+        time.sleep(0.5)  # connected, in the backlog meanwhile: the accept loop must sleep, not spin
+        waiting.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(waiting.recv(65536)) == 503
+    assert cpu_seconds(worker.proc.pid) - before < 0.5, cpu_seconds(worker.proc.pid) - before
+    release.touch()
+    assert control.getresponse().read().startswith(b"hogging")
+    control.request("GET", "/free")
+    assert control.getresponse().read() == b"freed"
+    assert worker.request("GET", "/fast")[0] == 200
 
 
 # ------------------------------------------------------------------------------------------------

@@ -238,7 +238,11 @@ class Refusal(Exception):
 HOP_BY_HOP = frozenset(("connection", "content-length", "keep-alive", "transfer-encoding"))
 _HEAD_END = re.compile(rb"\n\r?\n")
 _NO_TOKENS = frozenset()  # a request's Connection tokens when it sends none
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # fullmatch: `$` would pass a final newline
+# What a response's header value or reason phrase may not hold: a control character other than
+# HTAB (RFC 9110 5.5, RFC 9112 4).  CR and LF would end the line (response splitting); NUL, VT
+# and FF are read differently by different clients.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _VERSION = re.compile(r"^HTTP/(\d)\.(\d)$")
 _TARGET = re.compile(rb"[\x21-\x7e]+")  # printable ASCII, as h11 reads a request target
 _BAD_IN_HEAD = re.compile(rb"[\x00\x0b\x0c]|\r(?!\n|\Z)")  # h11 takes no NUL, no whitespace but SP and HTAB
@@ -331,8 +335,10 @@ class Headers:
 
     @staticmethod
     def _checked(name, value):
+        """(name, value) as text, or ValueError for a name that is not a token or a value that
+        holds a control character: either could split or corrupt the response head."""
         name, value = str(name), str(value)
-        if "\n" in name or "\r" in name or "\n" in value or "\r" in value or ":" in name:
+        if not _TOKEN.fullmatch(name) or _CONTROL.search(value):
             raise ValueError("invalid response header %r: %r" % (name, value))
         return name, value
 
@@ -763,6 +769,59 @@ def decode_path(raw):
     return unquote_to_bytes(raw).decode("utf-8", "replace")
 
 
+def header_fields(head, lines):
+    """The header lines of a message head, a request's or a model server's answer's, read as
+    strictly as h11 reads them: ({lower-case name: [values]} for framing, [(name, value)] in
+    order).  `lines` is the head split at LF, the start line first.  A malformed line, a stray
+    CR (which some read as a line end), NUL, VT or FF, or too many lines raise Refusal."""
+    if _BAD_IN_HEAD.search(head, len(lines[0])):
+        raise Refusal(400, "a header line holds a stray CR, NUL, VT or FF byte")
+    if len(lines) - 1 > MAX_HEADER_COUNT:
+        raise Refusal(431, "more than %d header lines" % MAX_HEADER_COUNT)
+    fields, pairs = {}, []
+    for line in lines[1:]:
+        line = line.rstrip(b"\r")
+        if line[:1] in (b" ", b"\t"):
+            raise Refusal(400, "folded header lines are not accepted")
+        name, colon, value = line.partition(b":")
+        name = name.decode("latin-1")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise Refusal(400, "malformed header line %r" % line[:100].decode("latin-1"))
+        value = value.strip(b" \t").decode("latin-1")
+        fields.setdefault(name.lower(), []).append(value)
+        pairs.append((name, value))
+    return fields, pairs
+
+
+def content_length_of(fields):
+    """The Content-Length of a message with one (repeats allowed when they agree); Refusal(400)
+    for one that is not a plain decimal number, or several that differ."""
+    values = fields["content-length"]
+    if len(values) == 1 and values[0].isdigit() and values[0].isascii() and len(values[0]) <= 18:
+        return int(values[0])  # the usual one
+    numbers = {value.strip() for joined in values for value in joined.split(",")}
+    if len(numbers) != 1:
+        raise Refusal(400, "conflicting Content-Length headers")
+    number = numbers.pop()
+    if not number.isdigit() or not number.isascii():  # "²".isdigit() is true, and int() refuses it
+        raise Refusal(400, "invalid Content-Length %r" % number[:30])
+    if len(number) > 18:  # far over any body limit; and int() refuses past 4300 digits
+        raise Refusal(400, "a Content-Length of %d digits" % len(number))
+    return int(number)
+
+
+def is_chunked(fields, length):
+    """True for a message with Transfer-Encoding, which must be chunked alone (Refusal(501)
+    for another coding) and without a Content-Length (`length`; Refusal(400): the two together
+    are how requests are smuggled)."""
+    codings = [coding.strip(" \t").lower() for value in fields["transfer-encoding"] for coding in value.split(",")]
+    if codings != ["chunked"]:
+        raise Refusal(501, "only the chunked transfer coding is accepted, got %r" % ", ".join(codings)[:60])
+    if length is not None:
+        raise Refusal(400, "Content-Length and Transfer-Encoding together are ambiguous")
+    return True
+
+
 class RequestHead:
     """The parsed request line and headers, with the framing facts the server needs.  A head that
     is not well-formed HTTP/1.x raises Refusal (400, 431, 501 or 505)."""
@@ -800,14 +859,12 @@ class RequestHead:
 
     def _parse_any(self, head):
         """(fields, pairs) of any head, checked line by line; Refusal for one that is not
-        well-formed."""
+        well-formed.  Names with '_' are left out of the pairs the handler sees, as Werkzeug
+        does, against header spoofing through proxies."""
         lines = head.split(b"\n")
         self._parse_request_line(lines[0].rstrip(b"\r"))
-        if _BAD_IN_HEAD.search(head, len(lines[0])):
-            raise Refusal(400, "a header line holds a stray CR, NUL, VT or FF byte")
-        if len(lines) - 1 > MAX_HEADER_COUNT:
-            raise Refusal(431, "more than %d request headers" % MAX_HEADER_COUNT)
-        return self._parse_fields(lines[1:])
+        fields, pairs = header_fields(head, lines)
+        return fields, [(name, value) for name, value in pairs if "_" not in name]
 
     def _finish(self, fields, pairs):
         """The framing facts from the parsed fields; the header lines kept for the handler."""
@@ -816,8 +873,8 @@ class RequestHead:
         tokens = fields.get("connection")
         self.connection = {token.strip().lower() for value in tokens
                            for token in value.split(",")} if tokens else _NO_TOKENS
-        self.content_length = self._content_length() if "content-length" in fields else None
-        self.chunked = self._chunked() if "transfer-encoding" in fields else False
+        self.content_length = content_length_of(fields) if "content-length" in fields else None
+        self.chunked = is_chunked(fields, self.content_length) if "transfer-encoding" in fields else False
         hosts = len(self.fields.get("host", ()))
         if hosts > 1 or (hosts == 0 and self.http11):  # RFC 9112 3.2
             raise Refusal(400, "an HTTP/1.1 request needs one Host header, not %d" % hosts)
@@ -829,7 +886,7 @@ class RequestHead:
         if len(parts) != 3:
             raise Refusal(400, "malformed request line %r" % request_line[:100])
         method, _, version = parts
-        if not _TOKEN.match(method):
+        if not _TOKEN.fullmatch(method):
             raise Refusal(400, "malformed request method %r" % method[:20])
         version_match = _VERSION.match(version)
         if not version_match:
@@ -859,48 +916,6 @@ class RequestHead:
         self.target = raw_target.decode("latin-1")
         self.path = decode_path(raw_path)
 
-    @staticmethod
-    def _parse_fields(lines):
-        """({lower-case name: [values]} for framing, [(name, value)] for the handler).  Names with
-        '_' are left out of the second, as Werkzeug does, against header spoofing via proxies."""
-        fields, pairs = {}, []
-        for line in lines:
-            line = line.rstrip(b"\r")
-            if line[:1] in (b" ", b"\t"):
-                raise Refusal(400, "folded header lines are not accepted")
-            name, colon, value = line.partition(b":")
-            name = name.decode("latin-1")
-            if not colon or not _TOKEN.match(name):
-                raise Refusal(400, "malformed header line %r" % line[:100].decode("latin-1"))
-            value = value.strip(b" \t").decode("latin-1")
-            fields.setdefault(name.lower(), []).append(value)
-            if "_" not in name:
-                pairs.append((name, value))
-        return fields, pairs
-
-    def _content_length(self):
-        values = self.fields["content-length"]
-        if len(values) == 1 and values[0].isdigit() and values[0].isascii() and len(values[0]) <= 18:
-            return int(values[0])  # the usual one
-        numbers = {value.strip() for joined in values for value in joined.split(",")}
-        if len(numbers) != 1:
-            raise Refusal(400, "conflicting Content-Length headers")
-        number = numbers.pop()
-        if not number.isdigit() or not number.isascii():
-            raise Refusal(400, "invalid Content-Length %r" % number[:30])
-        if len(number) > 18:  # far over any body limit; and int() refuses past 4300 digits
-            raise Refusal(400, "a Content-Length of %d digits" % len(number))
-        return int(number)
-
-    def _chunked(self):
-        values = self.fields["transfer-encoding"]
-        codings = [coding.strip(" \t").lower() for value in values for coding in value.split(",")]
-        if codings != ["chunked"]:
-            raise Refusal(501, "only the chunked transfer coding is accepted, got %r"
-                          % ", ".join(codings)[:60])
-        if self.content_length is not None:
-            raise Refusal(400, "Content-Length and Transfer-Encoding together are ambiguous")
-        return True
 
     @property
     def headers(self):
@@ -912,6 +927,44 @@ class RequestHead:
         if "close" in self.connection or (self.chunked and not self.http11):
             return False  # RFC 9112 6.1: chunked HTTP/1.0 has faulty framing; close after it
         return self.http11 or "keep-alive" in self.connection
+
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9]\d\d)(?: [\t\x20-\x7e\x80-\xff]*)?\r?")
+
+
+class ResponseHead:
+    """A response's status line and headers, as the model server sends them, read by the rules a
+    request head is read by (header_fields, content_length_of, is_chunked): what a client may not
+    send us, the model server may not either, since whatever passes is relayed to the client.  A
+    head that is not well-formed raises Refusal(502)."""
+
+    def __init__(self, head, method):
+        """`head` without its blank line; `method` the request's, which decides the framing."""
+        lines = head.split(b"\n")
+        status = _STATUS_LINE.fullmatch(lines[0])
+        if status is None:
+            raise Refusal(502, "not an HTTP/1.x status line: %r" % lines[0][:40])
+        self.status = int(status.group(1))
+        try:
+            self.fields, self.pairs = header_fields(head, lines)
+            self.framing = self._framing(method)
+        except Refusal as exc:
+            raise Refusal(502, exc.detail)
+
+    def _framing(self, method):
+        """How the body ends (RFC 9112 6.3): ("length", n), ("chunked", None), or ("close", None)
+        when the connection's end is the body's."""
+        if method == "HEAD" or self.status in (204, 304) or self.status < 200:
+            return "length", 0
+        length = content_length_of(self.fields) if "content-length" in self.fields else None
+        if "transfer-encoding" in self.fields and is_chunked(self.fields, length):
+            return "chunked", None
+        return ("length", length) if length is not None else ("close", None)
+
+    def get(self, lower):
+        """The first value of the header named `lower` (lower case), or None."""
+        values = self.fields.get(lower)
+        return values[0] if values else None
 
 
 class HTTPResponse:
@@ -1129,8 +1182,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def send(self, head, response, keep_alive, started, note=""):
         """Write one response -- a handler's, a refusal, an error: every answer goes out here --
-        and log it.  (status sent, whether the connection stays open): the status logged and
-        counted is the one on the wire, and a stream that fails midway closes the connection."""
+        and log it.  (status, whether the connection stays open): the status logged and counted
+        is the one on the wire, but for a stream cut midway, which closes the connection and
+        counts as 499 when its client left, else 500."""
         method, target, http11 = (head.method, head.target, head.http11) if head else ("-", "-", True)
         status, chunks = response.status_code, response.chunks
         head_only = method == "HEAD" or status in (204, 304) or status < 200
@@ -1165,16 +1219,17 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             size = len(body)
         else:
             self.client.send(data)
-            size = self.send_stream(method, target, chunks, chunked)
-            if size is None:
+            size, failed = self.send_stream(method, target, chunks, chunked)
+            if failed is not None:  # logged as sent, counted as what happened: 499 or 500
                 self.log_access(method, target, status, "aborted", started)
-                return status, False
+                return failed, False
         self.log_access(method, target, status, size, started, note)
         return status, keep_alive
 
     def send_stream(self, method, target, chunks, chunked):
         """Send a streamed body item by item (empty items skipped: they would end a chunked body).
-        Returns the bytes sent, or None when the stream failed and the connection must close."""
+        (bytes sent, None) when it was sent whole; else (bytes sent, 499 when the client left or
+        500 when the stream failed), and the connection must close."""
         size = 0
         try:
             for item in chunks:
@@ -1189,16 +1244,16 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 size += len(item)
             if chunked:
                 self.client.send(b"0\r\n\r\n")
-            return size
+            return size, None
         except OSError:
             Log.write("debug", "%s %s: the client left during the stream" % (method, target))
-            return None
+            return size, 499
         except AbortStream as exc:
             Log.write("warning", "%s %s: stream cut after %d bytes: %s" % (method, target, size, exc))
-            return None
+            return size, 500
         except BaseException:
             Log.exception("%s %s: the stream failed after %d bytes" % (method, target, size))
-            return None
+            return size, 500
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
@@ -1234,10 +1289,34 @@ def open_listener(host, port, backlog=1024):
     return sock
 
 
+FILES_KEPT_BACK = 128  # descriptors not given to connections: model-server pool (64), logs, files, fetches
+
+
+def file_limit():
+    """How many files this process may open: its soft RLIMIT_NOFILE, first raised to the hard
+    limit (services under systemd and Docker 25+ start at a soft 1024, which ~1,100 idle
+    sockets exhaust); None where there is no such limit to read."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # a hard limit of "unlimited" is more than Linux allows
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 class WorkerServer(http.server.ThreadingHTTPServer):
     """Serves an app on a listening socket: a thread per connection, at most max_connections of
-    them, and a count of requests in flight for a graceful stop.  The app promises, besides what
-    ConnectionHandler needs, connection_refused() for a connection turned away at the door."""
+    them -- fewer when the process may not open that many files, and the log says so -- and a
+    count of requests in flight for a graceful stop.  Out of file descriptors all the same, it
+    evicts the connection making the least progress or answers the newcomer 503, and never spins.
+    The app promises, besides what ConnectionHandler needs, connection_refused() for a
+    connection turned away at the door."""
 
     daemon_threads = True
 
@@ -1255,7 +1334,15 @@ class WorkerServer(http.server.ThreadingHTTPServer):
         self.timeout = timeout
         self.max_body = max_body
         self.bodies = BodyBudget(body_memory)
+        files = file_limit()
         self.max_connections = max_connections
+        if files is not None and max_connections > files - FILES_KEPT_BACK:
+            self.max_connections = max(files - FILES_KEPT_BACK, 1)
+            Log.write("warning", "at most %d connections, not %d: this process may open %d files "
+                                 "(RLIMIT_NOFILE; raise it with ulimit -n)"
+                      % (self.max_connections, max_connections, files))
+        self._spare_file = os.open(os.devnull, os.O_RDONLY)  # given up to answer when out of files
+        self._out_of_files_said = 0.0
         self.connections = 0
         self._connections_lock = threading.Lock()
         self._tls_refusals = threading.BoundedSemaphore(8)
@@ -1272,6 +1359,43 @@ class WorkerServer(http.server.ThreadingHTTPServer):
         if now != self._date[0]:
             self._date = (now, email.utils.formatdate(now, usegmt=True))
         return self._date[1]
+
+    def get_request(self):
+        """accept(); out of file descriptors (EMFILE, ENFILE), the listening socket stays ready
+        and socketserver would ask again at once, spinning a core: make room first."""
+        try:
+            return self.socket.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.out_of_files()
+            raise
+
+    def out_of_files(self):
+        """Evict the connection making the least progress, whose descriptor then comes free; when
+        every one is being served, give up the spare descriptor to take the newcomer and answer
+        it 503.  Then pause a moment (the evicted one closes meanwhile), and say so, at most every
+        10 s."""
+        now = time.monotonic()
+        if now - self._out_of_files_said > 10:
+            self._out_of_files_said = now
+            Log.write("warning", "out of file descriptors with %d connections open: the least busy "
+                                 "give way, else new ones get 503 (raise ulimit -n, or lower "
+                                 "--max-connections)" % self.connections)
+        if not self.deadlines.make_room() and self._spare_file is not None:
+            os.close(self._spare_file)
+            self._spare_file = None
+            try:
+                sock, address = self.socket.accept()
+            except OSError:
+                pass
+            else:
+                self.refuse_connection(sock, address, "the worker is out of file descriptors; retry")
+            finally:
+                try:
+                    self._spare_file = os.open(os.devnull, os.O_RDONLY)
+                except OSError:
+                    pass
+        time.sleep(0.05)
 
     def process_request(self, request, client_address):
         """A thread for the connection -- unless there are max_connections already: then the
@@ -1301,15 +1425,16 @@ class WorkerServer(http.server.ThreadingHTTPServer):
         with self._connections_lock:
             self.connections -= 1
 
-    def refuse_connection(self, sock, client_address):
-        """Over max_connections: 503 with Retry-After, then close.  This runs on the accept
-        thread, which must never wait on a client: plain HTTP is written without blocking (the
-        answer fits any socket buffer); over TLS, which needs a handshake first, a short-lived
-        thread answers under a 1 s deadline -- at most 8 at a time, past that it is just closed."""
+    def refuse_connection(self, sock, client_address, why=None):
+        """Over max_connections (or out of files: `why`): 503 with Retry-After, then close.  This
+        runs on the accept thread, which must never wait on a client: plain HTTP is written
+        without blocking (the answer fits any socket buffer); over TLS, which needs a handshake
+        first, a short-lived thread answers under a 1 s deadline -- at most 8 at a time, past
+        that it is just closed."""
         self.app.connection_refused()
-        Log.write("info", "%s refused: %d connections open" % (client_address[0], self.max_connections))
-        response = HTTPResponse.refused(Refusal(503, "the worker has %d connections open; retry"
-                                                % self.max_connections, retry_after=1))
+        why = why or "the worker has %d connections open; retry" % self.max_connections
+        Log.write("info", "%s refused: %s" % (client_address[0], why))
+        response = HTTPResponse.refused(Refusal(503, why, retry_after=1))
         data = encode_head(503, response.phrase, response.headers, self.http_date(), len(response.body),
                            connection="close") + response.body
         if self.tls is None:
@@ -1368,6 +1493,12 @@ class WorkerServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         Log.exception("connection from %s failed" % (client_address[0],))
+
+    def server_close(self):
+        super().server_close()
+        if self._spare_file is not None:
+            os.close(self._spare_file)
+            self._spare_file = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1513,13 +1644,14 @@ def parse_request_json(body):
     """Strict JSON (decisions.md 5): NaN, Infinity, overflowing numbers, invalid UTF-8 and nesting
     too deep to parse are client errors, and so is a body that is just null.  Objects come back
     as JSONObject, a top-level array as JSONArray; what is refused raises Refusal(400)."""
-    try:
-        utf8 = body[:1] in _UTF8_JSON_STARTS and body[1:2] != b"\x00"  # else maybe UTF-16 or 32
-        value = _REQUEST_JSON.decode(body.decode("utf-8" if utf8 else json.detect_encoding(body), "surrogatepass"))
+    utf8 = body[:1] in _UTF8_JSON_STARTS and body[1:2] != b"\x00"  # else maybe UTF-16 or 32
+    encoding = "utf-8" if utf8 else json.detect_encoding(body)
+    try:  # strictly: json.loads' own "surrogatepass" would take CESU-8's encoded surrogates
+        value = _REQUEST_JSON.decode(body.decode(encoding))
     except StrictJSONError as exc:
         raise Refusal(400, "invalid JSON: %s" % exc)
     except UnicodeDecodeError:
-        raise Refusal(400, "invalid JSON: the body is not valid UTF-8")
+        raise Refusal(400, "invalid JSON: the body is not valid %s" % encoding.upper().replace("-SIG", ""))
     except RecursionError:
         raise Refusal(400, "invalid JSON: nested too deeply")
     except ValueError as exc:
@@ -1941,6 +2073,8 @@ class Response(HTTPResponse):
             raise TypeError("a status must be an int or a string like '201 Created', got %r" % (value,))
         if not 100 <= code <= 999:
             raise ValueError("status code %d is not a three-digit HTTP status" % code)
+        if phrase is not None and _CONTROL.search(phrase):
+            raise ValueError("the status %r holds a control character" % (value,))
         self.status_code = code
         self.phrase = phrase or STATUS_PHRASES.get(code, "Unknown")
 
@@ -2227,6 +2361,12 @@ class WorkerState:
     def accepting(self):
         return self.phase in ("loaded", "benchmarking")
 
+    def most_work(self, queue_time):
+        """The most workload one request or session may count for: what this worker serves within
+        `queue_time` at its rate.  A client states its own cost (a grant's, a max_tokens), and
+        one stated far past that would make every other request look like it must wait."""
+        return (self.max_perf or DEFAULT_MAX_PERF) * queue_time
+
     def refusal(self):
         """The Refusal a backend request gets while the worker is not ready."""
         if self.phase == "failed":
@@ -2237,18 +2377,39 @@ class WorkerState:
 class Metrics:
     """The request accounting the status record carries, with the newest generation's meanings:
     workload received and served since the last report, in flight now, and rejected.  A report
-    takes a snapshot and acknowledges it once delivered, so what arrives in between is kept."""
+    takes a snapshot and acknowledges it once delivered, so what arrives in between is kept.
+    Workloads are summed exactly, as whole thousandths: in floating point, 51 + 1e20 - 1e20 is
+    0, and a worker whose cur_load drifts below zero looks idle to the autoscaler and to its own
+    admission.  With nothing in flight, cur_load is exactly 0."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.received = 0  # num_requests_recieved: requests, ever
         self.working = 0  # num_requests_working
-        self.in_flight = 0.0  # cur_load: workload of the requests in flight
-        self.new_load = 0.0  # workload received since the last report
-        self.served = 0.0  # cur_perf: workload served since the last report
-        self.rejected = 0.0  # rej_load: workload refused since the last report
+        # In thousandths of a workload unit (ints, so every sum is exact):
+        self._in_flight = 0  # cur_load: workload of the requests in flight, and of open sessions
+        self._in_sessions = 0  # of that, open sessions' costs: no request waits behind them
+        self._new = 0  # new_load: workload received since the last report
+        self._served = 0  # cur_perf: workload served since the last report
+        self._rejected = 0  # rej_load: workload refused since the last report
         self.has_news = False  # something happened since the last snapshot
         self._reqnums, self._reqnum_order = set(), collections.deque()
+
+    @staticmethod
+    def units(workload):
+        """A workload in whole thousandths, the unit the sums are kept in."""
+        return round(workload * 1000)
+
+    @property
+    def in_flight(self):
+        """cur_load: the workload of the requests in flight and of the open sessions."""
+        return self._in_flight / 1000
+
+    @property
+    def queued(self):
+        """The workload a new request waits behind: the requests in flight, not the sessions
+        (as Vast's worker leaves sessions out of its wait)."""
+        return (self._in_flight - self._in_sessions) / 1000
 
     def _received(self, grant):
         """num_requests_recieved (decisions.md 13): distinct reqnums of granted requests (the last
@@ -2263,57 +2424,74 @@ class Metrics:
             if len(self._reqnum_order) > 10000:
                 self._reqnums.discard(self._reqnum_order.popleft())
 
-    def started(self, workload, grant=None):
+    def started(self, workload, grant=None, session=False):
+        """A request (or, with `session`, a session) is in flight from now, counting `workload`."""
+        units = self.units(workload)
         with self._lock:
             if grant is None:  # the usual request, without a grant: one more
                 self.received += 1
             else:
                 self._received(grant)
             self.working += 1
-            self.in_flight += workload
-            self.new_load += workload
+            self._in_flight += units
+            self._new += units
+            if session:
+                self._in_sessions += units
             self.has_news = True
 
-    def finished(self, workload, status):
+    def finished(self, workload, status, session=False):
+        units = self.units(workload)
         with self._lock:
             self.working -= 1
-            self.in_flight -= workload
+            self._in_flight -= units
+            if session:
+                self._in_sessions -= units
             if status < 400:
-                self.served += workload
+                self._served += units
             elif status in (429, 503):
-                self.rejected += workload
+                self._rejected += units
             self.has_news = True
 
     def refused(self, workload=None, grant=None, received=False):
         """A request refused before it started: turned away at the door (over
         --max-connections, counted at the default cost) or by admission (`received`: it counts
         as received too, as Vast's worker counts it)."""
+        units = self.units(DEFAULT_WORKLOAD if workload is None else workload)
         with self._lock:
             if received:
                 self._received(grant)
-            self.rejected += DEFAULT_WORKLOAD if workload is None else workload
+            self._rejected += units
             self.has_news = True
 
     def snapshot(self):
+        """The record's accounting fields, in workload units; acknowledge() takes it back."""
         with self._lock:
             self.has_news = False
-            return {"cur_load": self.in_flight, "new_load": self.new_load, "rej_load": self.rejected,
-                    "cur_perf": self.served, "num_requests_working": self.working,
-                    "num_requests_recieved": self.received}
+            sums = (self._in_flight, self._new, self._rejected, self._served)
+            snapshot = _Snapshot(zip(("cur_load", "new_load", "rej_load", "cur_perf"),
+                                     (value / 1000 for value in sums)),
+                                 num_requests_working=self.working, num_requests_recieved=self.received)
+        snapshot.units = sums
+        return snapshot
 
     def acknowledge(self, snapshot):
         """A report went through: start the next interval (what arrived meanwhile is kept)."""
+        _, new, rejected, served = snapshot.units
         with self._lock:
-            self.new_load -= snapshot["new_load"]
-            self.served -= snapshot["cur_perf"]
-            self.rejected -= snapshot["rej_load"]
+            self._new -= new
+            self._served -= served
+            self._rejected -= rejected
 
     def restart(self):
         """Forget the benchmark's traffic when the worker is declared loaded."""
         with self._lock:
             self.received = 0
             self._reqnums, self._reqnum_order = set(), collections.deque()
-            self.new_load = self.served = self.rejected = 0.0
+            self._new = self._served = self._rejected = 0
+
+
+class _Snapshot(dict):
+    """Metrics.snapshot(): the fields for the record, and `units`, the exact sums behind them."""
 
 
 class RequestLedger:
@@ -2890,10 +3068,12 @@ class Session:
     (each accepted request extends it by that much), its on-close callback, and the connections
     of its requests in flight, cut when it ends."""
 
-    def __init__(self, session_id, grant, lifetime, on_close_route, on_close_payload, record, cost):
+    def __init__(self, session_id, grant, lifetime, on_close_route, on_close_payload, record, cost,
+                 max_lifetime=None):
         self.session_id = session_id
         self.grant = grant
         self.lifetime = lifetime
+        self.max_lifetime = max_lifetime or lifetime  # how far ahead extensions may push its end
         self.created_at = time.time()
         self.expiration = self.created_at + lifetime
         self.on_close_route = on_close_route
@@ -2907,7 +3087,9 @@ class Session:
         return grant.get("signature") == self.grant.get("signature") and grant.get("url") == self.grant.get("url")
 
     def extend(self):
-        self.expiration += self.lifetime
+        """Each accepted request adds a lifetime, as Vast's sessions do, but never past
+        max_lifetime from now: a burst of requests cannot keep a session open for ever."""
+        self.expiration = min(self.expiration + self.lifetime, time.time() + self.max_lifetime)
 
     def describe(self):
         return {"session_id": self.session_id, "auth_data": self.grant, "lifetime": self.lifetime,
@@ -2920,15 +3102,20 @@ class Sessions:
     checks none -- and opens a session whose requests reuse that grant; /session/get, /health
     and /end need it back as session_auth.  At most `limit` are open (then 429); one that
     expires is closed by a sweep every 5 s.  Closing cuts the connections of its requests in
-    flight, calls its on-close route (through `on_close`, given by the Worker) and reports it."""
+    flight, calls its on-close route (through `on_close`, given by the Worker) and reports it.
+    What a grant may ask for is bounded: a lifetime up to `max_lifetime` seconds (longer is a
+    422), a cost counted up to `most_work()` (see WorkerState.most_work)."""
 
     NAMES = ("session/create", "session/get", "session/health", "session/end")
 
-    def __init__(self, grants, ledger, metrics, limit=10, on_close=None):
+    def __init__(self, grants, ledger, metrics, limit=10, on_close=None, max_lifetime=3600.0,
+                 most_work=None):
         self.grants = grants
         self.ledger = ledger
         self.metrics = metrics
         self.limit = limit
+        self.max_lifetime = max_lifetime
+        self.most_work = most_work  # () -> the largest cost a session counts for; None: no bound
         self.on_close = on_close  # on_close(session): POST its on_close_route, in the background
         self._open = {}
         self._lock = threading.Lock()
@@ -2992,6 +3179,9 @@ class Sessions:
         lifetime = payload.get("lifetime", 60.0)
         if isinstance(lifetime, bool) or not isinstance(lifetime, (int, float)) or not 0 < lifetime < 1e9:
             raise Refusal(422, {"payload": {"lifetime": "must be a positive number of seconds"}})
+        if lifetime > self.max_lifetime:
+            raise Refusal(422, {"payload": {"lifetime": "at most %g seconds on this worker "
+                                                        "(--max-session-lifetime)" % self.max_lifetime}})
         route, close_payload = payload.get("on_close_route"), payload.get("on_close_payload")
         if route is not None and (not isinstance(route, str) or not route):
             raise Refusal(422, {"payload": {"on_close_route": "must be a path or URL"}})
@@ -3005,15 +3195,18 @@ class Sessions:
         cost = grant.get("cost", DEFAULT_WORKLOAD)
         cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) and \
             math.isfinite(cost) and cost >= 0 else DEFAULT_WORKLOAD
+        if self.most_work is not None:
+            cost = min(cost, self.most_work())
         with self._lock:
             if len(self._open) >= self.limit:
                 self.metrics.refused(cost, grant, received=True)
                 raise Refusal(429, "this worker has %d sessions open, its limit" % self.limit, retry_after=1)
             record = self.ledger.arrived(grant)
             self.ledger.started(record)
-            session = Session(secrets.token_urlsafe(16), grant, float(lifetime), route, close_payload, record, cost)
+            session = Session(secrets.token_urlsafe(16), grant, float(lifetime), route, close_payload, record, cost,
+                              self.max_lifetime)
             self._open[session.session_id] = session
-        self.metrics.started(cost, grant)
+        self.metrics.started(cost, grant, session=True)
         Log.write("info", "session %s opened for %g s" % (session.session_id, session.lifetime))
         return {"session_id": session.session_id, "expiration": session.expiration}, 201
 
@@ -3028,7 +3221,7 @@ class Sessions:
         if session.on_close_route and self.on_close is not None:
             self.on_close(session)
         self.ledger.finished(session.record, 200)
-        self.metrics.finished(session.cost, 200)
+        self.metrics.finished(session.cost, 200, session=True)
         Log.write("info", "session %s %s" % (session.session_id, why))
         return True
 
@@ -3197,7 +3390,8 @@ class BackendApp:
 
     def workload_of(self, request):
         """What the request counts for (decisions.md 13): backend.py's workload(), else the cost
-        its grant was routed with, else DEFAULT_WORKLOAD, the SDK's default cost."""
+        its grant was routed with, else DEFAULT_WORKLOAD, the SDK's default cost; never more
+        than the worker serves within --queue-time (WorkerState.most_work)."""
         try:
             if self.workload is not None:
                 value = float(self.workload(self.backend, request))
@@ -3206,7 +3400,7 @@ class BackendApp:
             else:
                 return DEFAULT_WORKLOAD
             if value >= 0 and math.isfinite(value):
-                return value
+                return min(value, self.state.most_work(self.queue_time))
             raise ValueError("%r is not a finite, non-negative number" % value)
         except Exception as exc:
             Log.write("debug", "%s %s: no usable workload (%s); counting %g" % (
@@ -3220,7 +3414,7 @@ class BackendApp:
         bounded wait stays as a backstop; without a known max_perf nothing is predicted."""
         state = self.state
         if state.max_perf_known and state.max_perf > 0:
-            wait = self.metrics.in_flight / state.max_perf
+            wait = self.metrics.queued / state.max_perf
             if wait > self.queue_time:
                 self.metrics.refused(workload, grant, received=True)
                 raise Refusal(429, "the work ahead of this request would take %.1f s, more than the "
@@ -3831,7 +4025,6 @@ CLOSED_EARLY = "it closed the connection"
 # (delayed ACK, up to 40 ms): the first event of a stream came 20-27 ms late at p99 in
 # bench/stream_bench.py.  Quick acknowledgement on our side lets the next piece go at once.
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-9]\d\d)(?: ([^\r\n]*))?\r?\n")
 
 
 class UpstreamFailed(Exception):
@@ -3857,8 +4050,11 @@ class ClientWatch:
     """Waits on the model server for one request while watching that request's client.  Before
     the answer has started, a client that leaves raises Cancelled (the handler stops, the request
     is a 499); a half-closed client is told apart by the connection's own probe, then only
-    watched for a reset.  Once the answer streams nothing may be sent but the answer, so only a
-    reset or error counts (a closed client shows as one at the next write)."""
+    watched for a reset.  Once the answer streams nothing may be sent but the answer, so a
+    client whose end of the connection shuts (its FIN) while the model server is silent counts
+    as gone, as nginx counts it: a client that half-closes mid-answer is not one that HTTP
+    clients are, and waiting for the next event to find out can take the model server's whole
+    silence (18.9 s measured) of generation nobody reads."""
 
     def __init__(self, request):
         """Watch the client of `request` (None: nobody to watch)."""
@@ -3875,7 +4071,8 @@ class ClientWatch:
         client = None
         if self.connection is not None:
             client = self.connection.client.sock.fileno()
-            poller.register(client, 0 if self.streaming or self.settled else select.POLLIN | _POLLRDHUP)
+            poller.register(client, 0 if self.settled else _POLLRDHUP if self.streaming
+                            else select.POLLIN | _POLLRDHUP)
         until = time.monotonic() + seconds
         while True:
             left = until - time.monotonic()
@@ -3885,11 +4082,24 @@ class ClientWatch:
                 if fd != client:
                     return
                 if events & (select.POLLERR | select.POLLHUP) or (
-                        not self.streaming and self.connection.client_gone()):
+                        self.connection.client_gone() if not self.streaming else events & _POLLRDHUP):
                     self.connection.client.left = True
                     raise Cancelled()
                 self.settled = True
                 poller.modify(client, 0)
+
+    def settle(self):
+        """Before an answer starts to stream, while something may still be sent first: a client
+        whose sending side is shut by now has either left (Cancelled) or half-closed on purpose
+        (settled: from here on never taken for gone by its FIN)."""
+        if self.connection is None or self.settled or not _POLLRDHUP:
+            return
+        poller = select.poll()
+        poller.register(self.connection.client.sock.fileno(), _POLLRDHUP)
+        if poller.poll(0):
+            if self.connection.client_gone():
+                raise Cancelled()
+            self.settled = True
 
     def pause(self, seconds):
         """Sleep `seconds` (a backend polling its model server), or raise Cancelled as soon as
@@ -3933,31 +4143,24 @@ class UpstreamConnection:
         self.received += len(data)
         self.buffer += data
 
-    def read_head(self, watch, seconds):
-        """(status, reason, [(name, value)]) of the next final answer; 1xx answers skipped."""
+    def read_head(self, method, watch, seconds):
+        """The ResponseHead of the next final answer to a `method` request; 1xx answers skipped."""
         while True:
             while True:
-                end = _HEAD_END.search(self.buffer)
+                end = _HEAD_END.search(self.buffer, 0, MAX_HEAD_BYTES + 4)
                 if end is not None:
                     break
-                if len(self.buffer) > 65536:
-                    raise UpstreamFailed("the model server sent a head of more than 64 KiB")
+                if len(self.buffer) > MAX_HEAD_BYTES:
+                    raise UpstreamFailed("the model server sent a head of more than %d bytes" % MAX_HEAD_BYTES)
                 self.fill(watch, seconds)
-            head = bytes(self.buffer[:end.end()])
+            head = bytes(self.buffer[:end.start()])
             del self.buffer[:end.end()]
-            status = _STATUS_LINE.match(head)
-            if status is None:
-                raise UpstreamFailed("the model server did not answer in HTTP/1.x: %r" % head[:40])
-            headers = []
-            for line in head[status.end():].splitlines():
-                name, colon, value = line.partition(b":")
-                if line and (not colon or not name.strip() or name != name.strip()):
-                    raise UpstreamFailed("the model server sent a malformed header line %r" % line[:40])
-                if line:
-                    headers.append((name.decode("latin-1"), value.strip().decode("latin-1")))
-            code = int(status.group(1))
-            if code >= 200 or code == 101:
-                return code, (status.group(2) or b"").decode("latin-1"), headers
+            try:
+                answer = ResponseHead(head, method)
+            except Refusal as exc:
+                raise UpstreamFailed("the model server sent a malformed head: %s" % exc.detail)
+            if answer.status >= 200 or answer.status == 101:
+                return answer
 
     def pieces(self, framing, watch, seconds):
         """The body as it arrives: ("length", n), ("chunked", None) or ("close", None).  Each
@@ -4020,21 +4223,6 @@ class UpstreamConnection:
             if self.buffer[:2] != b"\r\n":
                 raise UpstreamFailed("the model server sent a malformed chunk")
             del self.buffer[:2]
-
-
-def framing_of(method, status, headers):
-    """How the body of an answer ends: ("length", n), ("chunked", None) or ("close", None)."""
-    if method == "HEAD" or status in (204, 304) or status < 200:
-        return "length", 0
-    encodings = [value.lower() for name, value in headers if name.lower() == "transfer-encoding"]
-    if encodings:
-        if encodings[-1].rsplit(",", 1)[-1].strip() != "chunked":
-            return "close", None
-        return "chunked", None
-    lengths = {value.strip() for name, value in headers if name.lower() == "content-length"}
-    if len(lengths) > 1 or (lengths and not next(iter(lengths)).isdigit()):
-        raise UpstreamFailed("the model server sent a bad Content-Length %s" % ", ".join(sorted(lengths)))
-    return ("length", int(lengths.pop())) if lengths else ("close", None)
 
 
 def stream_error(content_type, message):
@@ -4133,7 +4321,7 @@ class ModelServer:
             return len(self._idle)
 
     def _exchange(self, method, path, headers, body, watch, timeout):
-        """Send one request; (connection, status, headers) once the answer's head is in.
+        """Send one request; (connection, its ResponseHead) once the answer's head is in.
         A pooled connection the server had closed meanwhile fails before any answer: the request
         is sent again, once, on a new one."""
         target = self.prefix + "/" + path.lstrip("/")
@@ -4147,7 +4335,7 @@ class ModelServer:
             connection.received = 0
             try:
                 connection.sock.sendall(data)
-                status, _, answer = connection.read_head(watch, timeout)
+                answer = connection.read_head(method, watch, timeout)
             except Cancelled:
                 connection.close()
                 raise
@@ -4159,7 +4347,7 @@ class ModelServer:
                     continue  # a kept-alive connection the server had closed meanwhile
                 raise UpstreamFailed(why)
             self.answered = True
-            return connection, status, answer
+            return connection, answer
 
     def refusal(self, why):
         """The Refusal for a model server that failed before its answer began."""
@@ -4193,13 +4381,11 @@ class ModelServer:
             path = request.path + ("?" + query if query else "")
         target = path
         try:
-            connection, status, answer = self._exchange(method, target, sent, body, watch,
-                                                                timeout or self.timeout)
-            framing = framing_of(method, status, answer)
+            connection, answer = self._exchange(method, target, sent, body, watch, timeout or self.timeout)
         except UpstreamFailed as exc:
             raise self.refusal(str(exc))
-        kept = [(name, value) for name, value in answer if name.lower() not in DROPPED_RESPONSE_HEADERS]
-        content = next((value for name, value in answer if name.lower() == "content-type"), None)
+        status, framing, content = answer.status, answer.framing, answer.get("content-type")
+        kept = [(name, value) for name, value in answer.pairs if name.lower() not in DROPPED_RESPONSE_HEADERS]
         if framing[0] == "length" and framing[1] <= BUFFERED_UP_TO:
             try:
                 data = b"".join(connection.pieces(framing, watch, timeout or self.timeout))
@@ -4212,6 +4398,11 @@ class ModelServer:
             self._give_back(connection)
             response = Response(data, status, kept)
         else:
+            try:
+                watch.settle()
+            except Cancelled:
+                connection.close()
+                raise
             response = Response(self._relay(connection, framing, watch, content, target), status, kept)
         if content is None:
             response.headers.remove("Content-Type")
@@ -4251,10 +4442,9 @@ class ModelServer:
         sent = [("Content-Type", "application/json")] if payload is not None else []
         watch = client if isinstance(client, ClientWatch) else ClientWatch(client)
         try:
-            connection, status, answer = self._exchange(method, path, sent, body, watch,
-                                                           timeout or self.timeout)
+            connection, answer = self._exchange(method, path, sent, body, watch, timeout or self.timeout)
+            status, framing = answer.status, answer.framing
             try:
-                framing = framing_of(method, status, answer)
                 data = b"".join(connection.pieces(framing, watch, timeout or self.timeout))
             except BaseException:
                 connection.close()
@@ -4404,10 +4594,52 @@ class StandInAutoscaler:
         grant["signature"] = self.key.sign(signed_message(grant, self.shape).encode())
         return grant
 
+    # The status record's fields that routing and the listing read, and what each must be.
+    RECORD_NUMBERS = ("loadtime", "cur_load", "new_load", "rej_load", "cur_perf", "max_perf")
+    RECORD_COUNTS = ("num_requests_working", "num_requests_recieved", "cur_capacity", "max_capacity")
+
+    def checked_token(self, body, request):
+        """Refuse (401) a report whose mtoken is not the stand-in's MASTER_TOKEN, when it has one:
+        without this check anyone could post a worker's id with a url of their own, or a load
+        that draws every grant."""
+        import hmac
+        if self.master_token and not hmac.compare_digest(
+                str(body.get("mtoken", "")).encode(), self.master_token.encode()):
+            print("%s refused a report from %s: its mtoken is not this stand-in's MASTER_TOKEN"
+                  % (time.strftime("%H:%M:%S"), request.remote_addr), flush=True)
+            abort(401, "the mtoken is not this autoscaler's MASTER_TOKEN")
+
+    @classmethod
+    def record_problem(cls, record):
+        """Why a status record cannot be routed on, or None: the fields it has must be of the
+        kinds a worker sends, so that no record can break /route/ for the others."""
+        worker_id, url = record.get("id"), record.get("url")
+        if worker_id is None and url is None:
+            return "a record needs an id or a url"
+        if worker_id is not None and (isinstance(worker_id, bool) or not isinstance(worker_id, (int, str))):
+            return "id must be a number or a string"
+        if url and not (isinstance(url, str) and re.fullmatch(r"https?://[\x21-\x7e]{1,2000}", url)):
+            return "url must be an http:// or https:// URL (or empty: not known)"
+        for name in cls.RECORD_NUMBERS:
+            value = record.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                return "%s must be a finite number, at least 0" % name
+        for name in cls.RECORD_COUNTS:
+            value = record.get(name, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                return "%s must be a whole number, at least 0" % name
+        if not isinstance(record.get("error_msg", ""), str):
+            return "error_msg must be a string"
+        return None
+
     def worker_status(self, _, request):
         record = request.get_json(force=True)
         if not isinstance(record, dict):
             abort(422, "expected a status record (a JSON object)")
+        self.checked_token(record, request)
+        problem = self.record_problem(record)
+        if problem:
+            abort(422, problem)
         self.records.append(record)
         key = str(record.get("id", record.get("url")))
         first = self.workers.get(key, (None, None, time.time()))[2]
@@ -4435,8 +4667,10 @@ class StandInAutoscaler:
     def delete_requests(self, _, request):
         """Like Vast's: the finished requests a worker reports, kept for GET /requests."""
         batch = request.get_json(force=True)
-        if not isinstance(batch, dict) or not isinstance(batch.get("requests"), list):
-            abort(422, 'expected {"worker_id": ID, "mtoken": TOKEN, "requests": [...]}')
+        if not isinstance(batch, dict) or not isinstance(batch.get("requests"), list) or \
+                not all(isinstance(entry, dict) for entry in batch["requests"]):
+            abort(422, 'expected {"worker_id": ID, "mtoken": TOKEN, "requests": [{...}, ...]}')
+        self.checked_token(batch, request)
         self.finished.extend(batch["requests"])
         print("%s delete_requests worker_id=%s %s" % (time.strftime("%H:%M:%S"), json.dumps(batch.get("worker_id")),
               " ".join("%s:%s" % (entry.get("request_idx"), entry.get("status")) for entry in batch["requests"])),
@@ -4598,6 +4832,9 @@ def make_parser():
                              "longer gets 429 at once (default 30)")
     parser.add_argument("--max-sessions", type=positive_int, default=10, metavar="N",
                         help="Vast sessions open at once; past it /session/create gets 429 (default 10)")
+    parser.add_argument("--max-session-lifetime", type=positive_seconds, default=3600.0, metavar="SECONDS",
+                        help="the longest lifetime a session may ask for (longer gets 422), and how far "
+                             "ahead its requests may extend it (default 3600)")
     parser.add_argument("--max-connections", type=positive_int, default=1024, metavar="N",
                         help="open connections at most; past it the one making the least progress "
                              "gives way, or, when all are being served, a new one gets 503 (default 1024)")
@@ -4782,8 +5019,8 @@ class BackendPlan:
         self.max_perf_declared = self.max_perf is not None
         if not self.max_perf_declared:
             self.max_perf = DEFAULT_MAX_PERF
-        if not isinstance(self.max_perf, (int, float)) or not self.max_perf > 0:
-            raise StartupError("%s: max_perf must be a positive number" % path)
+        if not isinstance(self.max_perf, (int, float)) or not 0 < self.max_perf < math.inf:
+            raise StartupError("%s: max_perf must be a positive, finite number" % path)
         self.uses_notify = uses_notify(module)
         self.healthcheck = environ.get("MODEL_HEALTH_ENDPOINT") or getattr(module, "healthcheck", None)
         if self.healthcheck is not None and not (isinstance(self.healthcheck, str) and
@@ -4944,7 +5181,8 @@ class Worker:
         backend = self.construct_backend()
         self.own_url = "%s://%s:%d" % (scheme, loopback_for(host) if ":" not in loopback_for(host)
                                        else "[%s]" % loopback_for(host), port)
-        sessions = Sessions(self.grants, self.ledger, self.metrics, options.max_sessions, self.session_closed)
+        sessions = Sessions(self.grants, self.ledger, self.metrics, options.max_sessions, self.session_closed,
+                            options.max_session_lifetime, lambda: state.most_work(options.queue_time))
         sessions.start()
         app = BackendApp(backend, plan.routes, state, self.metrics, self.current, plan.parallel,
                          options.queue_time, plan.workload,
@@ -4995,7 +5233,7 @@ class Worker:
             self.store.restore(backend, self.saved or {})
             Log.write("info", "state %s %s" % ("restored from" if self.saved is not None else "will be saved in",
                                               self.store.path))
-        if isinstance(getattr(backend, "max_perf", None), (int, float)) and backend.max_perf > 0:
+        if isinstance(getattr(backend, "max_perf", None), (int, float)) and 0 < backend.max_perf < math.inf:
             self.state.max_perf, self.state.max_perf_known = float(backend.max_perf), True
         return backend
 
@@ -5033,6 +5271,9 @@ class Worker:
         host, port = self.server.server_address[:2]
         Log.write("info", "vastworker %s autoscaler stand-in on http://%s:%d: point REPORT_ADDR at it "
                           "(%s)" % (__version__, host, port, describe_routes(routes)), always=True)
+        if not stand_in.master_token:
+            Log.write("warning", "no MASTER_TOKEN: status reports are taken from anyone who can reach "
+                                 "this port; set it (the workers' too) to refuse forged ones")
 
     def run(self):
         """Serve until SIGTERM or SIGINT, then stop accepting, let in-flight requests finish (for

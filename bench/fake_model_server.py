@@ -39,9 +39,10 @@ class FakeModelServer:
     (connections are refused); open() makes it listen.  With the llamacpp flavor it answers 503
     "Loading model" until loaded() is called, as llama-server does."""
 
-    def __init__(self, flavor, port=0, token_delay=0.0, model="fake-model", step_delay=0.05):
+    def __init__(self, flavor, port=0, token_delay=0.0, model="fake-model", step_delay=0.05, context=131072):
         assert flavor in FLAVORS, flavor
         self.flavor, self.model = flavor, model
+        self.context = context  # the model's context in tokens: vLLM's max_model_len in /v1/models
         self.token_delay, self.step_delay = token_delay, step_delay
         self.loading = flavor == "llamacpp"
         self.requests = []  # (method, path, JSON body or None, client port), in arrival order
@@ -260,7 +261,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.answer(200, b"", "text/plain") or True
         if (method, path) == ("GET", "/v1/models"):
             return self.answer(200, {"object": "list", "data": [
-                {"id": self.fake.model, "object": "model", "created": 1, "owned_by": "fake"}]}) or True
+                {"id": self.fake.model, "object": "model", "created": 1, "owned_by": "fake",
+                 "max_model_len": self.fake.context}]}) or True
         if method == "POST" and path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings"):
             self.openai(path, payload if isinstance(payload, dict) else {})
             return True

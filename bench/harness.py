@@ -136,8 +136,9 @@ class WorkerProcess:
     (python3 -I -S: an accidental dependency fails), on a loopback port, its log collected as it
     is written.  The port is read from the line that says it is serving."""
 
-    def __init__(self, backend, *args, python=sys.executable, env=None, port="0"):
-        command = [python, "-I", "-S", VASTWORKER, backend, "--host", "127.0.0.1"]
+    def __init__(self, backend, *args, python=sys.executable, env=None, port="0", wrapper=()):
+        """`wrapper`: a command the worker runs under, such as prlimit with its options."""
+        command = list(wrapper) + [python, "-I", "-S", VASTWORKER, backend, "--host", "127.0.0.1"]
         command += ["--port", port] if port is not None else []
         self.proc = subprocess.Popen(command + list(args), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, env=dict(os.environ, **(env or {})),

@@ -50,9 +50,14 @@ def prompt_text(payload):
     return "".join(parts)
 
 
+def completion_limit(payload):
+    """The most tokens a request may generate, as it asks: max_completion_tokens, else max_tokens."""
+    return payload.get("max_completion_tokens", payload.get("max_tokens"))
+
+
 def estimate(endpoint, payload):
     """The request's workload in tokens: its prompt, estimated, plus the most it may generate."""
-    limit = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    limit = completion_limit(payload)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
         limit = DEFAULT_MAX_TOKENS[endpoint]
     choices = payload.get("n", 1) if isinstance(payload.get("n", 1), int) else 1
@@ -97,23 +102,34 @@ class Backend:
     def __init__(self):
         self.model = vastworker.ModelServer(MODEL_SERVER_URL)
         self.model_name = os.environ.get("MODEL_NAME") or None
+        self.context = None  # the model's context in tokens, once the server said (vLLM's max_model_len)
+        self.listed = False  # the server's /v1/models was read
 
-    def default_model(self, request):
-        """MODEL_NAME, else the first model the server lists (asked once), else None."""
-        if self.model_name is None:
-            status, answer = self.model.call("GET", "/v1/models", client=request)
-            try:
-                self.model_name = answer["data"][0]["id"]
-            except (TypeError, KeyError, IndexError):
-                return None
-        return self.model_name
+    def learn_models(self, request):
+        """Read the server's /v1/models once: its first model (unless MODEL_NAME names one) and,
+        where the server says it, that model's context length."""
+        status, answer = self.model.call("GET", "/v1/models", client=request)
+        try:
+            first = answer["data"][0]
+        except (TypeError, KeyError, IndexError):
+            return
+        self.listed = True
+        if self.model_name is None and isinstance(first.get("id"), str):
+            self.model_name = first["id"]
+        context = first.get("max_model_len")
+        if isinstance(context, int) and not isinstance(context, bool) and context > 0:
+            self.context = context
 
     def relay(self, request, endpoint):
         payload = checked_payload(request, endpoint)
-        if "model" not in payload:
-            name = self.default_model(request)
-            if name is not None:
-                payload["model"] = name
+        if not self.listed and ("model" not in payload or completion_limit(payload) is not None):
+            self.learn_models(request)
+        limit = completion_limit(payload)
+        if self.context is not None and limit is not None and limit > self.context:
+            field = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
+            abort(400, "%r is %d, more than the model's context of %d tokens" % (field, limit, self.context))
+        if "model" not in payload and self.model_name is not None:
+            payload["model"] = self.model_name
         return self.model.forward(request, "/" + endpoint, json=payload)
 
 
