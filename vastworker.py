@@ -5188,8 +5188,7 @@ class Worker:
                          options.queue_time, plan.workload,
                          ReportEndpoints(environ.get("MASTER_TOKEN"), state,
                                          environ.get("VASTWORKER_UPDATE_FLAG") or "/.force_update"),
-                         self.grants, self.store,
-                         self.ledger, sessions)
+                         self.grants, self.store, self.ledger, sessions)
         self.server = WorkerServer(self.listener, app, options.timeout, options.max_body, self.tls,
                                    options.max_connections, options.body_memory)
         Log.write("info", "vastworker %s serving %s on %s://%s:%d (%s)%s"
