@@ -4019,7 +4019,6 @@ def log_actions_config(value, path):
 FORWARDED_REQUEST_HEADERS = ("Accept", "Accept-Language", "Content-Type", "User-Agent", "X-Request-Id")
 DROPPED_RESPONSE_HEADERS = HOP_BY_HOP | {"date", "server", "te", "trailer", "upgrade", "proxy-connection"}
 BUFFERED_UP_TO = 1 << 20  # an answer of known length up to this is read whole; others stream
-CLOSED_EARLY = "it closed the connection"
 # A model server that writes small pieces without TCP_NODELAY (Nagle's algorithm on) holds each
 # piece until the one before is acknowledged, and a kept-alive connection acknowledges late
 # (delayed ACK, up to 40 ms): the first event of a stream came 20-27 ms late at p99 in
@@ -4028,22 +4027,24 @@ _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", 0)
 
 
 class UpstreamFailed(Exception):
-    """The model server could not be reached, or broke off its answer: why, in a few words."""
+    """The model server could not be reached, or broke off its answer: why, in a few words, and
+    its `kind`, which decides the answer: "silent" (504), "refused" or "closed" (503 while the
+    server has never answered: it is loading), else "broken" (502)."""
 
-
-REFUSED = "it refused the connection"
-SEND_STALLED = "it stopped reading the request"
+    def __init__(self, why, kind="broken"):
+        super().__init__(why)
+        self.kind = kind
 
 
 def socket_failure(exc):
-    """An OSError on the model server's socket, in a few words."""
+    """The UpstreamFailed for an OSError on the model server's socket."""
     if isinstance(exc, socket.timeout):
-        return SEND_STALLED
+        return UpstreamFailed("it stopped reading the request", "silent")
     if isinstance(exc, ConnectionRefusedError):
-        return REFUSED
+        return UpstreamFailed("it refused the connection", "refused")
     if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
-        return "it reset the connection"
-    return (getattr(exc, "strerror", None) or describe_exception(exc)).lower()
+        return UpstreamFailed("it reset the connection")
+    return UpstreamFailed((getattr(exc, "strerror", None) or describe_exception(exc)).lower())
 
 
 class ClientWatch:
@@ -4077,7 +4078,7 @@ class ClientWatch:
         while True:
             left = until - time.monotonic()
             if left <= 0:
-                raise UpstreamFailed("no answer within %g s" % seconds)
+                raise UpstreamFailed("no answer within %g s" % seconds, "silent")
             for fd, events in poller.poll(min(left, 1.0) * 1000):
                 if fd != client:
                     return
@@ -4139,7 +4140,7 @@ class UpstreamConnection:
         if self.quickack:  # acknowledge at once (Linux resets it after each read): see above
             self.sock.setsockopt(socket.IPPROTO_TCP, self.quickack, 1)
         if not data:
-            raise UpstreamFailed(CLOSED_EARLY)
+            raise UpstreamFailed("it closed the connection", "closed")
         self.received += len(data)
         self.buffer += data
 
@@ -4180,7 +4181,7 @@ class UpstreamConnection:
                     try:
                         self.fill(watch, seconds)
                     except UpstreamFailed as exc:
-                        if str(exc) == CLOSED_EARLY:
+                        if exc.kind == "closed":
                             return
                         raise
                 piece = bytes(self.buffer)
@@ -4301,9 +4302,9 @@ class ModelServer:
         try:
             sock = socket.create_connection(self.address, timeout=self.connect_timeout)
         except socket.timeout:
-            raise UpstreamFailed("the connection was not accepted within %g s" % self.connect_timeout)
+            raise UpstreamFailed("the connection was not accepted within %g s" % self.connect_timeout, "silent")
         except OSError as exc:
-            raise UpstreamFailed(socket_failure(exc))
+            raise socket_failure(exc)
         sock.settimeout(self.timeout)  # reads wait in ClientWatch's poll(); this bounds a send
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return UpstreamConnection(sock)
@@ -4341,22 +4342,22 @@ class ModelServer:
                 raise
             except (OSError, UpstreamFailed) as exc:
                 connection.close()
-                why = str(exc) if isinstance(exc, UpstreamFailed) else socket_failure(exc)
+                failure = exc if isinstance(exc, UpstreamFailed) else socket_failure(exc)
                 if attempt == 1 and connection.answered and not connection.received and (
-                        why == CLOSED_EARLY or not isinstance(exc, UpstreamFailed)):
+                        failure.kind == "closed" or not isinstance(exc, UpstreamFailed)):
                     continue  # a kept-alive connection the server had closed meanwhile
-                raise UpstreamFailed(why)
+                raise failure
             self.answered = True
             return connection, answer
 
-    def refusal(self, why):
-        """The Refusal for a model server that failed before its answer began."""
-        if why.startswith(("no answer within", "the connection was not accepted")) or why == SEND_STALLED:
-            return Refusal(504, "the model server %s: %s" % (self.url, why))
-        if not self.answered and why in (REFUSED, CLOSED_EARLY):
+    def refusal(self, failure):
+        """The Refusal for a model server that failed (an UpstreamFailed) before its answer began."""
+        if failure.kind == "silent":
+            return Refusal(504, "the model server %s: %s" % (self.url, failure))
+        if not self.answered and failure.kind in ("refused", "closed"):
             return Refusal(503, "the model server %s is not answering yet (%s): still loading?"
-                                % (self.url, why), retry_after=5)
-        return Refusal(502, "the model server %s: %s" % (self.url, why))
+                                % (self.url, failure), retry_after=5)
+        return Refusal(502, "the model server %s: %s" % (self.url, failure))
 
     # -- what backends call ---------------------------------------------------------------------
     def forward(self, request, path=None, json=None, method=None, headers=None, timeout=None):
@@ -4383,7 +4384,7 @@ class ModelServer:
         try:
             connection, answer = self._exchange(method, target, sent, body, watch, timeout or self.timeout)
         except UpstreamFailed as exc:
-            raise self.refusal(str(exc))
+            raise self.refusal(exc)
         status, framing, content = answer.status, answer.framing, answer.get("content-type")
         kept = [(name, value) for name, value in answer.pairs if name.lower() not in DROPPED_RESPONSE_HEADERS]
         if framing[0] == "length" and framing[1] <= BUFFERED_UP_TO:
@@ -4450,7 +4451,7 @@ class ModelServer:
                 connection.close()
                 raise
         except UpstreamFailed as exc:
-            raise self.refusal(str(exc))
+            raise self.refusal(exc)
         if framing[0] == "close":
             connection.close()
         else:
