@@ -107,6 +107,12 @@ def describe_exception(exc):
     return "%s: %s" % (type(exc).__name__, exc) if str(exc) else type(exc).__name__
 
 
+def is_number(value):
+    """Is `value` a JSON number (an int or float, not a bool), finite and not negative?  The one
+    check for a cost or rate read from a grant or a report."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
 class Log:
     """Timestamped lines on stderr, one log for the process.  While serving, lines are queued and
     a background thread writes them every 0.1 s (warnings and errors at once, in order): a write
@@ -915,7 +921,6 @@ class RequestHead:
             raw_path = b"/" + raw_path.lstrip(b"/")
         self.target = raw_target.decode("latin-1")
         self.path = decode_path(raw_path)
-
 
     @property
     def headers(self):
@@ -2395,11 +2400,6 @@ class Metrics:
         self.has_news = False  # something happened since the last snapshot
         self._reqnums, self._reqnum_order = set(), collections.deque()
 
-    @staticmethod
-    def units(workload):
-        """A workload in whole thousandths, the unit the sums are kept in."""
-        return round(workload * 1000)
-
     @property
     def in_flight(self):
         """cur_load: the workload of the requests in flight and of the open sessions."""
@@ -2426,7 +2426,7 @@ class Metrics:
 
     def started(self, workload, grant=None, session=False):
         """A request (or, with `session`, a session) is in flight from now, counting `workload`."""
-        units = round(workload * 1000)  # self.units(), written out: twice a request
+        units = round(workload * 1000)  # in thousandths (a method call here cost 0.1 us a request)
         with self._lock:
             if grant is None:  # the usual request, without a grant: one more
                 self.received += 1
@@ -2440,7 +2440,7 @@ class Metrics:
             self.has_news = True
 
     def finished(self, workload, status, session=False):
-        units = round(workload * 1000)  # self.units(), written out: twice a request
+        units = round(workload * 1000)
         with self._lock:
             self.working -= 1
             self._in_flight -= units
@@ -2456,7 +2456,7 @@ class Metrics:
         """A request refused before it started: turned away at the door (over
         --max-connections, counted at the default cost) or by admission (`received`: it counts
         as received too, as Vast's worker counts it)."""
-        units = self.units(DEFAULT_WORKLOAD if workload is None else workload)
+        units = round((DEFAULT_WORKLOAD if workload is None else workload) * 1000)
         with self._lock:
             if received:
                 self._received(grant)
@@ -3193,8 +3193,7 @@ class Sessions:
                 raise Refusal(401, problem)
         import secrets
         cost = grant.get("cost", DEFAULT_WORKLOAD)
-        cost = float(cost) if isinstance(cost, (int, float)) and not isinstance(cost, bool) and \
-            math.isfinite(cost) and cost >= 0 else DEFAULT_WORKLOAD
+        cost = float(cost) if is_number(cost) else DEFAULT_WORKLOAD
         if self.most_work is not None:
             cost = min(cost, self.most_work())
         with self._lock:
@@ -3290,8 +3289,7 @@ class ReportEndpoints:
             max_perf = data.get("max_perf")
             if max_perf is None:
                 self.state.ready()
-            elif isinstance(max_perf, (int, float)) and not isinstance(max_perf, bool) and \
-                    math.isfinite(max_perf) and max_perf > 0:  # the next status report must be valid
+            elif is_number(max_perf) and max_perf > 0:  # the next status report must be valid
                 self.state.loaded(float(max_perf))
             else:
                 raise Refusal(400, "max_perf must be a positive number, not %r" % (max_perf,))
@@ -4622,8 +4620,7 @@ class StandInAutoscaler:
         if url and not (isinstance(url, str) and re.fullmatch(r"https?://[\x21-\x7e]{1,2000}", url)):
             return "url must be an http:// or https:// URL (or empty: not known)"
         for name in cls.RECORD_NUMBERS:
-            value = record.get(name, 0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            if not is_number(record.get(name, 0)):
                 return "%s must be a finite number, at least 0" % name
         for name in cls.RECORD_COUNTS:
             value = record.get(name, 0)
