@@ -4513,8 +4513,12 @@ def test_out_of_file_descriptors_the_worker_makes_room_or_says_503_and_never_spi
     idle.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")  # served, then idle on a kept-alive connection
     assert idle.recv(65536).endswith(b"\r\n\r\nfast")
     control = worker.connect()
-    control.request("GET", "/hog")  # every descriptor is taken now; this connection stays open
-    assert control.getresponse().read().startswith(b"hogging")
+    def hogged():  # every descriptor taken, also one the worker closed meanwhile; this connection stays open
+        control.request("GET", "/hog")
+        assert control.getresponse().read().startswith(b"hogging")
+        return len(os.listdir("/proc/%d/fd" % worker.proc.pid)) == 200
+
+    wait_until(hogged)
     assert worker.request("GET", "/fast")[:3:2] == (200, b"fast")  # the idle connection gave way
     assert read_until_close(idle) == b""
     worker.wait_for_log("out of file descriptors with")
