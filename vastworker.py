@@ -534,6 +534,76 @@ class LargeBlocks:
         mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
 
 
+def take_head(buffer):
+    """The head at the start of bytearray `buffer` (its lines, without the blank line that ends
+    it), taken out of the buffer; None while it is incomplete.  One rule for both directions:
+    a head larger than MAX_HEAD_BYTES is refused (414 when its first line alone is)."""
+    match = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)
+    if match:
+        head = bytes(buffer[:match.start()])
+        del buffer[:match.end()]
+        return head
+    if len(buffer) > MAX_HEAD_BYTES:
+        if b"\n" not in buffer[:MAX_HEAD_BYTES]:
+            raise Refusal(414, "the request line is longer than %d bytes" % MAX_HEAD_BYTES)
+        raise Refusal(431, "the headers are larger than %d bytes" % MAX_HEAD_BYTES)
+    return None
+
+
+def counted_pieces(buffer, fill, size):
+    """The next `size` bytes of bytearray `buffer`, which `fill()` extends, as they come."""
+    while size:
+        if not buffer:
+            fill()
+        piece = bytes(buffer[:size])
+        del buffer[:len(piece)]
+        size -= len(piece)
+        yield piece
+
+
+def chunked_pieces(buffer, fill, admit=None):
+    """A chunked body's data from bytearray `buffer`, which `fill()` extends, as it comes; its
+    trailer fields checked and dropped.  Strictly framed, as h11 reads it, in both directions:
+    CRLF line ends, no blanks around the size, well-formed trailer fields.  `admit(size)` is
+    told each chunk's size before its data is read (to refuse it early).  Raises Refusal."""
+    while True:
+        end = buffer.find(b"\n", 0, 1025)
+        if end < 0:
+            if len(buffer) > 1024:
+                raise Refusal(400, "a chunk-size line is longer than 1024 bytes")
+            fill()
+            continue
+        match = _CHUNK_LINE.fullmatch(buffer, 0, end + 1)
+        if match is None:
+            raise Refusal(400, "invalid chunk-size line %r" % bytes(buffer[:min(end + 1, 40)]))
+        size = int(match.group(1), 16)
+        del buffer[:end + 1]
+        if size == 0:
+            break
+        if admit is not None:
+            admit(size)
+        yield from counted_pieces(buffer, fill, size)
+        while len(buffer) < 2:
+            fill()
+        if buffer[:2] != b"\r\n":
+            raise Refusal(400, "a chunk is longer than its size says")
+        del buffer[:2]
+    for _ in range(MAX_HEADER_COUNT + 1):
+        end = buffer.find(b"\n", 0, MAX_HEAD_BYTES + 1)
+        while end < 0:
+            if len(buffer) > MAX_HEAD_BYTES:
+                raise Refusal(431, "a trailer field is larger than %d bytes" % MAX_HEAD_BYTES)
+            fill()
+            end = buffer.find(b"\n", 0, MAX_HEAD_BYTES + 1)
+        line = bytes(buffer[:end + 1])
+        del buffer[:end + 1]
+        if line == b"\r\n":
+            return
+        if not _TRAILER_LINE.fullmatch(line):
+            raise Refusal(400, "malformed trailer line %r" % line[:100])
+    raise Refusal(431, "more than %d trailer fields" % MAX_HEADER_COUNT)
+
+
 class ClientSocket:
     """A client connection: buffered reads and whole writes, each bounded in time.  Waiting for a
     next request may last `timeout`; a request head must arrive whole within `timeout` of its
@@ -546,6 +616,7 @@ class ClientSocket:
     def __init__(self, sock, timeout):
         self.sock = sock
         self.timeout = timeout
+        self.http11 = True  # of the request being served: whether gone() may probe with "100 Continue"
         self.buffer = bytearray()
         self.deadline = None  # while blocked on the socket: when the DeadlineWatcher cuts it short
         self.limit = None  # while waiting for the client: the time limit of what it is sending
@@ -569,8 +640,13 @@ class ClientSocket:
         self.evicted = True
         self.expire()
 
-    def gone(self, http11):
+    def fileno(self):
+        return self.sock.fileno()
+
+    def gone(self):
         """Has the client left (closed or reset its connection) while its request waits or runs?
+        This is the one answer to that question: the handler's request.is_disconnected(), the
+        queue for the lock and the model-server proxy's ClientWatch all ask it.
         A client that only shut its sending side (a half-close, as some send a request) has not:
         it still reads the answer.  The two look alike until something is sent, so on the first
         sign of either, an HTTP/1.1 client is sent "100 Continue", an interim answer it must
@@ -581,7 +657,7 @@ class ClientSocket:
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN | _POLLRDHUP)
         events = sum(event for _, event in poller.poll(0))
-        if events & _POLLRDHUP and http11 and not self.probed:
+        if events & _POLLRDHUP and self.http11 and not self.probed:
             self.probed = True
             try:
                 self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -591,6 +667,15 @@ class ClientSocket:
             events = sum(event for _, event in poller.poll(100))
         self.left = bool(events & (select.POLLERR | select.POLLHUP))
         return self.left
+
+    def abandon(self):
+        """No one will wait for the answer (its client left, or the worker gave up on it): cut
+        the connection, so the client sees it and a handler asking gone() hears it."""
+        self.left = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _fill(self):
         self.deadline = self.limit
@@ -648,15 +733,9 @@ class ClientSocket:
             if buffer:
                 if idle:  # the request's first bytes: now its head has `timeout` to arrive whole
                     idle, self.limit = False, time.monotonic() + self.timeout
-                match = _HEAD_END.search(buffer, 0, MAX_HEAD_BYTES + 4)
-                if match:
-                    head = bytes(buffer[:match.start()])
-                    del buffer[:match.end()]
+                head = take_head(buffer)
+                if head is not None:
                     return head
-                if len(buffer) > MAX_HEAD_BYTES:
-                    if b"\n" not in buffer[:MAX_HEAD_BYTES]:
-                        raise Refusal(414, "the request line is longer than %d bytes" % MAX_HEAD_BYTES)
-                    raise Refusal(431, "the request headers are larger than %d bytes" % MAX_HEAD_BYTES)
                 try:
                     self._fill()
                 except socket.timeout:
@@ -673,17 +752,6 @@ class ClientSocket:
     def request_read(self):
         """The whole request is in: the connection is being served, and cannot be evicted."""
         self.limit, self.paced = None, False
-
-    def read_into(self, out, size):
-        """Move the next `size` bytes of the request to the end of bytearray `out`, as they come."""
-        buffer = self.buffer
-        while size:
-            if not buffer:
-                self._fill()
-            take = min(size, len(buffer))
-            out += buffer[:take]
-            del buffer[:take]
-            size -= take
 
     def read_body(self, length):
         """The next `length` bytes of the request, as bytes.  A large body is received straight
@@ -710,59 +778,25 @@ class ClientSocket:
         return bytes(body)
 
     def read_chunked(self, max_body, budget):
-        """A chunked request body, decoded into one buffer as it arrives: strictly framed (as h11
-        reads it: CRLF line ends, no blanks around the size, well-formed trailer fields), each
-        chunk paid for from `budget`, over max_body a 413 as soon as that is known.
-        (body, bytes taken from the budget): the caller gives them back."""
-        body, buffer = bytearray(), self.buffer
-        try:
-            while True:
-                end = buffer.find(b"\n", 0, 1025)
-                if end < 0:
-                    if len(buffer) > 1024:
-                        raise Refusal(400, "a chunk-size line is longer than 1024 bytes")
-                    self._fill()
-                    continue
-                match = _CHUNK_LINE.fullmatch(buffer, 0, end + 1)
-                if match is None:
-                    raise Refusal(400, "invalid chunk-size line %r" % bytes(buffer[:min(end + 1, 40)]))
-                size = int(match.group(1), 16)
-                del buffer[:end + 1]
-                if size == 0:
-                    break
-                if len(body) + size > max_body:
-                    raise Refusal(413, "the request body is larger than %d bytes" % max_body)
-                if not budget.take(size):
-                    raise budget.refusal()
-                self.read_into(body, size)
-                while len(buffer) < 2:
-                    self._fill()
-                if buffer[:2] != b"\r\n":
-                    raise Refusal(400, "a chunk is longer than its size says")
-                del buffer[:2]
-            self.read_trailers()
-        except BaseException:
-            budget.give_back(len(body))
-            raise
-        return bytes(body), len(body)
+        """A chunked request body, decoded as it arrives, each chunk paid for from `budget`
+        before it is read; over max_body a 413 as soon as that is known.  (body, bytes taken
+        from the budget): the caller gives them back."""
+        body, taken = bytearray(), 0
 
-    def read_trailers(self):
-        """Trailer fields after the last chunk: checked, then ignored."""
-        buffer = self.buffer
-        for _ in range(MAX_HEADER_COUNT + 1):
-            end = buffer.find(b"\n", 0, MAX_HEAD_BYTES + 1)
-            while end < 0:
-                if len(buffer) > MAX_HEAD_BYTES:
-                    raise Refusal(431, "a trailer field is larger than %d bytes" % MAX_HEAD_BYTES)
-                self._fill()
-                end = buffer.find(b"\n", 0, MAX_HEAD_BYTES + 1)
-            line = bytes(buffer[:end + 1])
-            del buffer[:end + 1]
-            if line == b"\r\n":
-                return
-            if not _TRAILER_LINE.fullmatch(line):
-                raise Refusal(400, "malformed trailer line %r" % line[:100])
-        raise Refusal(431, "more than %d trailer fields" % MAX_HEADER_COUNT)
+        def admit(size):
+            nonlocal taken
+            if taken + size > max_body:
+                raise Refusal(413, "the request body is larger than %d bytes" % max_body)
+            if not budget.take(size):
+                raise budget.refusal()
+            taken += size
+        try:
+            for piece in chunked_pieces(self.buffer, self._fill, admit):
+                body += piece
+        except BaseException:
+            budget.give_back(taken)  # all it took, though a chunk cut short was not all received
+            raise
+        return bytes(body), taken
 
 
 def decode_path(raw):
@@ -1047,7 +1081,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     chunked bodies.)  The app promises respond(head, body, connection) -> (response, ticket),
     the response None when the client left before anything ran, and finish(ticket, status) once
     the response is sent, or the client left (status 499).  The connection offers the app
-    client_address, server_address, scheme, client_gone() and client_abandoned()."""
+    client_address, server_address, scheme and `client`, its ClientSocket."""
 
     def setup(self):
         sock = self.request
@@ -1112,7 +1146,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             self.refuse(self.client.timed_out("the request body"), head, started)
             return False
         self.client.request_read()
-        self.http11 = head.http11
+        self.client.http11 = head.http11
         try:
             return self.answer(head, body, framing_known, started)
         finally:
@@ -1163,19 +1197,6 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if length:
                 server.bodies.give_back(length)
             raise
-
-    def client_gone(self):
-        """For dispatch and request.is_disconnected(): has the client of this request left?"""
-        return self.client.gone(self.http11)
-
-    def client_abandoned(self):
-        """The request's session ended: cut the connection, so its client sees it and its
-        handler, asking client_gone(), hears that no one waits for the answer."""
-        self.client.left = True
-        try:
-            self.client.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     def refuse(self, refusal, head, started):
         """Answer a request the protocol layer will not serve, and close: the rest of the
@@ -1753,7 +1774,7 @@ class Request:
         self.scheme = connection.scheme
         self._body = body
         self._cached_json = (_MISSING, _MISSING)
-        self._connection = connection
+        self.client_socket = connection.client  # whether its client has left: see ClientSocket.gone()
         self.auth = None  # the verified grant from the autoscaler, when the request carried one
 
     @lazy
@@ -1774,7 +1795,7 @@ class Request:
     def is_disconnected(self):
         """Has the client left?  A long handler (a model call) can ask, and stop: its answer
         would go nowhere.  Not Flask's: vastworker's (decisions.md 15)."""
-        return self._connection.client_gone()
+        return self.client_socket.gone()
 
     def replace_json(self, payload):
         """What the handler sees once a signed grant is taken off the body: the payload alone."""
@@ -3080,7 +3101,7 @@ class Session:
         self.on_close_payload = on_close_payload if on_close_route else None
         self.record = record  # its RequestLedger record: it is reported when it closes
         self.cost = cost  # its workload while it is open
-        self.in_flight = set()  # the connections of its requests being served
+        self.in_flight = set()  # the clients (ClientSockets) of its requests being served
 
     def granted_by(self, grant):
         """Is `grant` (a request's, or a session_auth: Vast's whole /route/ answer) this session's?"""
@@ -3215,8 +3236,8 @@ class Sessions:
         with self._lock:
             if self._open.pop(session.session_id, None) is None:
                 return False
-        for connection in list(session.in_flight):
-            connection.client_abandoned()
+        for client in list(session.in_flight):
+            client.abandon()
         if session.on_close_route and self.on_close is not None:
             self.on_close(session)
         self.ledger.finished(session.record, 200)
@@ -3355,7 +3376,7 @@ class BackendApp:
             if self.grants is not None:
                 session = self.grants.check(request, self.sessions)
             if session is not None:
-                session.in_flight.add(connection)
+                session.in_flight.add(connection.client)
             elif request.auth is not None:  # a session's own requests are reported with it
                 record = self.ledger.arrived(request.auth)
             if not self.state.accepting:
@@ -3467,7 +3488,7 @@ class BackendApp:
         if record is not None:
             self.ledger.finished(record, status)
         if session is not None:
-            session.in_flight.discard(connection)
+            session.in_flight.discard(connection.client)
 
     def connection_refused(self):
         self.metrics.refused()
@@ -4057,7 +4078,7 @@ class ClientWatch:
 
     def __init__(self, request):
         """Watch the client of `request` (None: nobody to watch)."""
-        self.connection = request._connection if request is not None else None  # its ConnectionHandler
+        self.client = request.client_socket if request is not None else None
         self.streaming = False
         self.settled = False  # the client's side was readable, and it had not left: stop asking
 
@@ -4068,8 +4089,8 @@ class ClientWatch:
         if sock is not None:
             poller.register(sock, select.POLLIN)
         client = None
-        if self.connection is not None:
-            client = self.connection.client.sock.fileno()
+        if self.client is not None:
+            client = self.client.fileno()
             poller.register(client, 0 if self.settled else _POLLRDHUP if self.streaming
                             else select.POLLIN | _POLLRDHUP)
         until = time.monotonic() + seconds
@@ -4081,8 +4102,8 @@ class ClientWatch:
                 if fd != client:
                     return
                 if events & (select.POLLERR | select.POLLHUP) or (
-                        self.connection.client_gone() if not self.streaming else events & _POLLRDHUP):
-                    self.connection.client.left = True
+                        self.client.gone() if not self.streaming else events & _POLLRDHUP):
+                    self.client.abandon()
                     raise Cancelled()
                 self.settled = True
                 poller.modify(client, 0)
@@ -4091,12 +4112,12 @@ class ClientWatch:
         """Before an answer starts to stream, while something may still be sent first: a client
         whose sending side is shut by now has either left (Cancelled) or half-closed on purpose
         (settled: from here on never taken for gone by its FIN)."""
-        if self.connection is None or self.settled or not _POLLRDHUP:
+        if self.client is None or self.settled or not _POLLRDHUP:
             return
         poller = select.poll()
-        poller.register(self.connection.client.sock.fileno(), _POLLRDHUP)
+        poller.register(self.client.fileno(), _POLLRDHUP)
         if poller.poll(0):
-            if self.connection.client_gone():
+            if self.client.gone():
                 raise Cancelled()
             self.settled = True
 
@@ -4145,16 +4166,11 @@ class UpstreamConnection:
     def read_head(self, method, watch, seconds):
         """The ResponseHead of the next final answer to a `method` request; 1xx answers skipped."""
         while True:
-            while True:
-                end = _HEAD_END.search(self.buffer, 0, MAX_HEAD_BYTES + 4)
-                if end is not None:
-                    break
-                if len(self.buffer) > MAX_HEAD_BYTES:
-                    raise UpstreamFailed("the model server sent a head of more than %d bytes" % MAX_HEAD_BYTES)
-                self.fill(watch, seconds)
-            head = bytes(self.buffer[:end.start()])
-            del self.buffer[:end.end()]
             try:
+                head = take_head(self.buffer)
+                if head is None:
+                    self.fill(watch, seconds)
+                    continue
                 answer = ResponseHead(head, method)
             except Refusal as exc:
                 raise UpstreamFailed("the model server sent a malformed head: %s" % exc.detail)
@@ -4165,19 +4181,16 @@ class UpstreamConnection:
         """The body as it arrives: ("length", n), ("chunked", None) or ("close", None).  Each
         piece is what one read brought (an SSE event is flushed as soon as it comes)."""
         kind, length = framing
+
+        def fill():
+            self.fill(watch, seconds)
         if kind == "length":
-            while length:
-                if not self.buffer:
-                    self.fill(watch, seconds)
-                piece = bytes(self.buffer[:length])
-                del self.buffer[:len(piece)]
-                length -= len(piece)
-                yield piece
+            yield from counted_pieces(self.buffer, fill, length)
         elif kind == "close":
             while True:
                 if not self.buffer:
                     try:
-                        self.fill(watch, seconds)
+                        fill()
                     except UpstreamFailed as exc:
                         if exc.kind == "closed":
                             return
@@ -4186,42 +4199,10 @@ class UpstreamConnection:
                 self.buffer.clear()
                 yield piece
         else:
-            yield from self._chunks(watch, seconds)
-
-    def _chunks(self, watch, seconds):
-        while True:
-            while True:
-                line = _CHUNK_LINE.match(self.buffer)
-                if line is not None:
-                    break
-                if len(self.buffer) > 1024 or (b"\n" in self.buffer):
-                    raise UpstreamFailed("the model server sent a malformed chunk")
-                self.fill(watch, seconds)
-            size = int(line.group(1), 16)
-            del self.buffer[:line.end()]
-            if size == 0:
-                while not self.buffer.startswith(b"\r\n"):  # trailers: read and dropped
-                    end = self.buffer.find(b"\r\n")
-                    if end > 0:
-                        del self.buffer[:end + 2]
-                    elif len(self.buffer) > 65536:
-                        raise UpstreamFailed("the model server sent endless trailers")
-                    else:
-                        self.fill(watch, seconds)
-                del self.buffer[:2]
-                return
-            while size:
-                if not self.buffer:
-                    self.fill(watch, seconds)
-                piece = bytes(self.buffer[:size])
-                del self.buffer[:len(piece)]
-                size -= len(piece)
-                yield piece
-            while len(self.buffer) < 2:
-                self.fill(watch, seconds)
-            if self.buffer[:2] != b"\r\n":
-                raise UpstreamFailed("the model server sent a malformed chunk")
-            del self.buffer[:2]
+            try:
+                yield from chunked_pieces(self.buffer, fill)
+            except Refusal as exc:
+                raise UpstreamFailed("the model server sent a malformed chunk: %s" % exc.detail)
 
 
 def stream_error(content_type, message):
