@@ -23,6 +23,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -3556,6 +3557,78 @@ def test_help_explains_options_and_environment():
                  "MASTER_TOKEN", "REPORT_ADDR", "MODEL_LOG", "PUBLIC_IPADDR", "--cache-dir",
                  "autoscaler", "allow_parallel_requests"):
         assert word in output
+
+
+def settings_of(argv, environ=None, module_source=None, tmp_path=None):
+    """Settings resolved in-process from a command line, an environment and a backend.py."""
+    settings = vastworker.Settings(vastworker.make_parser().parse_args(argv), environ or {})
+    if module_source is not None:
+        module = types.ModuleType("backend")
+        exec(module_source, module.__dict__)
+        settings.add_backend(module, "backend.py")
+    return settings
+
+
+def test_a_flag_wins_over_a_variable_which_wins_over_backend_py_which_wins_over_the_default():
+    assert (settings_of(["b"]).port, settings_of(["b"]).source["port"]) == (3000, "default")
+    assert settings_of(["b"], {"AUTH_PORT": "7"}).port == 7
+    assert settings_of(["b"], {"WORKER_PORT": "8", "AUTH_PORT": "7"}).port == 8
+    assert settings_of(["b", "--port", "9"], {"WORKER_PORT": "8"}).source["port"] == "--port"
+    assert settings_of(["b"], {"UNSECURED": "TRUE"}).allow_unsigned is True
+    assert settings_of(["b"], {"UNSECURED": "no"}).allow_unsigned is False
+    assert settings_of(["b", "--allow-unsigned"]).allow_unsigned is True
+    settings = settings_of(["b"], {"MODEL_LOG": "/var/log/m"}, "model_log = '/tmp/m'\nreadiness = 'call'\n")
+    assert (settings.model_log, settings.source["model_log"], settings.readiness) == ("/var/log/m", "$MODEL_LOG", "call")
+    settings = settings_of(["b"], {}, "model_log = '/tmp/m'\n")
+    assert (settings.model_log, settings.source["model_log"]) == ("/tmp/m", "backend.py: model_log")
+    assert (settings.max_perf, settings.source["max_perf"], settings.readiness) == (100.0, "default", "start")
+    assert settings_of(["b", "--max-body", "1K", "--timeout", "2.5"]).max_body == 1024
+
+
+@pytest.mark.parametrize("argv, environ, module, message", [
+    (["--timeout", "inf"], {}, None, "--timeout='inf' is not a positive, finite number"),
+    (["--timeout", "0"], {}, None, "--timeout='0' is not a positive, finite number"),
+    ([], {"WORKER_PORT": "x"}, None, "$WORKER_PORT='x' is not a port number (0-65535)"),
+    (["--max-connections", "-3"], {}, None, "--max-connections='-3' is not a positive whole number"),
+    (["--body-memory", "lots"], {}, None, "--body-memory='lots' is not a size like"),
+    ([], {}, "max_perf = float('inf')", "backend.py: max_perf=inf is not a positive, finite number"),
+    ([], {}, "max_perf = True", "backend.py: max_perf=True is not a positive, finite number"),
+    ([], {}, "readiness = 'soon'", "backend.py: readiness='soon' is not one of start, log, call, health"),
+    ([], {"MODEL_HEALTH_ENDPOINT": "localhost:8000"}, None,
+     "$MODEL_HEALTH_ENDPOINT='localhost:8000' must be an http:// or https:// URL"),
+])
+def test_a_bad_setting_is_refused_naming_where_it_came_from(argv, environ, module, message):
+    with pytest.raises(vastworker.StartupError) as raised:
+        settings_of(["b"] + argv, environ, module or "")
+    assert str(raised.value).startswith(message), raised.value
+
+
+def test_every_setting_read_anywhere_is_in_the_one_table_and_its_document():
+    """Nothing is configured outside SETTINGS: every variable the module, the backends and the
+    scripts read, every attribute of backend.py and every flag is a row of it, and
+    docs/settings.md is the table as the module makes it."""
+    table = vastworker.SETTINGS
+    variables = {name for setting in table for name in setting.env}
+    reads = set()
+    for path in [VASTWORKER] + glob.glob(os.path.join(ROOT, "backends", "*", "backend.py")):
+        with open(path) as file:
+            reads |= set(re.findall(r'environ(?:\.get\(|\[)"([A-Z][A-Z0-9_]*)"', file.read()))
+    for path in [os.path.join(ROOT, "start_server.sh")] + glob.glob(os.path.join(ROOT, "backends", "*", "launch.sh")):
+        with open(path) as file:
+            reads |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):-", file.read()))
+    not_settings = {"XDG_CACHE_HOME", "CONTENT_TYPE", "CONTENT_LENGTH", "HTTP_"}  # the cache's base; WSGI's environ
+    assert reads - not_settings - variables == set()
+    assert len(reads) > 20  # the scan found what it looks for
+    with open(VASTWORKER) as file:
+        source = file.read()
+    flags = set(re.findall(r"(--[a-z][a-z-]+)", run_cli("--help")[1].split("environment variables")[0]))
+    assert flags == {setting.flag for setting in table if setting.flag} | {"--help", "--version"}
+    assert re.findall(r'add_argument\("(--[a-z-]+)"', source) == ["--version"]  # the rest come from the table
+    attributes = {setting.attribute for setting in table if setting.attribute}
+    assert attributes >= {"readiness", "log_actions", "benchmark", "workload", "max_perf", "healthcheck",
+                          "persist", "model_log", "allow_parallel_requests"}
+    with open(os.path.join(ROOT, "docs", "settings.md")) as file:
+        assert vastworker.settings_table() in file.read()
 
 
 @pytest.mark.parametrize("source, message", [

@@ -4680,154 +4680,324 @@ class StandInAutoscaler:
 # 7. Command line: options, loading a backend, the Worker
 # ------------------------------------------------------------------------------------------------
 
-ENVIRONMENT_HELP = """\
-environment variables:
-  WORKER_PORT, AUTH_PORT  port to listen on when --port is not given (in that order; else 3000)
-  REPORT_ADDR             autoscaler address(es), comma-separated, tried in order: status reports
-                          go to {address}/worker_status/; also Backend(control_server_url=...)
-  CONTAINER_ID            instance id: the reports' "id", and Backend(container_id=...)
-  MASTER_TOKEN            shared secret: the reports' "mtoken", the key to the internal
-                          /report_* endpoints (off without it), and Backend(master_token=...)
-  PUBLIC_IPADDR, VAST_TCP_PORT_<port>  the public address reported as "url"
-  MODEL_SERVER_URL        the model server the openai, tgi and comfyui backends front
-  MODEL_LOG               the model server's log, watched for the backend's log_actions
-  MODEL_HEALTH_ENDPOINT   the model server's health URL: loaded only after a 200, failed on a later non-200
-  STATE_FILE              same as --state-file
-  VASTWORKER_PUBKEY       the autoscaler's public key (PEM text), instead of --pubkey
-  UNSECURED=true          same as --allow-unsigned
-  USE_SSL=true            serve HTTPS with /etc/instance.crt and /etc/instance.key (Vast's)
+def byte_size(text):
+    """'64M' -> 67108864; plain numbers are bytes."""
+    match = re.match(r"^\s*(\d+)\s*([kKmMgG]?)[iI]?[bB]?\s*$", text)
+    if not match:
+        raise ValueError("is not a size like 1048576, 512K or 64M")
+    return int(match.group(1)) * 1024 ** " kmg".index(match.group(2).lower() or " ")
 
+
+def positive_number(value):
+    """A positive, finite number, from a flag's or variable's text or a backend.py attribute
+    (not a bool, not inf: a status record must stay JSON)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if not (is_number(value) and value > 0):
+        raise ValueError("is not a positive, finite number")
+    return float(value)
+
+
+def positive_int(text):
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError("is not a positive whole number")
+    return int(text)
+
+
+def port_number(text):
+    if not text.strip().isdigit() or not 0 <= int(text) <= 65535:
+        raise ValueError("is not a port number (0-65535)")
+    return int(text)
+
+
+def switch(text):
+    """A variable that turns something on: 1, true or yes (any case); anything else is off."""
+    return text.strip().lower() in ("1", "true", "yes")
+
+
+def http_url(value):
+    if not (isinstance(value, str) and value.startswith(("http://", "https://"))):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+class Setting:
+    """One setting, wherever it may be given: a command-line flag, environment variables, a
+    backend.py attribute (each where it has one); its default, the check a value must pass
+    (text -> value, ValueError saying what is wrong), a line of help, and who reads it:
+    vastworker.py, or -- listed here all the same, so one table documents everything -- a
+    backend or start_server.sh.  Settings.resolve() decides which source wins."""
+
+    def __init__(self, name, doc, default=None, check=None, flag=None, env=(), attribute=None,
+                 reader="vastworker.py", metavar=None):
+        self.name, self.doc, self.default, self.check = name, doc, default, check
+        self.flag, self.env, self.attribute = flag, tuple(env), attribute
+        self.reader, self.metavar = reader, metavar
+
+    def parsed(self, text, source):
+        """The value of `text` (or of a backend.py attribute) given as `source`; StartupError
+        says what is wrong with it."""
+        try:
+            return text if self.check is None else self.check(text)
+        except (ValueError, TypeError) as exc:
+            raise StartupError("%s=%r %s" % (source, text, exc))
+
+    def variables(self):
+        """Its variables as a user sets them: "$WORKER_PORT, $AUTH_PORT", "$UNSECURED=true"."""
+        return ", ".join("$" + name + ("=true" if self.check is switch else "") for name in self.env)
+
+    def add_to(self, parser):
+        """This setting's option, with its default and variables in its help."""
+        notes = ["or " + self.variables()] if self.env else []
+        notes += ["default %s" % self.default] if self.default not in (None, False) else []
+        help = self.doc.replace("%", "%%") + (" (%s)" % "; ".join(notes) if notes else "")
+        if self.check is switch:
+            parser.add_argument(self.flag, action="store_true", default=None, help=help)
+        else:
+            parser.add_argument(self.flag, metavar=self.metavar, help=help, default=None,
+                                choices=getattr(self.check, "choices", None))
+
+
+def one_of(*choices):
+    def check(text):
+        if text not in choices:
+            raise ValueError("is not one of %s" % ", ".join(choices))
+        return text
+    check.choices = choices
+    return check
+
+
+# Every setting there is, in one table: parsing, which source wins, --help and the README's table
+# all come from it, and a test checks that nothing read anywhere is missing from it.
+SETTINGS = (
+    # the listening socket and its limits
+    Setting("host", "address to listen on; 0.0.0.0 is all of this machine's", "0.0.0.0", flag="--host"),
+    Setting("port", "port to listen on; 0 picks a free one", DEFAULT_PORT, port_number, "--port",
+            ("WORKER_PORT", "AUTH_PORT")),
+    Setting("max_body", "largest request body; a larger one gets 413 before it is read", "64M", byte_size,
+            "--max-body", metavar="SIZE"),
+    Setting("body_memory", "request bodies held in memory at once, over all connections; a request whose "
+            "body would pass it gets 503 with Retry-After before it is read (at least --max-body)", "256M",
+            byte_size, "--body-memory", metavar="SIZE"),
+    Setting("timeout", "seconds a connection may stay idle or take to send its request headers; a body "
+            "may take this long plus 1 s per %d bytes" % MIN_BODY_RATE, 30, positive_number, "--timeout",
+            metavar="SECONDS"),
+    Setting("queue_time", "seconds a request may wait for the backend lock before it gets 429; with a "
+            "known max_perf, one whose predicted wait is longer gets 429 at once", 30, positive_number,
+            "--queue-time", metavar="SECONDS"),
+    Setting("max_connections", "open connections at most; past it the one making the least progress "
+            "gives way, or, when all are being served, a new one gets 503", 1024, positive_int,
+            "--max-connections", metavar="N"),
+    Setting("max_sessions", "Vast sessions open at once; past it /session/create gets 429", 10, positive_int,
+            "--max-sessions", metavar="N"),
+    Setting("max_session_lifetime", "the longest lifetime in seconds a session may ask for (longer gets "
+            "422), and how far ahead its requests may extend it", 3600, positive_number,
+            "--max-session-lifetime", metavar="SECONDS"),
+    Setting("grace", "on SIGTERM or SIGINT, seconds in-flight requests may take to finish", 10,
+            positive_number, "--grace", metavar="SECONDS"),
+    # signed grants and HTTPS
+    Setting("pubkey", "the autoscaler's RSA public key (PEM file) for checking signed grants; without it "
+            "and $VASTWORKER_PUBKEY the key comes from {REPORT_ADDR}/pubkey/", flag="--pubkey",
+            metavar="FILE"),
+    Setting("pubkey_pem", "the autoscaler's public key as PEM text, instead of --pubkey",
+            env=["VASTWORKER_PUBKEY"]),
+    Setting("grant_shape", "the signed-message shape grants use: g4 (url only, Vast's current), g3 (all "
+            "fields, sorted), g1 (the original's four); auto tries each", "auto", one_of(*GRANT_SHAPES),
+            "--grant-shape"),
+    Setting("allow_unsigned", "serve requests without a grant even when a key is configured; grants that "
+            "are present are still checked", False, switch, "--allow-unsigned", ["UNSECURED"]),
+    Setting("certfile", "serve HTTPS with this certificate (PEM)", flag="--certfile", metavar="FILE"),
+    Setting("keyfile", "the certificate's private key, if not in the certificate file", flag="--keyfile",
+            metavar="FILE"),
+    Setting("use_ssl", "serve HTTPS with Vast's instance certificate, /etc/instance.crt and .key", False,
+            switch, env=["USE_SSL"]),
+    # the autoscaler
+    Setting("report_addr", "autoscaler address(es), comma-separated, tried in order: status reports go to "
+            "{address}/worker_status/; also Backend(control_server_url=...)", env=["REPORT_ADDR"]),
+    Setting("container_id", "instance id: the reports' id, and Backend(container_id=...)", "",
+            env=["CONTAINER_ID"]),
+    Setting("master_token", "shared secret: the reports' mtoken, the key to the internal /report_* "
+            "endpoints (off without it), and Backend(master_token=...)", "", env=["MASTER_TOKEN"]),
+    Setting("public_ipaddr", "the public address reported as url, with $VAST_TCP_PORT_<port>",
+            env=["PUBLIC_IPADDR"]),
+    Setting("update_flag", "a file whose presence makes start_server.sh fetch the project again; "
+            "/report_update creates it", "/.force_update", env=["VASTWORKER_UPDATE_FLAG"]),
+    # state, readiness, the log
+    Setting("state_file", "keep the Backend's state (its public JSON-able attributes, or those named in "
+            "persist) in FILE: restored at start, saved before each answer that changed it",
+            flag="--state-file", env=["STATE_FILE"], metavar="FILE"),
+    Setting("cache_dir", "where the benchmark result is cached (never the project, which an update "
+            "replaces)", "$XDG_CACHE_HOME/vastworker, else ~/.cache/vastworker", flag="--cache-dir",
+            metavar="DIR"),
+    Setting("ready_file", "once serving, write this process's pid to FILE: how start_server.sh knows that "
+            "its own worker is up, not another program on the port", flag="--ready-file", metavar="FILE"),
+    Setting("log_level", "info logs one line per request; warning and error only problems, and the lines "
+            "saying the worker serves and has stopped; debug adds tracebacks of start-up failures", "info",
+            one_of(*sorted(Log.LEVELS, key=Log.LEVELS.get)), "--log-level"),
+    Setting("quiet", "same as --log-level warning", False, switch, "--quiet"),
+    # what backend.py declares
+    Setting("allow_parallel_requests", "True: handlers do their own locking and run in parallel",
+            False, bool, attribute="allow_parallel_requests"),
+    Setting("readiness", "when the worker is loaded: start (Backend() returned), log (a log_actions "
+            "loaded line), call (vastworker.ready()), health (the healthcheck URL answers 200)", "start",
+            one_of("start", "log", "call", "health"), attribute="readiness"),
+    Setting("log_actions", 'substrings watched for in the model log: {"loaded": [...], "error": [...], '
+            '"info": [...]}', attribute="log_actions"),
+    Setting("model_log", "the model server's log, watched for the backend's log_actions", env=["MODEL_LOG"],
+            attribute="model_log"),
+    Setting("healthcheck", "the model server's health URL: loaded only after a 200, failed on a later "
+            "non-200", check=http_url, env=["MODEL_HEALTH_ENDPOINT"], attribute="healthcheck"),
+    Setting("benchmark", 'requests that measure max_perf once loaded: {"endpoint": ..., "payload": ...}',
+            attribute="benchmark"),
+    Setting("workload", "def workload(backend, request): a request's workload (default: its grant's cost, "
+            "else 100)", attribute="workload"),
+    Setting("max_perf", "workload per second, without a benchmark (also read from the Backend)",
+            DEFAULT_MAX_PERF, positive_number, attribute="max_perf"),
+    Setting("persist", "the Backend attributes --state-file keeps (default: its public JSON-able ones)",
+            attribute="persist"),
+    # read by the shipped backends
+    Setting("model_server_url", "the model server fronted (openai :8000, tgi :3000, comfyui :8188)",
+            env=["MODEL_SERVER_URL"], reader="backends"),
+    Setting("model_name", "openai: the model a request without one gets", env=["MODEL_NAME"],
+            reader="backends"),
+    Setting("benchmark_max_tokens", "openai, tgi: tokens per benchmark request (256, 128)",
+            env=["BENCHMARK_MAX_TOKENS"], reader="backends"),
+    Setting("comfyui_checkpoint", "comfyui: the checkpoint its benchmark workflow loads",
+            "v1-5-pruned-emaonly.safetensors", env=["COMFYUI_CHECKPOINT"], reader="backends"),
+    Setting("comfyui_benchmark_workflow", "comfyui: a workflow (API JSON file) to benchmark with instead",
+            env=["COMFYUI_BENCHMARK_WORKFLOW"], reader="backends"),
+    # read by start_server.sh and the launch.sh scripts
+    Setting("workspace", "where the project, vastworker.log and vastworker.pid live; the worker runs there",
+            "/home/workspace", env=["WORKSPACE"], reader="start_server.sh"),
+    Setting("model_command", "the command start_server.sh starts the model server with",
+            env=["MODEL_COMMAND"], reader="start_server.sh"),
+    Setting("script_url", "URL of your copy's start_server.sh (read by launch.sh)",
+            env=["VASTWORKER_SCRIPT_URL"], reader="start_server.sh"),
+    Setting("tarball", "a .tar.gz of the project to fetch", env=["VASTWORKER_TARBALL"], reader="start_server.sh"),
+    Setting("repo", "or anything git clone accepts", env=["VASTWORKER_REPO"], reader="start_server.sh"),
+    Setting("update", "1: fetch the project again even though it is there", env=["VASTWORKER_UPDATE"],
+            reader="start_server.sh"),
+    Setting("wait", "seconds to wait for the worker to serve", "60", env=["VASTWORKER_WAIT"],
+            reader="start_server.sh"),
+    Setting("comfyui_dir", "comfyui's launch.sh: a ComfyUI checkout to start when MODEL_COMMAND is unset",
+            env=["COMFYUI_DIR"], reader="start_server.sh"),
+    Setting("model_id", "tgi's launch.sh: the model TGI serves when MODEL_COMMAND is unset", env=["MODEL_ID"],
+            reader="start_server.sh"),
+)
+
+
+class Settings:
+    """The worker's settings, resolved once: an attribute per setting read by vastworker.py,
+    and `source`, where each came from.  A flag wins over a variable, a variable over a
+    backend.py attribute (add_backend()), that over the default; every value passes its check."""
+
+    def __init__(self, options, environ):
+        self.backend, self.environ = options.backend, environ
+        self.source = {}
+        for setting in SETTINGS:
+            if setting.reader != "vastworker.py" or setting.attribute:
+                continue
+            given = getattr(options, setting.name, None) if setting.flag else None
+            if given is not None:
+                self._set(setting, setting.parsed(given, setting.flag) if given is not True else True, setting.flag)
+                continue
+            for name in setting.env:
+                if environ.get(name):
+                    self._set(setting, setting.parsed(environ[name], "$" + name), "$" + name)
+                    break
+            else:
+                default = setting.default
+                self._set(setting, setting.parsed(default, "default") if isinstance(default, str) else default,
+                          "default")
+        if options.cache_dir is None:
+            base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+            self.cache_dir = os.path.join(base, "vastworker")
+
+    def _set(self, setting, value, source):
+        setattr(self, setting.name, value)
+        self.source[setting.name] = source
+
+    def add_backend(self, module, path):
+        """The settings backend.py may declare, unless a variable gave them; StartupError names
+        the first bad one."""
+        for setting in SETTINGS:
+            if not setting.attribute:
+                continue
+            value, source = getattr(module, setting.attribute, None), "%s: %s" % (path, setting.attribute)
+            for name in setting.env:
+                if self.environ.get(name):
+                    value, source = self.environ[name], "$" + name
+                    break
+            if value is None:
+                value, source = setting.default, "default"
+            self._set(setting, None if value is None else setting.parsed(value, source), source)
+
+
+def wrapped(text, indent, width=100):
+    """`text` in lines of at most `width` characters, all but the first indented."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width - indent:
+            lines.append(line)
+            line = word
+        else:
+            line = line + " " + word if line else word
+    return ("\n" + " " * indent).join(lines + [line])
+
+
+def settings_help():
+    """--help's epilog: the variables without a flag, and backend.py's attributes."""
+    lines = ["environment variables (and those of the options above):"]
+    for setting in SETTINGS:
+        if setting.env and not setting.flag:
+            lines.append("  %-28s %s" % (setting.variables()[1:], wrapped(setting.doc + (
+                "" if setting.reader == "vastworker.py" else " [%s]" % setting.reader), 31)))
+    lines += ["", "backend.py may declare (see README.md):"]
+    lines += ["  %-28s %s" % (setting.attribute, wrapped(setting.doc, 31)) for setting in SETTINGS if setting.attribute]
+    return "\n".join(lines) + "\n\n" + BACKENDS_HELP
+
+
+def settings_table():
+    """The README's table of every setting, in Markdown."""
+    rows = ["| setting | flag | variable | `backend.py` | default | read by | meaning |",
+            "|---|---|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        cells = [setting.name, setting.flag, setting.variables(), setting.attribute,
+                 None if setting.default in (None, False, "") else setting.default]
+        rows.append("| %s | %s | %s |" % (" | ".join("`%s`" % cell if cell else "" for cell in cells),
+                                          setting.reader, setting.doc.replace("|", "\\|")))
+    return "\n".join(rows)
+
+
+BACKENDS_HELP = """\
 backends:
   BACKEND is a directory name under backends/ next to this file (e.g. helloworld), or a path
   to any directory holding a backend.py.  backend.py defines Backend, its handlers and
   flask_dict = {"POST": {"increment": increment_handler}, "GET": {"value": value_handler}}.
-  Handler calls are serialised by a lock; a backend whose handlers do their own locking sets
-  allow_parallel_requests = True in backend.py.  It may also set readiness, log_actions,
-  benchmark, workload and max_perf (see README.md).
+  Handler calls are serialised by a lock unless it sets allow_parallel_requests = True.
 
   python3 vastworker.py autoscaler [--port P]  runs a local stand-in for Vast's autoscaler
   (default port 8081) that prints the status records workers send it.
 """
 
 
-def byte_size(text):
-    """'64M' -> 67108864; plain numbers are bytes."""
-    match = re.match(r"^\s*(\d+)\s*([kKmMgG]?)[iI]?[bB]?\s*$", text)
-    if not match:
-        raise argparse.ArgumentTypeError("%r is not a size like 1048576, 512K or 64M" % text)
-    return int(match.group(1)) * 1024 ** " kmg".index(match.group(2).lower() or " ")
-
-
-def positive_seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError("%r is not a positive number of seconds" % text)
-    return value
-
-
-def positive_int(text):
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError("%r is not a positive whole number" % text)
-    return int(text)
-
-
-def port_number(text, source="--port"):
-    if not text.strip().isdigit() or not 0 <= int(text) <= 65535:
-        raise StartupError("%s=%r is not a port number (0-65535)" % (source, text))
-    return int(text)
-
-
-def default_cache_dir():
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "vastworker")
-
-
-def add_more_options(parser):
-    """The options beyond the listening socket and its limits: stopping, grants, HTTPS, saved
-    state, the benchmark cache, readiness and the log."""
-    parser.add_argument("--grace", type=positive_seconds, default=10.0, metavar="SECONDS",
-                        help="on SIGTERM or SIGINT, how long in-flight requests may take to finish "
-                             "(default 10)")
-    parser.add_argument("--pubkey", metavar="FILE",
-                        help="the autoscaler's RSA public key (PEM) for checking signed grants; without it "
-                             "the key comes from $VASTWORKER_PUBKEY or {REPORT_ADDR}/pubkey/")
-    parser.add_argument("--grant-shape", choices=GRANT_SHAPES, default="auto",
-                        help="which signed-message shape grants use: g4 (url only, Vast's current), g3 "
-                             "(all fields, sorted), g1 (the original's four fields); auto tries each")
-    parser.add_argument("--allow-unsigned", action="store_true",
-                        help="serve requests without a grant even when a key is configured (also "
-                             "UNSECURED=true); grants that are present are still checked")
-    parser.add_argument("--certfile", metavar="FILE",
-                        help="serve HTTPS with this certificate (PEM); USE_SSL=true uses /etc/instance.crt")
-    parser.add_argument("--keyfile", metavar="FILE",
-                        help="the certificate's private key, if not in the certificate file "
-                             "(with USE_SSL=true: /etc/instance.key)")
-    parser.add_argument("--state-file", metavar="FILE",
-                        help="keep the Backend's state (its public JSON-able attributes, or those named in "
-                             "persist) in FILE: restored at start, saved before each answer that changed "
-                             "it (also $STATE_FILE)")
-    parser.add_argument("--cache-dir", default=default_cache_dir(), metavar="DIR",
-                        help="where the benchmark result is cached (default: $XDG_CACHE_HOME/vastworker, "
-                             "else ~/.cache/vastworker; never the project, which an update replaces)")
-    parser.add_argument("--ready-file", metavar="FILE",
-                        help="once serving, write this process's pid to FILE: how start_server.sh "
-                             "knows that its own worker is up, not another program on the port")
-    parser.add_argument("--log-level", choices=sorted(Log.LEVELS, key=Log.LEVELS.get), default="info",
-                        help="info (the default) logs one line per request; warning and error only "
-                             "problems, and the lines saying the worker serves and has stopped; debug "
-                             "adds tracebacks of start-up failures")
-    parser.add_argument("--quiet", action="store_true", help="same as --log-level warning")
-    parser.add_argument("--version", action="version", version="vastworker " + __version__)
-
-
 def make_parser():
-    """The command line: the backend, then options, each with its default in --help."""
+    """The command line: the backend, then an option for each setting that has a flag."""
     parser = argparse.ArgumentParser(
         prog="vastworker.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a pyworker-style backend (backend.py with Backend and flask_dict) "
                     "over HTTP, on the Python standard library alone.",
-        epilog=ENVIRONMENT_HELP)
+        epilog=settings_help())
     parser.add_argument("backend", metavar="BACKEND",
                         help="a directory name under backends/, or a path to a directory with backend.py")
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0: all)")
-    parser.add_argument("--port", help="port to listen on; 0 picks a free one "
-                                       "(default $WORKER_PORT, else $AUTH_PORT, else 3000)")
-    parser.add_argument("--max-body", type=byte_size, default=byte_size("64M"), metavar="SIZE",
-                        help="largest request body accepted, e.g. 512K or 64M; larger ones get 413 "
-                             "before they are read (default 64M)")
-    parser.add_argument("--body-memory", type=byte_size, default=byte_size("256M"), metavar="SIZE",
-                        help="request bodies held in memory at once, over all connections; a request "
-                             "whose body would pass it gets 503 with Retry-After before it is read "
-                             "(default 256M; at least --max-body)")
-    parser.add_argument("--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
-                        help="how long a connection may stay idle or take to send its request headers; "
-                             "a body may take this long plus 1 s per %d bytes (default 30)" % MIN_BODY_RATE)
-    parser.add_argument("--queue-time", type=positive_seconds, default=30.0, metavar="SECONDS",
-                        help="how long a request may wait for the backend lock before it gets 429 "
-                             "with Retry-After; with a known max_perf, one whose predicted wait is "
-                             "longer gets 429 at once (default 30)")
-    parser.add_argument("--max-sessions", type=positive_int, default=10, metavar="N",
-                        help="Vast sessions open at once; past it /session/create gets 429 (default 10)")
-    parser.add_argument("--max-session-lifetime", type=positive_seconds, default=3600.0, metavar="SECONDS",
-                        help="the longest lifetime a session may ask for (longer gets 422), and how far "
-                             "ahead its requests may extend it (default 3600)")
-    parser.add_argument("--max-connections", type=positive_int, default=1024, metavar="N",
-                        help="open connections at most; past it the one making the least progress "
-                             "gives way, or, when all are being served, a new one gets 503 (default 1024)")
-    add_more_options(parser)
+    for setting in SETTINGS:
+        if setting.flag:
+            setting.add_to(parser)
+    parser.add_argument("--version", action="version", version="vastworker " + __version__)
     return parser
-
-
-def resolve_port(option, environ):
-    if option is not None:
-        return port_number(option)
-    for name in ("WORKER_PORT", "AUTH_PORT"):
-        if environ.get(name):
-            return port_number(environ[name], "$" + name)
-    return DEFAULT_PORT
 
 
 def find_backend(spec):
@@ -4970,74 +5140,62 @@ class BackendPlan:
     """What backend.py declares, checked before anything starts: its routes, readiness, log
     actions, a benchmark, a workload function, max_perf, parallelism and what is persisted."""
 
-    def __init__(self, module, directory, environ):
-        """Read backend.py's declarations from `module`; StartupError names the first mistake."""
+    def __init__(self, module, directory, settings):
+        """Read backend.py's declarations from `module` into `settings` too (where they are
+        read, with which wins); StartupError names the first mistake."""
         path = os.path.join(directory, "backend.py")
         self.module, self.path = module, path
         self.routes = validate_routes(module, path)
-        self.parallel = bool(getattr(module, "allow_parallel_requests", False))
-        self.readiness = getattr(module, "readiness", "start")
-        if self.readiness not in ("start", "log", "call", "health"):
-            raise StartupError("%s: readiness must be 'start', 'log', 'call' or 'health', not %r"
-                               % (path, self.readiness))
-        self.log_actions = getattr(module, "log_actions", None)
-        self.model_log = environ.get("MODEL_LOG") or getattr(module, "model_log", None)
+        settings.add_backend(module, path)
+        self.parallel, self.readiness = settings.allow_parallel_requests, settings.readiness
+        self.log_actions, self.model_log = settings.log_actions, settings.model_log
         if self.log_actions is not None:
             log_actions_config(self.log_actions, path)
             if not self.model_log and self.readiness == "log":
                 raise StartupError("%s defines log_actions but no log to watch: set MODEL_LOG" % path)
         if self.readiness == "log" and not (self.log_actions or {}).get("loaded"):
             raise StartupError('%s: readiness "log" needs log_actions with "loaded" patterns' % path)
-        self.benchmark = getattr(module, "benchmark", None)
+        self.benchmark = settings.benchmark
         if self.benchmark is not None:
             self.benchmark = benchmark_config(self.benchmark, path, self.parallel)
-        self.workload = getattr(module, "workload", None)
+        self.workload = settings.workload
         if self.workload is not None and not callable(self.workload):
             raise StartupError("%s: workload must be a function workload(backend, request)" % path)
-        self.max_perf = getattr(module, "max_perf", None)
-        self.max_perf_declared = self.max_perf is not None
-        if not self.max_perf_declared:
-            self.max_perf = DEFAULT_MAX_PERF
-        if not isinstance(self.max_perf, (int, float)) or not 0 < self.max_perf < math.inf:
-            raise StartupError("%s: max_perf must be a positive, finite number" % path)
+        self.max_perf, self.max_perf_declared = settings.max_perf, settings.source["max_perf"] != "default"
         self.uses_notify = uses_notify(module)
-        self.healthcheck = environ.get("MODEL_HEALTH_ENDPOINT") or getattr(module, "healthcheck", None)
-        if self.healthcheck is not None and not (isinstance(self.healthcheck, str) and
-                                                 self.healthcheck.startswith(("http://", "https://"))):
-            raise StartupError("%s: healthcheck (or $MODEL_HEALTH_ENDPOINT) must be an http:// or https:// "
-                               "URL, not %r" % (path, self.healthcheck))
+        self.healthcheck = settings.healthcheck
         if self.readiness == "health" and self.healthcheck is None:
             raise StartupError('%s: readiness "health" needs a healthcheck URL (or $MODEL_HEALTH_ENDPOINT)' % path)
-        self.persist = getattr(module, "persist", getattr(module.Backend, "persist", None))
+        self.persist = settings.persist if settings.persist is not None else getattr(module.Backend, "persist", None)
         if self.persist is not None and not (isinstance(self.persist, (list, tuple, set)) and all(
                 isinstance(name, str) for name in self.persist)):
             raise StartupError("%s: persist must be a list of attribute names" % path)
 
 
-def grant_checker(options, environ, addresses):
+def grant_checker(settings, addresses):
     """The signature policy: a key from --pubkey, $VASTWORKER_PUBKEY or (fetched in the background)
     the autoscaler; unsigned requests refused when there is one, unless explicitly allowed."""
     key, source = None, None
-    if options.pubkey:
+    if settings.pubkey:
         try:
-            with open(options.pubkey) as file:
-                key, source = RSAPublicKey.from_pem(file.read()), options.pubkey
+            with open(settings.pubkey) as file:
+                key, source = RSAPublicKey.from_pem(file.read()), settings.pubkey
         except (OSError, ValueError) as exc:
-            raise StartupError("--pubkey %s: %s" % (options.pubkey, exc))
-    elif environ.get("VASTWORKER_PUBKEY"):
+            raise StartupError("--pubkey %s: %s" % (settings.pubkey, exc))
+    elif settings.pubkey_pem:
         try:
-            key, source = RSAPublicKey.from_pem(environ["VASTWORKER_PUBKEY"]), "$VASTWORKER_PUBKEY"
+            key, source = RSAPublicKey.from_pem(settings.pubkey_pem), "$VASTWORKER_PUBKEY"
         except ValueError as exc:
             raise StartupError("$VASTWORKER_PUBKEY: %s" % exc)
-    allow_unsigned = options.allow_unsigned or environ.get("UNSECURED", "").lower() in ("1", "true", "yes")
-    checker = GrantChecker(key, options.grant_shape, allow_unsigned, key_expected=key is None and bool(addresses))
+    checker = GrantChecker(key, settings.grant_shape, settings.allow_unsigned,
+                           key_expected=key is None and bool(addresses))
     return checker, source or (addresses[0] if addresses else None)
 
 
-def tls_context(options, environ):
+def tls_context(settings):
     """HTTPS with --certfile/--keyfile, or with Vast's instance certificate when USE_SSL=true."""
-    certfile, keyfile = options.certfile, options.keyfile
-    if certfile is None and environ.get("USE_SSL", "").lower() in ("1", "true", "yes"):
+    certfile, keyfile = settings.certfile, settings.keyfile
+    if certfile is None and settings.use_ssl:
         certfile, keyfile = "/etc/instance.crt", "/etc/instance.key"
     if certfile is None:
         return None
@@ -5059,7 +5217,7 @@ class Worker:
     """One worker process: a backend (or the stand-in autoscaler) behind a WorkerServer, with the
     worker state, metrics, status reporter and background services that go with it.
 
-    start() is plan, bind, build: plan reads and checks all that the options and backend.py name,
+    start() is plan, bind, build: plan reads and checks all that the settings and backend.py name,
     so a mistake is one StartupError line before anything runs; bind takes the port before the
     backend is built, so a busy port fails in a moment rather than after a model has loaded;
     build constructs the Backend and everything that serves it.  run() then serves until
@@ -5068,15 +5226,15 @@ class Worker:
 
     running = None
 
-    def __init__(self, options, environ):
-        self.options = options
+    def __init__(self, settings, environ):
+        self.settings = settings
         self.environ = environ
         self.state = WorkerState()
         self.metrics = Metrics()
         self.current = CurrentRequest()  # what flask.request reads
         self.postbox = Postbox()  # what notify posts through
         self.ledger = RequestLedger()  # the routed requests, for the status reports
-        # plan(): what the options and backend.py name
+        # plan(): what the settings and backend.py name
         self.directory = self.port = self.backend_plan = self.tls = None
         self.addresses, self.grants, self.key_source = [], None, None
         self.store, self.saved = None, None  # the StateStore and the attributes it read
@@ -5088,28 +5246,28 @@ class Worker:
     def start(self):
         """Plan, bind and build; raises StartupError, having started nothing that outlives it."""
         Worker.running = self
-        if self.options.max_body > self.options.body_memory:
+        if self.settings.max_body > self.settings.body_memory:
             raise StartupError("--max-body %d is more than --body-memory %d: no body that large could "
-                               "ever be accepted; raise --body-memory" % (self.options.max_body,
-                                                                         self.options.body_memory))
-        if self.options.backend == "autoscaler":
+                               "ever be accepted; raise --body-memory" % (self.settings.max_body,
+                                                                         self.settings.body_memory))
+        if self.settings.backend == "autoscaler":
             return self.start_stand_in()
         self.plan()
         self.bind(self.port)
         self.build()
 
     def plan(self):
-        """Find and import the backend, check what it declares, and read the options' files
+        """Find and import the backend, check what it declares, and read the files the settings name
         (public key, certificate, state file)."""
-        options, environ = self.options, self.environ
-        self.directory = find_backend(options.backend)
-        self.port = resolve_port(options.port, environ)
+        settings, environ = self.settings, self.environ
+        self.directory = find_backend(settings.backend)
+        self.port = settings.port
         install_modules(self.current, self.postbox)
-        self.backend_plan = BackendPlan(import_backend(self.directory), self.directory, environ)
-        self.addresses = report_addresses(environ.get("REPORT_ADDR"))
-        self.grants, self.key_source = grant_checker(options, environ, self.addresses)
-        self.tls = tls_context(options, environ)
-        state_file = options.state_file or environ.get("STATE_FILE")
+        self.backend_plan = BackendPlan(import_backend(self.directory), self.directory, settings)
+        self.addresses = report_addresses(settings.report_addr)
+        self.grants, self.key_source = grant_checker(settings, self.addresses)
+        self.tls = tls_context(settings)
+        state_file = settings.state_file
         if state_file:
             self.store = StateStore(state_file, self.backend_plan.persist, history=self.grants)
             self.saved = self.store.load()
@@ -5117,7 +5275,7 @@ class Worker:
 
     def bind(self, port):
         """Take the port, or say in one line why not."""
-        host = self.options.host
+        host = self.settings.host
         try:
             self.listener = open_listener(host, port)
         except OSError as exc:
@@ -5128,7 +5286,7 @@ class Worker:
     def build(self):
         """The background services, the Backend, its app and the server, in the order that lets
         the autoscaler hear of a model that loads slowly in Backend()."""
-        options, environ, plan, state = self.options, self.environ, self.backend_plan, self.state
+        settings, environ, plan, state = self.settings, self.environ, self.backend_plan, self.state
         host, port = self.listener.getsockname()[:2]
         scheme = "https" if self.tls is not None else "http"
         self.grants.own_url = public_url(environ, port, scheme)
@@ -5139,7 +5297,7 @@ class Worker:
         if plan.benchmark is not None:
             with open(plan.path, "rb") as file:
                 benchmark = Benchmark(plan.benchmark, os.path.basename(self.directory), file.read(),
-                                      os.path.join(options.cache_dir, "vastworker-benchmark.json"),
+                                      os.path.join(settings.cache_dir, "vastworker-benchmark.json"),
                                       (loopback_for(host), port), self.tls is not None)
         else:
             benchmark = None
@@ -5160,16 +5318,15 @@ class Worker:
         backend = self.construct_backend()
         self.own_url = "%s://%s:%d" % (scheme, loopback_for(host) if ":" not in loopback_for(host)
                                        else "[%s]" % loopback_for(host), port)
-        sessions = Sessions(self.grants, self.ledger, self.metrics, options.max_sessions, self.session_closed,
-                            options.max_session_lifetime, lambda: state.most_work(options.queue_time))
+        sessions = Sessions(self.grants, self.ledger, self.metrics, settings.max_sessions, self.session_closed,
+                            settings.max_session_lifetime, lambda: state.most_work(settings.queue_time))
         sessions.start()
         app = BackendApp(backend, plan.routes, state, self.metrics, self.current, plan.parallel,
-                         options.queue_time, plan.workload,
-                         ReportEndpoints(environ.get("MASTER_TOKEN"), state,
-                                         environ.get("VASTWORKER_UPDATE_FLAG") or "/.force_update"),
+                         settings.queue_time, plan.workload,
+                         ReportEndpoints(settings.master_token or None, state, settings.update_flag),
                          self.grants, self.store, self.ledger, sessions)
-        self.server = WorkerServer(self.listener, app, options.timeout, options.max_body, self.tls,
-                                   options.max_connections, options.body_memory)
+        self.server = WorkerServer(self.listener, app, settings.timeout, settings.max_body, self.tls,
+                                   settings.max_connections, settings.body_memory)
         Log.write("info", "vastworker %s serving %s on %s://%s:%d (%s)%s"
                   % (__version__, os.path.basename(self.directory), scheme,
                      host if ":" not in host else "[%s]" % host, port, describe_routes(plan.routes),
@@ -5211,8 +5368,9 @@ class Worker:
             self.store.restore(backend, self.saved or {})
             Log.write("info", "state %s %s" % ("restored from" if self.saved is not None else "will be saved in",
                                               self.store.path))
-        if isinstance(getattr(backend, "max_perf", None), (int, float)) and 0 < backend.max_perf < math.inf:
-            self.state.max_perf, self.state.max_perf_known = float(backend.max_perf), True
+        declared = getattr(backend, "max_perf", None)
+        if is_number(declared) and declared > 0:  # positive_number()'s rule; anything else is not a declaration
+            self.state.max_perf, self.state.max_perf_known = float(declared), True
         return backend
 
     def session_closed(self, session):
@@ -5238,14 +5396,14 @@ class Worker:
 
     def start_stand_in(self):
         """The local autoscaler stand-in, served by the same machinery as a backend."""
-        options = self.options
-        stand_in = StandInAutoscaler(options.grant_shape, self.environ.get("MASTER_TOKEN", ""))
+        settings = self.settings
+        stand_in = StandInAutoscaler(settings.grant_shape, settings.master_token)
         routes = stand_in.routes()
-        self.bind(port_number(options.port, "--port") if options.port else 8081)
+        self.bind(settings.port if settings.source["port"] == "--port" else 8081)  # not $WORKER_PORT: a worker's
         self.state.phase = "loaded"  # nothing to load: it serves at once
         app = BackendApp(stand_in, routes, self.state, self.metrics, self.current)
-        self.server = WorkerServer(self.listener, app, options.timeout, options.max_body,
-                                   max_connections=options.max_connections, body_memory=options.body_memory)
+        self.server = WorkerServer(self.listener, app, settings.timeout, settings.max_body,
+                                   max_connections=settings.max_connections, body_memory=settings.body_memory)
         host, port = self.server.server_address[:2]
         Log.write("info", "vastworker %s autoscaler stand-in on http://%s:%d: point REPORT_ADDR at it "
                           "(%s)" % (__version__, host, port, describe_routes(routes)), always=True)
@@ -5257,7 +5415,7 @@ class Worker:
         """Serve until SIGTERM or SIGINT, then stop accepting, let in-flight requests finish (for
         up to --grace seconds), send a last status report and exit 0, whatever threads the
         backend left running."""
-        server, grace, stop = self.server, self.options.grace, threading.Event()
+        server, grace, stop = self.server, self.settings.grace, threading.Event()
 
         def on_signal(signum, frame):
             if stop.is_set():
@@ -5271,8 +5429,8 @@ class Worker:
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                   name="accept", daemon=True)
         thread.start()
-        if self.options.ready_file:
-            write_ready_file(self.options.ready_file)
+        if self.settings.ready_file:
+            write_ready_file(self.settings.ready_file)
         while not stop.wait(1.0):
             if not thread.is_alive():
                 Log.write("error", "the server loop ended unexpectedly")
@@ -5334,9 +5492,10 @@ def report_startup_failure(environ, message):
 def main(argv=None, environ=None):
     environ = os.environ if environ is None else environ
     options = make_parser().parse_args(argv)
-    Log.level = Log.LEVELS["warning" if options.quiet else options.log_level]
-    worker = Worker(options, environ)
     try:
+        settings = Settings(options, environ)
+        Log.level = Log.LEVELS["warning" if settings.quiet else settings.log_level]
+        worker = Worker(settings, environ)
         worker.start()
     except StartupError as exc:
         sys.stderr.write("vastworker: error: %s\n" % exc)
