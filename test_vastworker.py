@@ -2164,7 +2164,7 @@ def test_finished_requests_are_posted_again_until_the_autoscaler_takes_them(star
     autoscaler = LoopbackServer(answer)
     try:
         worker = start_worker(write_backend(GRANT_BACKEND), "--pubkey", str(keys / "spki.pem"),
-                              env={"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "8"})
+                              env={"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "8", "VASTWORKER_TIME_SCALE": "0.1"})
         for reqnum in (11, 12):
             assert worker.json("POST", "/increment", {"auth_data": make_grant(keys, "g3", reqnum=reqnum),
                                                       "payload": {"amount": 1}})[0] == 200
@@ -2203,12 +2203,13 @@ flask_dict = {"GET": {"hello": lambda backend, request: "hello"}}
 """
 
 
-def test_the_model_health_check_gates_loaded_and_later_fails_the_worker(start_worker, autoscaler):
+def test_the_model_health_check_gates_loaded_fails_the_worker_and_recovers_it(start_worker, autoscaler):
     answers = {"status": 503}
     health = LoopbackServer(lambda method, path, body: answers["status"])
     health.url += "/health"
     try:
-        worker = start_worker("helloworld", env=reporting_env(autoscaler, MODEL_HEALTH_ENDPOINT=health.url))
+        worker = start_worker("helloworld", env=reporting_env(autoscaler, MODEL_HEALTH_ENDPOINT=health.url,
+                                                              VASTWORKER_TIME_SCALE="0.1"))
         autoscaler.wait_for(lambda r: r["loadtime"] == 0)
         assert not [r for r in autoscaler.records() if r["loadtime"] > 0]  # not loaded while unhealthy
         answers["status"] = 200
@@ -2218,6 +2219,13 @@ def test_the_model_health_check_gates_loaded_and_later_fails_the_worker(start_wo
         failed = autoscaler.wait_for(lambda r: r["error_msg"], timeout=20)[-1]
         assert failed["error_msg"] == "model health check %s answered 500" % health.url
         assert worker.json("GET", "/value")[1]["detail"].startswith("the backend failed: model health check")
+        loaded, seen = autoscaler.wait_for(lambda r: r["loadtime"] > 0)[0], len(autoscaler.records())
+        answers["status"] = 200  # its launcher restarted it: loaded again, as it was
+        recovered = wait_until(lambda: [r for r in autoscaler.records()[seen:] if r["loadtime"] > 0], timeout=10)[0]
+        assert (recovered["error_msg"], recovered["max_perf"], recovered["loadtime"]) == (
+            "", loaded["max_perf"], loaded["loadtime"])
+        worker.wait_for_log(r"the backend recovered \(health\): loaded again")
+        assert worker.request("GET", "/value")[0] == 200
     finally:
         health.close()
 
@@ -2401,6 +2409,33 @@ def reporting_env(autoscaler, **extra):
     """Reporting to the stand-in; requests unsigned (UNSECURED), as these tests are not about grants."""
     return dict({"REPORT_ADDR": autoscaler.url, "CONTAINER_ID": "123", "MASTER_TOKEN": "secret",
                  "UNSECURED": "true"}, **extra)
+
+
+def test_readiness_is_one_state_machine_that_every_source_feeds():
+    state = vastworker.WorkerState()
+    assert state.reported() == ("loading", "")
+    state.loaded()  # e.g. /report_loaded, or the benchmark's end
+    assert state.reported() == ("loaded", "")
+    state.held = lambda: ""  # no public key yet, nothing to say yet
+    assert state.reported() == ("loading", "")
+    state.held = lambda: "no public key after 5 tries"
+    assert state.reported() == ("loading", "no public key after 5 tries")
+    state.held = None
+    state.recovered("health")  # nothing failed: nothing happens
+    assert state.phase == "loaded"
+    state.failed("model health check answered 500", "health")
+    state.failed("a later failure")  # the first one stands
+    assert state.reported() == ("failed", "model health check answered 500")
+    state.loaded()  # only the failing source may take a failure back
+    state.recovered("log")
+    assert state.phase == "failed"
+    state.recovered("health")
+    assert state.reported() == ("loaded", "")
+    state.failed("model log: CUDA error")  # a failure no source takes back
+    state.recovered("health")
+    assert state.reported() == ("failed", "model log: CUDA error")
+    born_failed = vastworker.WorkerState("Backend() failed")
+    assert born_failed.reported() == ("failed", "Backend() failed") and not born_failed.accepting
 
 
 def test_loaded_record_then_updates_that_count_requests(start_worker, autoscaler):
@@ -2747,7 +2782,7 @@ def test_a_worker_without_its_key_is_held_back_reports_it_and_recovers(start_wor
     autoscaler = StaticServer(str(served))  # records reports; no /pubkey/ yet
     reports = lambda: [json.loads(body) for path, body in autoscaler.posts if path == "/worker_status/"]  # noqa: E731
     try:
-        worker = start_worker("helloworld", env={"REPORT_ADDR": autoscaler.url})
+        worker = start_worker("helloworld", env={"REPORT_ADDR": autoscaler.url, "VASTWORKER_TIME_SCALE": "0.1"})
         status, data = worker.json("GET", "/value")
         assert status == 503 and data["detail"] == "waiting for the autoscaler's public key"
         failing = wait_until(lambda: [r for r in reports() if r["error_msg"]], timeout=20)[0]

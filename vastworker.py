@@ -169,6 +169,18 @@ class Log:
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
+class Waits:
+    """The worker's own waits -- between status reports and their retries, health and key polls,
+    session sweeps, the stand-in's patience -- are Waits.of(seconds): scaled by `scale`
+    ($VASTWORKER_TIME_SCALE), so that tests run them ten times faster, rather than wait them out."""
+
+    scale = 1.0
+
+    @classmethod
+    def of(cls, seconds):
+        return seconds * cls.scale
+
+
 def printable(text):
     """Text from a request, safe for the log: control characters (ESC, CR, LF, NUL, ...) are
     written as \\xNN, so a client can neither forge log lines nor drive the reader's terminal."""
@@ -2338,13 +2350,22 @@ def make_flask_module(current):
 # ------------------------------------------------------------------------------------------------
 
 class WorkerState:
-    """Loading, then loaded -- or failed, for good: what the status record says and what requests
-    get meanwhile.  Readiness may come from a backend's own call, so the transitions are public
-    as vastworker.ready() and vastworker.failed()."""
+    """The worker's readiness: one small state machine that every source feeds -- Backend(),
+    the model's log, vastworker.ready() and failed(), the health check, the benchmark,
+    /report_* -- and that the status record and the refusals read.  loading -> benchmarking ->
+    loaded; failed from any of them; and from failed back to loaded only when the source that
+    failed it says it has recovered (the model server's health check, once its launcher has
+    restarted it).  A hold (no public key yet) keeps a loaded worker reported as loading."""
 
-    def __init__(self):
-        self.phase = "loading"  # loading -> benchmarking -> loaded; or failed, from any of them
-        self.error = ""
+    MOVES = {"loading": ("benchmarking", "loaded", "failed"), "benchmarking": ("loaded", "failed"),
+             "loaded": ("failed",), "failed": ("loaded",)}
+
+    def __init__(self, failure=None):
+        """A worker loading, or one that failed before it could start (`failure` says why)."""
+        self.phase = "loading" if failure is None else "failed"
+        self.error = failure or ""
+        self.failed_by = None  # the source of the failure: only it may take the failure back
+        self.held = None  # a function: None, or the error_msg ("" for none yet) of a worker held back
         self.loadtime = 0.0
         self.max_perf = 0.0
         self.max_perf_known = False  # measured or declared, so admission may predict with it
@@ -2355,7 +2376,7 @@ class WorkerState:
 
     def _move(self, allowed_from, phase):
         with self._lock:
-            if self.phase not in allowed_from:
+            if self.phase not in allowed_from or phase not in self.MOVES[self.phase]:
                 return False
             self.phase = phase
         self.phase_changed.set()
@@ -2377,11 +2398,32 @@ class WorkerState:
             self.loadtime = round(time.monotonic() - STARTED, 3)
             Log.write("info", "loaded after %.2f s (max_perf %g)" % (self.loadtime, self.max_perf))
 
-    def failed(self, message):
+    def failed(self, message, source=None):
+        """Failed, for good -- unless `source` later says it recovered()."""
         message = str(message) or "failed"
-        if self._move(("loading", "benchmarking", "loaded"), "failed"):
-            self.error = message
-            Log.write("error", "the backend failed: %s" % message)
+        with self._lock:
+            if self.phase == "failed":
+                return
+            self.phase, self.error, self.failed_by = "failed", message, source
+        self.phase_changed.set()
+        Log.write("error", "the backend failed: %s" % message)
+
+    def recovered(self, source):
+        """`source`, which failed the worker, says the failure is over: loaded again."""
+        with self._lock:
+            if self.phase != "failed" or self.failed_by != source:
+                return
+            self.phase, self.error, self.failed_by = "loaded", "", None
+        self.phase_changed.set()
+        Log.write("info", "the backend recovered (%s): loaded again" % source)
+
+    def reported(self):
+        """(phase, error_msg) as the autoscaler is told them: loading until ready for traffic
+        (benchmarking, or held back), with what holds it back as the error_msg."""
+        phase, why = self.phase, self.held() if self.held is not None else None
+        if phase == "benchmarking" or (phase == "loaded" and why is not None):
+            phase = "loading"
+        return phase, self.error or why or ""
 
     @property
     def accepting(self):
@@ -3144,7 +3186,7 @@ class Sessions:
     def start(self):
         def sweep_forever():
             while True:
-                time.sleep(5.0)
+                time.sleep(Waits.of(5.0))
                 for session in self.expired():
                     self.close(session, "expired")
 
@@ -3552,7 +3594,7 @@ def deliver(addresses, path, body, timeout=5.0, rounds=3, pause=2.0):
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 Log.write("debug", "report to %s%s failed: %s" % (address, path, exc))
         if attempt + 1 < rounds:
-            time.sleep(pause)
+            time.sleep(Waits.of(pause))
     return False
 
 
@@ -3568,12 +3610,9 @@ class StatusReporter:
     are only reset after a report went through, so nothing is lost between reports.  record()
     is the one place the record's fields are set."""
 
-    def __init__(self, addresses, environ, port, scheme, state, metrics, held_back=None, ledger=None,
-                 problem=None):
+    def __init__(self, addresses, environ, port, scheme, state, metrics, ledger=None):
         self.addresses = addresses
-        self.problem = problem  # what else to report as error_msg while it lasts (no public key)
         self.ledger = ledger  # the routed requests: those in flight, those to delete
-        self.held_back = held_back  # reported as loading while this is true (no public key yet)
         container_id = environ.get("CONTAINER_ID", "")
         self.identity = {"id": int(container_id) if container_id.isdigit() else container_id,
                          "mtoken": environ.get("MASTER_TOKEN", ""), "version": PROTOCOL_VERSION}
@@ -3593,7 +3632,7 @@ class StatusReporter:
         retried) until then; its own thread, so a slow autoscaler delays no status report."""
         body = {"worker_id": self.identity["id"], "mtoken": self.identity["mtoken"]}
         while True:
-            time.sleep(1.0)
+            time.sleep(Waits.of(1.0))
             batch = self.ledger.batch()
             if batch and deliver(self.addresses, "/delete_requests/", dict(body, requests=batch)):
                 self.ledger.delivered(batch)
@@ -3604,15 +3643,14 @@ class StatusReporter:
     def report_once(self):
         """A last report, on the way out: one quick try."""
         snapshot = self.metrics.snapshot()
-        if deliver(self.addresses, "/worker_status/", self.record(snapshot, self.state.phase),
+        if deliver(self.addresses, "/worker_status/", self.record(snapshot, *self.state.reported()),
                    timeout=2.0, rounds=1):
             self.metrics.acknowledge(snapshot)
 
-    def record(self, snapshot, phase):
-        """The status record for a metrics snapshot, as of `phase`."""
+    def record(self, snapshot, phase, error):
+        """The status record for a metrics snapshot, as of `phase`, with `error` as its error_msg."""
         state = self.state
-        record = dict(self.identity, loadtime=state.loadtime if phase == "loaded" else 0.0,
-                      error_msg=state.error or (self.problem() if self.problem else ""),
+        record = dict(self.identity, loadtime=state.loadtime if phase == "loaded" else 0.0, error_msg=error,
                       max_perf=state.max_perf if phase == "loaded" else 0.0,
                       cur_capacity=0, max_capacity=state.max_capacity,
                       additional_disk_usage=round(disk_used_gb() - self._disk_used, 3),
@@ -3625,19 +3663,16 @@ class StatusReporter:
         """The reporter thread: a record when one is due, and acknowledged once delivered."""
         last_sent, sent_phase, sent_error = 0.0, None, ""
         while True:
-            self.state.phase_changed.wait(1.0)
+            self.state.phase_changed.wait(Waits.of(1.0))
             self.state.phase_changed.clear()
             now = time.monotonic()
-            phase = self.state.phase
-            if phase == "benchmarking" or (phase == "loaded" and self.held_back and self.held_back()):
-                phase = "loading"  # not ready for traffic yet
-            error = self.state.error or (self.problem() if self.problem else "")
-            due = phase != sent_phase or error != sent_error or now - last_sent >= REPORT_INTERVAL or (
+            phase, error = self.state.reported()
+            due = phase != sent_phase or error != sent_error or now - last_sent >= Waits.of(REPORT_INTERVAL) or (
                 phase == "loaded" and self.metrics.has_news)
             if not due:
                 continue
             snapshot = self.metrics.snapshot()
-            record = self.record(snapshot, phase)
+            record = self.record(snapshot, phase, error)
             last_sent = now
             if deliver(self.addresses, "/worker_status/", record):
                 self.metrics.acknowledge(snapshot)
@@ -3646,7 +3681,7 @@ class StatusReporter:
             else:
                 self.metrics.has_news = True  # what the snapshot held is still to be reported
                 Log.write("warning", "could not report to %s; retrying in %g s"
-                          % (", ".join(self.addresses), REPORT_INTERVAL))
+                          % (", ".join(self.addresses), Waits.of(REPORT_INTERVAL)))
 
 
 class Postbox:
@@ -3806,7 +3841,9 @@ class Benchmark:
 class HealthCheck:
     """The model server's health endpoint (MODEL_HEALTH_ENDPOINT, or backend.py's `healthcheck`),
     as Vast's current worker uses it: the worker is only loaded after a first 200, and from then
-    on it is asked every 5 s, and an answer that is not 200 fails the worker, for good."""
+    on it is asked every 5 s, and an answer that is not 200 fails the worker.  Unlike Vast's,
+    it goes on asking: a 200 again (the model server's launcher restarted it) loads the worker
+    again, with the max_perf it had."""
 
     def __init__(self, url, state, patience=300.0):
         self.url = url
@@ -3842,7 +3879,7 @@ class HealthCheck:
                 Log.write("info", "waiting for the model server: %s answered %s after %.0f s"
                           % (self.url, answer, now - started))
                 next_note = now + 60.0
-            time.sleep(every)
+            time.sleep(Waits.of(every))
 
     def become_ready(self):
         """readiness "health": the model is ready at the first 200, however long loading takes."""
@@ -3853,13 +3890,17 @@ class HealthCheck:
         threading.Thread(target=wait, name="health", daemon=True).start()
 
     def watch(self):
-        """From now on, in the background: a failed check fails the worker."""
+        """From now on, in the background: a failed check fails the worker, a passed one after
+        that recovers it."""
         def watch_forever():
-            while self.state.phase == "loaded":
-                time.sleep(5.0)
+            state = self.state
+            while state.phase == "loaded" or state.failed_by == "health":
+                time.sleep(Waits.of(5.0))
                 answer = self.status()
                 if answer != 200:
-                    return self.state.failed("model health check %s answered %s" % (self.url, answer))
+                    state.failed("model health check %s answered %s" % (self.url, answer), "health")
+                else:
+                    state.recovered("health")
 
         threading.Thread(target=watch_forever, name="health", daemon=True).start()
 
@@ -3905,7 +3946,7 @@ class KeyFetcher:
 
     def refetch(self):
         now = time.monotonic()
-        if now - self._last_refetch >= self.REFETCH_EVERY:
+        if now - self._last_refetch >= Waits.of(self.REFETCH_EVERY):
             self._last_refetch = now
             self._asked.set()
 
@@ -3931,7 +3972,7 @@ class KeyFetcher:
                     self.problem = ("no public key from %s/pubkey/ after %d tries; still trying"
                                     % (self.addresses[0], tries))
                     Log.write("error", self.problem)
-                time.sleep(pause)
+                time.sleep(Waits.of(pause))
                 pause = min(pause * 2, 5.0)
                 continue
             if key is not None:
@@ -4560,7 +4601,7 @@ class StandInAutoscaler:
         now = time.monotonic()
         ready = [record for record, seen, _ in list(self.workers.values())
                  if record.get("url") and record.get("loadtime") and not record.get("error_msg")
-                 and now - seen < self.FRESH]
+                 and now - seen < Waits.of(self.FRESH)]
         if not ready:
             return {"endpoint": ask["endpoint"], "status": "no ready worker"}
         chosen = min(ready, key=lambda record: float(record.get("cur_load") or 0) /
@@ -4838,6 +4879,9 @@ SETTINGS = (
             "saying the worker serves and has stopped; debug adds tracebacks of start-up failures", "info",
             one_of(*sorted(Log.LEVELS, key=Log.LEVELS.get)), "--log-level"),
     Setting("quiet", "same as --log-level warning", False, switch, "--quiet"),
+    Setting("time_scale", "multiplies the worker's own waits (between status reports and their retries, health "
+            "and key polls, session sweeps, the stand-in's 30 s patience): 0.1 makes them ten times shorter, "
+            "for tests", 1, positive_number, env=["VASTWORKER_TIME_SCALE"]),
     # what backend.py declares
     Setting("allow_parallel_requests", "True: handlers do their own locking and run in parallel",
             False, bool, attribute="allow_parallel_requests"),
@@ -5311,9 +5355,9 @@ class Worker:
         if plan.uses_notify:
             Log.write("info", "the backend reports to the autoscaler itself (it uses notify)")
         elif self.addresses:
+            state.held = lambda: self.key_fetcher.problem if self.grants.waiting_for_key else None
             self.reporter = StatusReporter(self.addresses, environ, port, scheme, state, self.metrics,
-                                           held_back=lambda: self.grants.waiting_for_key, ledger=self.ledger,
-                                           problem=lambda: self.key_fetcher.problem)
+                                           ledger=self.ledger)
             self.reporter.start()
         backend = self.construct_backend()
         self.own_url = "%s://%s:%d" % (scheme, loopback_for(host) if ":" not in loopback_for(host)
@@ -5481,10 +5525,8 @@ def report_startup_failure(environ, message):
     """Tell the autoscaler, when there is one, so the instance does not sit in "loading" for ever."""
     addresses = report_addresses(environ.get("REPORT_ADDR"))
     if addresses:
-        state = WorkerState()
-        state.phase, state.error = "failed", message
-        reporter = StatusReporter(addresses, environ, 0, "http", state, Metrics())
-        if not deliver(addresses, "/worker_status/", reporter.record(reporter.metrics.snapshot(), "failed"),
+        reporter = StatusReporter(addresses, environ, 0, "http", WorkerState(message), Metrics())
+        if not deliver(addresses, "/worker_status/", reporter.record(reporter.metrics.snapshot(), "failed", message),
                        timeout=3.0):
             sys.stderr.write("vastworker: could not report the failure to %s\n" % ", ".join(addresses))
 
@@ -5495,6 +5537,7 @@ def main(argv=None, environ=None):
     try:
         settings = Settings(options, environ)
         Log.level = Log.LEVELS["warning" if settings.quiet else settings.log_level]
+        Waits.scale = settings.time_scale
         worker = Worker(settings, environ)
         worker.start()
     except StartupError as exc:
