@@ -1242,6 +1242,17 @@ def encode_head(status_code, phrase, headers, date, length=None, chunked=False, 
     return head + b"\r\n"
 
 
+def encode_request_head(method, target, host, headers, length=None):
+    """The one place a request head is written (to the model server): the request line, Host,
+    `headers` (name, value) pairs checked as a response's are, so that a handler's header
+    cannot split the request, then Content-Length when there is a body to frame."""
+    lines = ["%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, host)]
+    lines.extend("%s: %s\r\n" % Headers._checked(name, value) for name, value in headers)
+    if length is not None:
+        lines.append("Content-Length: %d\r\n" % length)
+    return "".join(lines).encode("latin-1") + b"\r\n"
+
+
 # The status line and headers of the responses sent lately, encoded: most responses repeat a few
 # heads ("200 OK, Content-Type: application/json"), and one written from this is 0.38 us against
 # 0.92 us line by line (timeit).  Cleared when full, so that varying headers cannot grow it.
@@ -1314,10 +1325,10 @@ class Headers:
     @staticmethod
     def _checked(name, value):
         """(name, value) as text, or ValueError for a name that is not a token or a value that
-        holds a control character: either could split or corrupt the response head."""
+        holds a control character: either could split or corrupt the head it is written in."""
         name, value = str(name), str(value)
         if not _TOKEN.fullmatch(name) or _CONTROL.search(value):
-            raise ValueError("invalid response header %r: %r" % (name, value))
+            raise ValueError("invalid header %r: %r" % (name, value))
         return name, value
 
     def get(self, key, default=None, type=None):
@@ -2462,6 +2473,7 @@ class Metrics:
         self._rejected = 0  # rej_load: workload refused since the last report
         self.has_news = False  # something happened since the last snapshot
         self._reqnums, self._reqnum_order = set(), collections.deque()
+        self._generation = 0  # restart()s so far: a snapshot taken before one is not taken back
 
     @property
     def in_flight(self):
@@ -2530,17 +2542,21 @@ class Metrics:
         """The record's accounting fields, in workload units; acknowledge() takes it back."""
         with self._lock:
             self.has_news = False
-            sums = (self._in_flight, self._new, self._rejected, self._served)
+            sums, generation = (self._in_flight, self._new, self._rejected, self._served), self._generation
             snapshot = _Snapshot(zip(("cur_load", "new_load", "rej_load", "cur_perf"),
                                      (value / 1000 for value in sums)),
                                  num_requests_working=self.working, num_requests_recieved=self.received)
-        snapshot.units = sums
+        snapshot.units, snapshot.generation = sums, generation
         return snapshot
 
     def acknowledge(self, snapshot):
-        """A report went through: start the next interval (what arrived meanwhile is kept)."""
+        """A report went through: start the next interval (what arrived meanwhile is kept).  A
+        snapshot from before a restart() is not taken back: restart() dropped its counts already,
+        and taking them again drove new_load below zero, which the autoscaler refuses."""
         _, new, rejected, served = snapshot.units
         with self._lock:
+            if snapshot.generation != self._generation:
+                return
             self._new -= new
             self._served -= served
             self._rejected -= rejected
@@ -2551,10 +2567,12 @@ class Metrics:
             self.received = 0
             self._reqnums, self._reqnum_order = set(), collections.deque()
             self._new = self._served = self._rejected = 0
+            self._generation += 1
 
 
 class _Snapshot(dict):
-    """Metrics.snapshot(): the fields for the record, and `units`, the exact sums behind them."""
+    """Metrics.snapshot(): the fields for the record; `units`, the exact sums behind them, and
+    the `generation` (restarts) they belong to."""
 
 
 class RequestLedger:
@@ -4154,20 +4172,13 @@ class ModelServer:
                 return
         connection.close()
 
-    def idle_connections(self):
-        with self._lock:
-            return len(self._idle)
-
     def _exchange(self, method, path, headers, body, watch, timeout):
         """Send one request; (connection, its ResponseHead) once the answer's head is in.
         A pooled connection the server had closed meanwhile fails before any answer: the request
         is sent again, once, on a new one."""
         target = self.prefix + "/" + path.lstrip("/")
-        lines = ["%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, self.host_header)]
-        lines.extend("%s: %s\r\n" % pair for pair in headers)
-        if body or method in ("POST", "PUT", "PATCH"):
-            lines.append("Content-Length: %d\r\n" % len(body))
-        data = "".join(lines).encode("latin-1") + b"\r\n" + body
+        data = encode_request_head(method, target, self.host_header, headers, len(body) if body or method in (
+            "POST", "PUT", "PATCH") else None) + body
         for attempt in (1, 2):
             connection = self._connection()
             connection.received = 0
