@@ -573,6 +573,107 @@ def test_every_response_head_is_encoded_the_same_way():
     assert len(vastworker._HEAD_LINES) <= 256
 
 
+def decoded(wire):
+    """chunked_pieces() over the whole of `wire`: (the body, what is left), or the Refusal."""
+    buffer = bytearray(wire)
+
+    def fill():
+        raise vastworker.ConnectionClosed()
+    try:
+        return b"".join(vastworker.chunked_pieces(buffer, fill)), bytes(buffer)
+    except vastworker.Refusal as refusal:
+        return refusal.code, refusal.detail
+
+
+@pytest.mark.parametrize("wire, expected", [
+    (b"5\r\nhello\r\n0\r\n\r\nNEXT", (b"hello", b"NEXT")),
+    (b"5;ext=1\r\nhello\r\n0\r\nX-Sum: 1\r\n\r\n", (b"hello", b"")),  # extensions, trailers dropped
+    (b"5\nhello\r\n0\r\n\r\n", (400, "invalid chunk-size line b'5\\n'")),  # a bare LF
+    (b" 5\r\nhello\r\n0\r\n\r\n", (400, "invalid chunk-size line b' 5\\r\\n'")),
+    (b"5\r\nhelloX\r\n0\r\n\r\n", (400, "a chunk is longer than its size says")),
+    (b"5\r\nhello\r\n0\r\nno colon\r\n\r\n", (400, "malformed trailer line b'no colon\\r\\n'")),
+    (b"1" * 1030, (400, "a chunk-size line is longer than 1024 bytes")),
+])
+def test_one_chunked_decoder_reads_both_directions_strictly(wire, expected):
+    assert decoded(wire) == expected
+
+
+def test_the_model_servers_chunked_answer_is_read_as_strictly_as_a_clients_body():
+    near, far = socket.socketpair()
+    with near, far:
+        upstream = vastworker.UpstreamConnection(near)
+        far.sendall(b"5\r\nhello\r\n0\r\nno colon\r\n\r\n")  # a trailer the old reader let by
+        pieces = upstream.pieces(("chunked", None), vastworker.ClientWatch(None), 5)
+        assert next(pieces) == b"hello"
+        with pytest.raises(vastworker.UpstreamFailed) as failed:
+            next(pieces)
+        assert str(failed.value) == "the model server sent a malformed chunk: malformed trailer line b'no colon\\r\\n'"
+    near, far = socket.socketpair()
+    with near, far:
+        upstream = vastworker.UpstreamConnection(near)
+        far.sendall(b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n")
+        with pytest.raises(vastworker.UpstreamFailed, match="malformed head: the headers are larger than 65536"):
+            upstream.read_head("GET", vastworker.ClientWatch(None), 5)
+
+
+def test_a_client_socket_reads_heads_and_bodies_and_knows_when_its_client_left():
+    near, far = socket.socketpair()
+    with near, far:
+        client = vastworker.ClientSocket(near, 5)
+        far.sendall(b"\r\nPOST /a HTTP/1.1\r\nHost: x\r\n\r\n3\r\nabc\r\n0\r\n\r\nrest")
+        assert client.read_head() == b"POST /a HTTP/1.1\r\nHost: x\r"  # a blank line before it skipped
+        budget = vastworker.BodyBudget(100)
+        client.start_body()
+        assert client.read_chunked(10, budget) == (b"abc", 3) and budget.held == 3
+        assert bytes(client.buffer) == b"rest" and not client.gone()
+        client.buffer.clear()
+        far.sendall(b"6\r\nabcdef\r\n")
+        with pytest.raises(vastworker.Refusal, match="larger than 5 bytes"):  # refused on its size
+            client.read_chunked(5, budget)
+        assert budget.held == 3  # what the failed one took is given back
+        far.close()
+        assert client.gone() and client.left
+    near, far = socket.socketpair()
+    with near, far:
+        client = vastworker.ClientSocket(near, 5)
+        far.sendall(b"GET /" + b"x" * 70000)
+        with pytest.raises(vastworker.Refusal, match="request line is longer"):
+            client.read_head()
+        client.abandon()  # the worker gives up on it: its client sees the connection end
+        assert client.gone() and far.recv(10) == b""
+
+
+def test_dispatch_answers_a_request_in_process():
+    """BackendApp.respond() and finish(), without a server: a request's way to its handler."""
+    class Backend:
+        count = 0
+
+    def increment(backend, request):
+        backend.count += request.json["amount"]
+        return "Incremented"
+
+    state, metrics = vastworker.WorkerState(), vastworker.Metrics()
+    app = vastworker.BackendApp(Backend(), {"POST": {"increment": increment}}, state, metrics,
+                                vastworker.CurrentRequest())
+    near, far = socket.socketpair()
+    with near, far:
+        connection = types.SimpleNamespace(client_address=("127.0.0.1", 5), server_address=("127.0.0.1", 3000),
+                                           scheme="http", client=vastworker.ClientSocket(near, 5))
+        head = vastworker.RequestHead(b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                      b"Content-Length: 13")
+        response, ticket = app.respond(head, b'{"amount": 5}', connection)
+        assert response.status_code == 503 and b"still loading" in response.body
+        app.finish(ticket, response.status_code)
+        state.loaded()
+        response, ticket = app.respond(head, b'{"amount": 5}', connection)
+        assert (response.status_code, response.body) == (200, b"Incremented")
+        assert metrics.snapshot()["num_requests_working"] == 1  # in flight until finished
+        app.finish(ticket, 200)
+        assert app.backend.count == 5 and metrics.snapshot()["cur_perf"] == 100.0
+        response, _ = app.respond(vastworker.RequestHead(b"GET /nothing HTTP/1.1\r\nHost: x"), b"", connection)
+        assert response.status_code == 404
+
+
 def test_huge_content_length_is_413_at_once(hello):
     with socket.create_connection(("127.0.0.1", hello.port), timeout=5) as sock:
         sock.sendall(b"POST /increment HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
