@@ -640,7 +640,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         counts as 499 when its client left, else 500."""
         method, target, http11 = (head.method, head.target, head.http11) if head else ("-", "-", True)
         status, chunks = response.status_code, response.chunks
-        head_only = method == "HEAD" or status in (204, 304) or status < 200
+        head_only = without_body(method, status)
         length, chunked = None, False
         if chunks is None:
             if status not in (204, 304) and status >= 200:
@@ -1111,6 +1111,11 @@ def decode_path(raw):
     return unquote_to_bytes(raw).decode("utf-8", "replace")
 
 
+def without_body(method, status):
+    """An answer that has no body, whatever its head says (RFC 9112 6.3): to HEAD, 1xx, 204, 304."""
+    return method == "HEAD" or status in (204, 304) or status < 200
+
+
 def header_fields(head, lines):
     """The header lines of a message head, a request's or a model server's answer's, read as
     strictly as h11 reads them: ({lower-case name: [values]} for framing, [(name, value)] in
@@ -1189,7 +1194,7 @@ class ResponseHead:
     def _framing(self, method):
         """How the body ends (RFC 9112 6.3): ("length", n), ("chunked", None), or ("close", None)
         when the connection's end is the body's."""
-        if method == "HEAD" or self.status in (204, 304) or self.status < 200:
+        if without_body(method, self.status):
             return "length", 0
         length = content_length_of(self.fields) if "content-length" in self.fields else None
         if "transfer-encoding" in self.fields and is_chunked(self.fields, length):
