@@ -4215,9 +4215,9 @@ class ModelServer:
     # -- what backends call ---------------------------------------------------------------------
     def forward(self, request, path=None, json=None, method=None, headers=None, timeout=None):
         """The model server's answer to `request`, for a handler to return.  The request goes to
-        `path` (default: its own path and query, less any api_key) with its own body, or with `json` in its place (a payload
-        the handler checked or changed); the headers in FORWARDED_REQUEST_HEADERS pass, plus
-        `headers`.  The answer comes back with its status, body and end-to-end headers: whole
+        `path` (default: its own path and query, less any api_key) with its own body, or with
+        `json` in its place (a payload the handler checked or changed); the headers in
+        FORWARDED_REQUEST_HEADERS pass, plus `headers`, checked as a response's are.  The answer comes back with its status, body and end-to-end headers: whole
         when small and of known length, else streamed as it arrives."""
         method = method or request.method
         if json is not None:
@@ -4509,8 +4509,9 @@ class StandInAutoscaler:
     grants at /route/ -- in Vast's current (url-only) shape unless told otherwise -- to the least
     loaded of the workers that reported themselves loaded in the last 30 s, and lists them at
     /get_endpoint_workers/ as the SDK expects.  Its key is generated in the background (about a
-    second of pure-Python arithmetic), so it answers at once; /pubkey/ and /route/ wait for it.  GET /records never shows a record's mtoken: it says whether
-    the token matched `master_token` (the stand-in's $MASTER_TOKEN), as Vast's would check it."""
+    second of pure-Python arithmetic), so it answers at once; /pubkey/ and /route/ wait for it.
+    GET /records never shows a record's mtoken: it says whether the token matched
+    `master_token` (the stand-in's $MASTER_TOKEN), as Vast's would check it."""
 
     FRESH = 30.0  # seconds: a worker whose last report is older is not routed to
 
