@@ -13,6 +13,7 @@ Without PYTEST OPTIONS the set is split over SHARDS pytest processes at once: th
 most of their time waiting on sockets and subprocesses, not on a core."""
 
 import base64
+import collections
 import glob
 import http.client
 import importlib.util
@@ -3768,6 +3769,127 @@ def test_the_stand_in_does_not_show_master_tokens(start_worker, autoscaler):
     record = autoscaler.wait_for(lambda r: r["loadtime"] > 0)[0]
     assert "secret" not in json.dumps(autoscaler.records())
     assert record["mtoken"] == "(hidden)" and record["mtoken_matches"] is True
+
+
+class Fleet:
+    """A stand-in autoscaler and workers reporting to it on known ports, grants required, every
+    wait of theirs ten times shorter: what `vastworker.py fleet` runs, built by hand."""
+
+    def __init__(self, start_worker, backend, env):
+        self.start_worker, self.backend, self.env = start_worker, backend, env
+        self.stand_in = start_worker("autoscaler", env={"MASTER_TOKEN": "secret", "VASTWORKER_TIME_SCALE": "0.1"})
+        self.workers, self.numbers = {}, {}  # url -> WorkerProcess, its CONTAINER_ID
+
+    def add(self, number, port=None):
+        port = port or free_port()
+        env = dict(self.env, REPORT_ADDR="http://127.0.0.1:%d" % self.stand_in.port, MASTER_TOKEN="secret",
+                   CONTAINER_ID=str(number), PUBLIC_IPADDR="127.0.0.1", VASTWORKER_TIME_SCALE="0.1",
+                   **{"VAST_TCP_PORT_%d" % port: str(port)})
+        url = "http://127.0.0.1:%d" % port
+        self.workers[url] = self.start_worker(self.backend, port=str(port), env=env)
+        self.numbers[url] = number
+        return url
+
+    def running(self):
+        status, listed = self.stand_in.json("POST", "/get_endpoint_workers/", {"id": 1})
+        return sorted(worker["id"] for worker in listed if worker["status"] == "RUNNING")
+
+    def route(self, cost=100.0):
+        status, grant = self.stand_in.json("POST", "/route/", {"endpoint": "fast", "cost": cost})
+        assert status == 200 and "url" in grant, grant
+        return grant
+
+    def call(self, grant, path="/fast"):
+        worker = self.workers[grant["url"]]
+        return worker.request("GET", path, {"auth_data": grant, "payload": {}})[0]
+
+
+@pytest.fixture
+def fleet(start_worker, hold):
+    """Three workers of the Hold backend behind a stand-in, all loaded and routable."""
+    held = hold()
+    made = Fleet(start_worker, held.backend, held.env)
+    made.held = held
+    for number in (1, 2, 3):
+        made.add(number)
+    wait_until(lambda: made.running() == [1, 2, 3], timeout=20)
+    return made
+
+
+def test_a_burst_of_routes_is_spread_over_idle_workers(fleet):
+    shares = collections.Counter(fleet.route()["url"] for _ in range(30))  # nothing reported in between
+    assert sorted(shares) == sorted(fleet.workers) and all(7 <= share <= 13 for share in shares.values()), shares
+
+
+def test_a_worker_running_a_slow_request_gets_little_of_what_follows(fleet):
+    slow = fleet.route(cost=1000.0)  # a large request: its cost says so
+    caller = threading.Thread(target=fleet.call, args=(slow, "/hold"))
+    caller.start()
+    fleet.held.wait_started()
+    shares = collections.Counter()
+    for _ in range(12):
+        grant = fleet.route()
+        assert fleet.call(grant) == 200
+        shares[grant["url"]] += 1
+    assert shares[slow["url"]] <= 2, shares
+    fleet.held.release()
+    caller.join(10)
+
+
+@pytest.mark.slow
+def test_ten_clients_of_a_hundred_requests_share_the_workers_evenly(fleet):
+    shares, lock = collections.Counter(), threading.Lock()
+
+    def client():
+        for _ in range(100):
+            grant = fleet.route()
+            assert fleet.call(grant) == 200
+            with lock:
+                shares[grant["url"]] += 1
+
+    clients = [threading.Thread(target=client) for _ in range(10)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join(120)
+    assert sum(shares.values()) == 1000 and max(shares.values()) / min(shares.values()) <= 1.5, shares
+
+
+def test_a_worker_stopping_is_routed_nothing_from_its_first_word(fleet):
+    grant = fleet.route()
+    leaving = fleet.workers[grant["url"]]
+    caller = threading.Thread(target=fleet.call, args=(grant, "/hold"))  # it has a request to drain
+    caller.start()
+    fleet.held.wait_started()
+    leaving.proc.send_signal(signal.SIGTERM)
+    stopping = wait_until(lambda: [r for r in fleet.stand_in.json("GET", "/records")[1]
+                                   if r.get("stopping") and r["url"] == grant["url"]])
+    assert stopping[0]["loadtime"] == 0 and stopping[0]["max_perf"] == 0  # not ready for traffic, to Vast too
+    assert leaving.proc.poll() is None  # still draining, and no longer routed to
+    assert grant["url"] not in {fleet.route()["url"] for _ in range(9)}
+    fleet.held.release()
+    caller.join(10)
+    assert leaving.proc.wait(10) == 0
+
+
+def test_a_worker_killed_is_out_within_seconds_and_back_when_it_returns(fleet):
+    victim_url = fleet.route()["url"]
+    victim = fleet.workers[victim_url]
+    victim.proc.kill()
+    victim.proc.wait()
+    fleet.stand_in.wait_for_log(r"worker \d at %s does not answer" % re.escape(victim_url), timeout=10)
+    for _ in range(9):  # from then on every grant leads to a worker that serves it
+        assert fleet.call(fleet.route()) == 200
+    fleet.add(fleet.numbers[victim_url], port=int(victim_url.rsplit(":", 1)[1]))  # it comes back
+    wait_until(lambda: fleet.route()["url"] == victim_url, timeout=20)
+
+
+def test_the_stand_in_keeps_bounded_records(start_worker):
+    stand_in = start_worker("autoscaler")
+    for number in range(1100):
+        assert stand_in.json("POST", "/worker_status/", {"id": number % 7, "loadtime": 0.0})[0] == 200
+    records = stand_in.json("GET", "/records")[1]
+    assert len(records) == 1000 and records[-1]["id"] == 1099 % 7  # the newest kept, the oldest dropped
 
 
 # ------------------------------------------------------------------------------------------------

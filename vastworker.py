@@ -2371,10 +2371,13 @@ class WorkerState:
     /report_* -- and that the status record and the refusals read.  loading -> benchmarking ->
     loaded; failed from any of them; and from failed back to loaded only when the source that
     failed it says it has recovered (the model server's health check, once its launcher has
-    restarted it).  A hold (no public key yet) keeps a loaded worker reported as loading."""
+    restarted it).  A hold (no public key yet) keeps a loaded worker reported as loading.  From
+    any of them, stopping (SIGTERM): for good, and said at once, before the requests in flight
+    are drained, so that nothing more is routed to it."""
 
-    MOVES = {"loading": ("benchmarking", "loaded", "failed"), "benchmarking": ("loaded", "failed"),
-             "loaded": ("failed",), "failed": ("loaded",)}
+    MOVES = {"loading": ("benchmarking", "loaded", "failed", "stopping"),
+             "benchmarking": ("loaded", "failed", "stopping"), "loaded": ("failed", "stopping"),
+             "failed": ("loaded", "stopping"), "stopping": ()}
 
     def __init__(self, failure=None):
         """A worker loading, or one that failed before it could start (`failure` says why)."""
@@ -2418,7 +2421,7 @@ class WorkerState:
         """Failed, for good -- unless `source` later says it recovered()."""
         message = str(message) or "failed"
         with self._lock:
-            if self.phase == "failed":
+            if self.phase in ("failed", "stopping"):
                 return
             self.phase, self.error, self.failed_by = "failed", message, source
         self.phase_changed.set()
@@ -2433,9 +2436,15 @@ class WorkerState:
         self.phase_changed.set()
         Log.write("info", "the backend recovered (%s): loaded again" % source)
 
+    def stopping(self):
+        """The worker is stopping (SIGTERM or SIGINT): nothing new for it, from now on."""
+        with self._lock:
+            self.phase = "stopping"
+        self.phase_changed.set()
+
     def reported(self):
         """(phase, error_msg) as the autoscaler is told them: loading until ready for traffic
-        (benchmarking, or held back), with what holds it back as the error_msg."""
+        (benchmarking, or held back), with what holds it back as the error_msg; stopping as it is."""
         phase, why = self.phase, self.held() if self.held is not None else None
         if phase == "benchmarking" or (phase == "loaded" and why is not None):
             phase = "loading"
@@ -2453,6 +2462,8 @@ class WorkerState:
 
     def refusal(self):
         """The Refusal a backend request gets while the worker is not ready."""
+        if self.phase == "stopping":
+            return Refusal(503, "the worker is stopping; retry on another", retry_after=1)
         if self.phase == "failed":
             return Refusal(503, "the backend failed: %s" % self.error)
         return Refusal(503, "the backend is still loading", retry_after=5)
@@ -3604,7 +3615,7 @@ class StatusReporter:
                                      "retrying" % (len(batch), self.addresses[0]))
 
     def report_once(self):
-        """A last report, on the way out: one quick try."""
+        """A report now, on the way out: one quick try."""
         snapshot = self.metrics.snapshot()
         if deliver(self.addresses, "/worker_status/", self.record(snapshot, *self.state.reported()),
                    timeout=2.0, rounds=1):
@@ -3620,6 +3631,8 @@ class StatusReporter:
                       working_request_idxs=self.ledger.working_idxs() if self.ledger is not None else [],
                       url=self.url)
         record.update(snapshot)
+        if phase == "stopping":  # not ready for traffic (no loadtime, no max_perf), and why
+            record["stopping"] = True
         return record
 
     def _report_forever(self):
@@ -4502,30 +4515,97 @@ def socket_failure(exc):
 # 6. Tools: RSA signing and the stand-in autoscaler
 # ------------------------------------------------------------------------------------------------
 
+class FleetMember:
+    """One worker as the stand-in autoscaler knows it: its latest status record, and the grants
+    issued for it since.  Its predicted wait is the workload it reported in flight (cur_load)
+    plus the cost of every grant issued since that it has not yet shown -- neither in flight
+    in a report (working_request_idxs) nor finished (/delete_requests/) -- divided by its
+    max_perf: routing on outstanding work, as Ray Serve's and SkyPilot's balancers do, not on
+    the last report alone, which sent a whole burst to the one worker that looked idle.  A
+    grant the worker never shows expires after GRANT_LIFETIME.  It is routed to while its last
+    report (under FRESH old) says loaded and not stopping, and it answers when probed."""
+
+    FRESH = 30.0  # seconds: a worker whose last report is older is not routed to
+    GRANT_LIFETIME = 10.0  # seconds: a grant not shown by then was never used
+
+    def __init__(self):
+        self.record, self.seen, self.first = {}, 0.0, time.time()
+        self.outstanding = {}  # request_idx -> (cost, when granted)
+        self.stopping = False  # its last report said it is stopping
+        self.lost = False  # it did not answer when probed
+
+    def reported(self, record, now):
+        self.record, self.seen, self.stopping, self.lost = record, now, bool(record.get("stopping")), False
+        shown = record.get("working_request_idxs")
+        if isinstance(shown, list):
+            self.finished(shown)  # in flight now: counted in its cur_load
+
+    def granted(self, request_idx, cost, now):
+        self.outstanding[request_idx] = (cost, now)
+
+    def finished(self, request_idxs):
+        for request_idx in request_idxs:
+            if isinstance(request_idx, int):
+                self.outstanding.pop(request_idx, None)
+
+    def routable(self, now):
+        record = self.record
+        return bool(record.get("url") and record.get("loadtime") and record.get("max_perf")
+                    and not record.get("error_msg") and not self.stopping and not self.lost
+                    and now - self.seen < Waits.of(self.FRESH))
+
+    def predicted_wait(self, now):
+        """Seconds of work ahead of a new request here, as far as the stand-in can tell."""
+        for request_idx, (_, granted) in list(self.outstanding.items()):
+            if now - granted > Waits.of(self.GRANT_LIFETIME):
+                del self.outstanding[request_idx]
+        ahead = float(self.record.get("cur_load") or 0) + sum(cost for cost, _ in self.outstanding.values())
+        return ahead / float(self.record["max_perf"])
+
+    def probe(self):
+        """Connect to it: a worker that does not take the connection is lost until it does."""
+        parts = urlsplit(self.record["url"])
+        try:
+            socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)),
+                                     timeout=2.0).close()
+            answered = True
+        except OSError as exc:
+            answered, why = False, exc.strerror or describe_exception(exc)
+        if answered == self.lost:
+            self.lost = not answered
+            print("%s worker %s at %s %s" % (time.strftime("%H:%M:%S"), self.record.get("id"), self.record["url"],
+                  "answers again: routed to again" if answered else "does not answer (%s): not routed to" % why),
+                  flush=True)
+
+
 class StandInAutoscaler:
     """`python3 vastworker.py autoscaler`: a local stand-in for Vast's autoscaler, served as a
     backend.  It prints and keeps the status records workers send, so a backend's reports can
     be watched before deploying (GET /records returns them), serves its public key and signs
-    grants at /route/ -- in Vast's current (url-only) shape unless told otherwise -- to the least
-    loaded of the workers that reported themselves loaded in the last 30 s, and lists them at
-    /get_endpoint_workers/ as the SDK expects.  Its key is generated in the background (about a
+    grants at /route/ -- in Vast's current (url-only) shape unless told otherwise -- to the
+    worker with the least predicted wait (see FleetMember), and lists the workers at
+    /get_endpoint_workers/ as the SDK expects.  It keeps the last RECORDS_KEPT records and
+    FINISHED_KEPT finished requests, so a long run holds bounded memory.  Its key is generated in the background (about a
     second of pure-Python arithmetic), so it answers at once; /pubkey/ and /route/ wait for it.
     GET /records never shows a record's mtoken: it says whether the token matched
     `master_token` (the stand-in's $MASTER_TOKEN), as Vast's would check it."""
 
-    FRESH = 30.0  # seconds: a worker whose last report is older is not routed to
+    RECORDS_KEPT = 1000
+    FINISHED_KEPT = 10000
 
     def __init__(self, shape="g4", master_token=""):
-        self.records = []
-        self.finished = []  # what workers posted to /delete_requests/
-        self.workers = {}  # worker id -> (its latest record, when it came, when the first came)
+        self.records = collections.deque(maxlen=self.RECORDS_KEPT)
+        self.finished = collections.deque(maxlen=self.FINISHED_KEPT)  # what workers posted to /delete_requests/
+        self.workers = {}  # worker id (or url) -> its FleetMember
         self.shape = "g4" if shape == "auto" else shape
         self.master_token = master_token
         self._key = None
         self._key_made = threading.Event()
         self.reqnum = 0
+        self._turn = 0  # ties go round in turn
         self._lock = threading.Lock()
         threading.Thread(target=self._make_key, name="stand-in key", daemon=True).start()
+        threading.Thread(target=self._probe_forever, name="stand-in probe", daemon=True).start()
 
     def _make_key(self):
         self._key = RSAPrivateKey.generate()
@@ -4544,22 +4624,39 @@ class StandInAutoscaler:
         ask = request.get_json(force=True)
         if not isinstance(ask, dict) or not isinstance(ask.get("endpoint"), str):
             abort(400, 'expected {"endpoint": NAME, "cost": WORKLOAD}')
-        now = time.monotonic()
-        ready = [record for record, seen, _ in list(self.workers.values())
-                 if record.get("url") and record.get("loadtime") and not record.get("error_msg")
-                 and now - seen < Waits.of(self.FRESH)]
-        if not ready:
-            return {"endpoint": ask["endpoint"], "status": "no ready worker"}
-        chosen = min(ready, key=lambda record: float(record.get("cur_load") or 0) /
-                     max(float(record.get("max_perf") or 0), 1e-6))  # the least loaded for its speed
+        cost = ask.get("cost", DEFAULT_WORKLOAD)
+        if not is_number(cost):
+            abort(400, "cost must be a finite number, at least 0")
+        key = self.key  # made before the lock is taken: it may still be in the making
         retry_of = ask.get("request_idx")  # a client routing again keeps its request's index
         with self._lock:
+            now = time.monotonic()
+            ready = [member for member in self.workers.values() if member.routable(now)]
+            if not ready:
+                return {"endpoint": ask["endpoint"], "status": "no ready worker"}
+            waits = [member.predicted_wait(now) for member in ready]
+            least = min(waits)
+            tied = [member for member, wait in zip(ready, waits) if wait <= least * (1 + 1e-9)]
+            self._turn += 1
+            chosen = tied[self._turn % len(tied)]
             self.reqnum += 1
             request_idx = retry_of if type(retry_of) is int and 0 < retry_of <= self.reqnum else self.reqnum
-            grant = {"cost": float(ask.get("cost", DEFAULT_WORKLOAD)), "endpoint": ask["endpoint"],
-                     "reqnum": self.reqnum, "request_idx": request_idx, "url": chosen["url"]}
-        grant["signature"] = self.key.sign(signed_message(grant, self.shape).encode())
+            grant = {"cost": float(cost), "endpoint": ask["endpoint"], "reqnum": self.reqnum,
+                     "request_idx": request_idx, "url": chosen.record["url"]}
+            chosen.granted(request_idx, float(cost), now)
+        grant["signature"] = key.sign(signed_message(grant, self.shape).encode())
         return grant
+
+    def _probe_forever(self):
+        """Every second, a worker whose last report is over 2 s old is asked whether it is
+        there at all (a TCP connection to its url): one killed with -9, or cut off, is out of
+        routing within a few seconds, not when its report goes stale; back in when it answers."""
+        while True:
+            time.sleep(Waits.of(1.0))
+            now = time.monotonic()
+            for member in list(self.workers.values()):
+                if member.record.get("url") and now - member.seen > Waits.of(2.0) and not member.stopping:
+                    member.probe()
 
     # The status record's fields that routing and the listing read, and what each must be.
     RECORD_NUMBERS = ("loadtime", "cur_load", "new_load", "rej_load", "cur_perf", "max_perf")
@@ -4608,8 +4705,11 @@ class StandInAutoscaler:
             abort(422, problem)
         self.records.append(record)
         key = str(record.get("id", record.get("url")))
-        first = self.workers.get(key, (None, None, time.time()))[2]
-        self.workers[key] = (record, time.monotonic(), first)
+        with self._lock:
+            member = self.workers.get(key)
+            if member is None:
+                member = self.workers[key] = FleetMember()
+            member.reported(record, time.monotonic())
         fields = ("id", "loadtime", "max_perf", "cur_load", "new_load", "cur_perf",
                   "num_requests_working", "num_requests_recieved", "error_msg")
         print("%s worker_status %s" % (time.strftime("%H:%M:%S"), " ".join(
@@ -4619,7 +4719,8 @@ class StandInAutoscaler:
     def endpoint_workers(self, _, request):
         """Like Vast's /get_endpoint_workers/ (the SDK's worker listing): each reporting worker."""
         listed = []
-        for record, seen, first in list(self.workers.values()):
+        for member in list(self.workers.values()):
+            record, first = member.record, member.first
             status = "ERROR" if record.get("error_msg") else ("RUNNING" if record.get("loadtime") else "LOADING")
             listed.append({"id": record.get("id") if isinstance(record.get("id"), int) else 0, "status": status,
                            "cur_load": record.get("cur_load", 0.0), "new_load": record.get("new_load", 0.0),
@@ -4638,6 +4739,10 @@ class StandInAutoscaler:
             abort(422, 'expected {"worker_id": ID, "mtoken": TOKEN, "requests": [{...}, ...]}')
         self.checked_token(batch, request)
         self.finished.extend(batch["requests"])
+        with self._lock:
+            done = [entry.get("request_idx") for entry in batch["requests"]]
+            for member in self.workers.values():
+                member.finished(done)
         print("%s delete_requests worker_id=%s %s" % (time.strftime("%H:%M:%S"), json.dumps(batch.get("worker_id")),
               " ".join("%s:%s" % (entry.get("request_idx"), entry.get("status")) for entry in batch["requests"])),
               flush=True)
@@ -4988,6 +5093,9 @@ class Worker:
                 Log.write("error", "the server loop ended unexpectedly")
                 break
         server.stopping = True
+        self.state.stopping()
+        if self.reporter is not None:  # before draining: route nothing more here
+            self.reporter.report_once()
         server.shutdown()
         server.server_close()
         in_flight = server.active_requests
