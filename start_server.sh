@@ -328,10 +328,9 @@ start_worker() {
     say "starting vastworker $* (log: $LOG_FILE)"
     # setsid: detached from this shell, whose end must not end the worker.  runpy imports the
     # project's vastworker module (its bytecode cached after the first boot, where a script is
-    # compiled at every start) ahead of anything in the current directory
-    PYTHONUNBUFFERED=1 setsid python3 -c 'import runpy, sys
-sys.path.insert(0, sys.argv.pop(1))
-runpy.run_module("vastworker", run_name="__main__", alter_sys=True)' \
+    # compiled at every start) ahead of anything in the current directory.  One line, so that ps
+    # shows the worker whole; it also names itself vastworker (ps -e, pgrep vastworker)
+    PYTHONUNBUFFERED=1 setsid python3 -c 'import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module("vastworker", run_name="__main__", alter_sys=True)' \
         "$PROJECT" "$@" --ready-file "$READY_FILE" >>"$LOG_FILE" 2>&1 </dev/null &
     WORKER_PID=$!
     printf '%s %s\n' "$WORKER_PID" "$(process_start "$WORKER_PID")" >"$PID_FILE"

@@ -29,6 +29,7 @@ import textwrap
 import threading
 import time
 import types
+import urllib.parse
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -3884,6 +3885,75 @@ def test_a_worker_killed_is_out_within_seconds_and_back_when_it_returns(fleet):
     wait_until(lambda: fleet.route()["url"] == victim_url, timeout=20)
 
 
+class FleetCommand:
+    """`python3 -I -S vastworker.py fleet ...` as a user runs it: its output read as it comes."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", VASTWORKER, "fleet"] + list(args), cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.lines, self.changed = [], threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            with self.changed:
+                self.lines.append(line.decode())
+                self.changed.notify_all()
+
+    def wait_for(self, pattern, timeout=30):
+        with self.changed:
+            assert self.changed.wait_for(lambda: re.search(pattern, "".join(self.lines), re.MULTILINE), timeout), \
+                "".join(self.lines)[-3000:]
+            return re.search(pattern, "".join(self.lines), re.MULTILINE)
+
+
+def test_the_fleet_command_runs_a_stand_in_and_workers_and_leaves_nothing_behind():
+    port = free_port()
+    fleet = FleetCommand("helloworld", "--workers", "3", "--port", str(port))
+    try:
+        fleet.wait_for(r"Ctrl-C stops them all")
+        out = "".join(fleet.lines)
+        workers = re.findall(r"^  worker (\d)  (http://127\.0\.0\.1:\d+)  pid (\d+)$", out, re.MULTILINE)
+        assert [number for number, _, _ in workers] == ["1", "2", "3"], out
+        stand_in = re.search(r"the autoscaler stand-in on (http://127\.0\.0\.1:%d)" % port, out).group(1)
+        pids = [int(pid) for _, _, pid in workers]
+        pids.append(int(subprocess.run(["pgrep", "-f", "vastworker.py autoscaler --host 127.0.0.1 --port %d" % port],
+                                       stdout=subprocess.PIPE).stdout.split()[0]))
+        for pid in pids + [fleet.proc.pid]:  # each shows as vastworker: its name and its command line
+            with open("/proc/%d/comm" % pid) as file:
+                assert file.read().strip() == "vastworker"
+            with open("/proc/%d/cmdline" % pid, "rb") as file:
+                assert b"vastworker.py" in file.read()
+        assert re.search(r'curl -s -X GET "\$url/value"', out)  # the example names a real route
+        # the example's steps: a grant from the stand-in, then the worker it names, signed grants required
+        granted = wait_until(lambda: (lambda answer: answer if "url" in answer else None)(json.loads(
+            http_exchange_json(stand_in + "/route/", {"endpoint": "value", "cost": 100}))), timeout=20)
+        status, body = http_exchange_json(granted["url"] + "/value", {"auth_data": granted, "payload": {}},
+                                          method="GET", status=True)
+        assert status == 200 and json.loads(body) == {"value": 0}
+        assert http_exchange_json(granted["url"] + "/value", {}, method="GET", status=True)[0] == 401
+        os.kill(pids[1], signal.SIGKILL)  # a worker dies: the fleet says so
+        fleet.wait_for(r"worker 2 \(pid %d\) was killed by SIGKILL" % pids[1])
+        fleet.proc.send_signal(signal.SIGTERM)
+        assert fleet.proc.wait(30) == 0
+        fleet.wait_for(r"vastworker fleet: stopped")
+        assert [pid for pid in pids if os.path.exists("/proc/%d" % pid)] == []  # nothing left behind
+    finally:
+        if fleet.proc.poll() is None:
+            fleet.proc.kill()
+
+
+def http_exchange_json(url, payload, method="POST", status=False):
+    """POST (or `method`) `payload` as JSON to `url`: its body, or (status, body)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection.request(method, parts.path, body=json.dumps(payload), headers=JSON)
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    return (response.status, body) if status else body
+
+
 def test_the_stand_in_keeps_bounded_records(start_worker):
     stand_in = start_worker("autoscaler")
     for number in range(1100):
@@ -3970,7 +4040,8 @@ def test_every_setting_read_anywhere_is_in_the_one_table_and_its_document():
         source = file.read()
     flags = set(re.findall(r"(--[a-z][a-z-]+)", run_cli("--help")[1].split("environment variables")[0]))
     assert flags == {setting.flag for setting in table if setting.flag} | {"--help", "--version"}
-    assert re.findall(r'add_argument\("(--[a-z-]+)"', source) == ["--version"]  # the rest come from the table
+    assert set(re.findall(r'add_argument\("(--[a-z-]+)"', source)) == {"--version", "--workers", "--port", "--host"}
+    # the rest come from the table; those are `fleet`'s own
     attributes = {setting.attribute for setting in table if setting.attribute}
     assert attributes >= {"readiness", "log_actions", "benchmark", "workload", "max_perf", "healthcheck",
                           "persist", "model_log", "allow_parallel_requests"}
@@ -4267,6 +4338,9 @@ def test_wget_pipe_brings_a_worker_up_and_a_rerun_leaves_one(bootstrap, publishe
     assert "helloworld is up at http://127.0.0.1:%d" % bootstrap.port in first.output
     assert bootstrap.value() == (200, b'{"value":0}\n')
     first_pid = bootstrap.pid
+    with open("/proc/%d/comm" % first_pid) as file:  # findable: ps and pgrep name it, as its command line does
+        assert file.read().strip() == "vastworker"
+    assert str(first_pid).encode() in subprocess.run(["pgrep", "-f", "vastworker"], stdout=subprocess.PIPE).stdout
     second = bootstrap.run(command, VASTWORKER_TARBALL=tarball)
     assert second.returncode == 0, second.output
     assert "fetching" not in second.output  # the project is there: nothing is downloaded
