@@ -3954,6 +3954,14 @@ def http_exchange_json(url, payload, method="POST", status=False):
     return (response.status, body) if status else body
 
 
+def test_the_stand_in_and_the_fleet_have_help_of_their_own():
+    code, output = run_cli("autoscaler", "--help")
+    assert code == 0 and "A local stand-in for Vast's autoscaler" in output and "(default 8081)" in output
+    assert "--max-body" not in output and "BACKEND is a directory" not in output  # a worker's, not its
+    code, output = run_cli("fleet", "--help")
+    assert code == 0 and "--workers N" in output and "Options it does not know go to each worker" in " ".join(output.split())
+
+
 def test_the_stand_in_keeps_bounded_records(start_worker):
     stand_in = start_worker("autoscaler")
     for number in range(1100):
