@@ -3943,6 +3943,12 @@ def test_the_fleet_command_runs_a_stand_in_and_workers_and_leaves_nothing_behind
             fleet.proc.kill()
 
 
+def test_a_fleet_whose_workers_cannot_start_says_why_and_exits_1():
+    code, output = run_cli("fleet", "nosuchbackend", "--workers", "2", "--port", str(free_port()), timeout=60)
+    assert code == 1 and "exited during start-up" in output, output
+    assert "[worker 1] vastworker: error: no backend 'nosuchbackend'" in output and "vastworker fleet: stopped" in output
+
+
 def http_exchange_json(url, payload, method="POST", status=False):
     """POST (or `method`) `payload` as JSON to `url`: its body, or (status, body)."""
     parts = urllib.parse.urlsplit(url)
@@ -3965,9 +3971,11 @@ def test_the_stand_in_and_the_fleet_have_help_of_their_own():
 def test_the_stand_in_keeps_bounded_records(start_worker):
     stand_in = start_worker("autoscaler")
     for number in range(1100):
-        assert stand_in.json("POST", "/worker_status/", {"id": number % 7, "loadtime": 0.0})[0] == 200
+        assert stand_in.json("POST", "/worker_status/", {"id": number, "loadtime": 0.0})[0] == 200
     records = stand_in.json("GET", "/records")[1]
-    assert len(records) == 1000 and records[-1]["id"] == 1099 % 7  # the newest kept, the oldest dropped
+    assert len(records) == 1000 and records[-1]["id"] == 1099  # the newest kept, the oldest dropped
+    listed = stand_in.json("POST", "/get_endpoint_workers/", {"id": 1})[1]
+    assert len(listed) == 1000 and min(worker["id"] for worker in listed) == 100  # and so the workers
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4231,8 +4231,9 @@ class ModelServer:
         """The model server's answer to `request`, for a handler to return.  The request goes to
         `path` (default: its own path and query, less any api_key) with its own body, or with
         `json` in its place (a payload the handler checked or changed); the headers in
-        FORWARDED_REQUEST_HEADERS pass, plus `headers`, checked as a response's are.  The answer comes back with its status, body and end-to-end headers: whole
-        when small and of known length, else streamed as it arrives."""
+        FORWARDED_REQUEST_HEADERS pass, plus `headers`, checked as a response's are.  The answer
+        comes back with its status, body and end-to-end headers: whole when small and of known
+        length, else streamed as it arrives."""
         method = method or request.method
         if json is not None:
             body = json_body(json).encode()
@@ -4585,14 +4586,16 @@ class StandInAutoscaler:
     be watched before deploying (GET /records returns them), serves its public key and signs
     grants at /route/ -- in Vast's current (url-only) shape unless told otherwise -- to the
     worker with the least predicted wait (see FleetMember), and lists the workers at
-    /get_endpoint_workers/ as the SDK expects.  It keeps the last RECORDS_KEPT records and
-    FINISHED_KEPT finished requests, so a long run holds bounded memory.  Its key is generated in the background (about a
-    second of pure-Python arithmetic), so it answers at once; /pubkey/ and /route/ wait for it.
+    /get_endpoint_workers/ as the SDK expects.  It keeps the last RECORDS_KEPT records,
+    FINISHED_KEPT finished requests and WORKERS_KEPT workers, so a long run holds bounded
+    memory.  Its key is generated in the background (about a second of pure-Python
+    arithmetic), so it answers at once; /pubkey/ and /route/ wait for it.
     GET /records never shows a record's mtoken: it says whether the token matched
     `master_token` (the stand-in's $MASTER_TOKEN), as Vast's would check it."""
 
     RECORDS_KEPT = 1000
     FINISHED_KEPT = 10000
+    WORKERS_KEPT = 1000  # past it, the worker heard from least recently is forgotten
 
     def __init__(self, shape="g4", master_token=""):
         self.records = collections.deque(maxlen=self.RECORDS_KEPT)
@@ -4709,6 +4712,8 @@ class StandInAutoscaler:
         with self._lock:
             member = self.workers.get(key)
             if member is None:
+                if len(self.workers) >= self.WORKERS_KEPT:
+                    del self.workers[min(self.workers, key=lambda known: self.workers[known].seen)]
                 member = self.workers[key] = FleetMember()
             member.reported(record, time.monotonic())
         fields = ("id", "loadtime", "max_perf", "cur_load", "new_load", "cur_perf",
@@ -5159,7 +5164,7 @@ class Fleet:
         self.start("stand-in", command + ["autoscaler", "--host", options.host, "--port", str(options.port)],
                    dict(self.environ, MASTER_TOKEN=token), subprocess)
         if not self.wait_serving():
-            return self.stop_all()
+            return self.stop_all(1)
         urls = []
         for number in range(1, options.workers + 1):
             port = free_port_on(options.host)
@@ -5169,7 +5174,7 @@ class Fleet:
                                                 CONTAINER_ID=str(number), PUBLIC_IPADDR=here,
                                                 **{"VAST_TCP_PORT_%d" % port: str(port)}), subprocess)
         if not self.wait_serving():
-            return self.stop_all()
+            return self.stop_all(1)
         routes = re.findall(r"(GET|POST|PUT|PATCH|DELETE) /([^,)\s]*)", self.serving["worker 1"].split(" (", 1)[-1])
         method, endpoint = next((route for route in routes if route[0] == "GET"), routes[0] if routes else ("GET", ""))
         print(FLEET_STARTED % {"stand_in": stand_in, "method": method, "endpoint": endpoint, "workers": "\n".join(
@@ -5217,9 +5222,10 @@ class Fleet:
                 self.said.wait(0.2)
         return False
 
-    def stop_all(self):
+    def stop_all(self, status=0):
         """SIGTERM to the workers, then to the stand-in (which takes their last reports), each
-        waited for (SIGKILL to any still there after 30 s): nothing is left behind."""
+        waited for (SIGKILL to any still there after 30 s): nothing is left behind.  `status`,
+        the fleet's exit status, is returned."""
         print("vastworker fleet: stopping %d processes" % len(self.children), flush=True)
         for group in (self.children[1:], self.children[:1]):
             for _, process in group:
@@ -5234,7 +5240,7 @@ class Fleet:
                     process.kill()
                     process.wait()
         print("vastworker fleet: stopped", flush=True)
-        return 0
+        return status
 
 
 FLEET_STARTED = """\
@@ -5243,7 +5249,8 @@ vastworker fleet: the autoscaler stand-in on %(stand_in)s and these workers repo
 Route, then call the worker the grant names (signed grants are required, as on Vast), e.g.
   grant=$(curl -s -X POST %(stand_in)s/route/ -d '{"endpoint": "%(endpoint)s", "cost": 100}')
   url=$(printf '%%s' "$grant" | python3 -c 'import json, sys; print(json.load(sys.stdin)["url"])')
-  curl -s -X %(method)s "$url/%(endpoint)s" -H 'Content-Type: application/json' -d "{\\"auth_data\\": $grant, \\"payload\\": {}}"
+  curl -s -X %(method)s "$url/%(endpoint)s" -H 'Content-Type: application/json' \\
+      -d "{\\"auth_data\\": $grant, \\"payload\\": {}}"
 Records: curl %(stand_in)s/records   Ctrl-C stops them all."""
 
 
@@ -5864,4 +5871,4 @@ SETTINGS = (
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
