@@ -5619,42 +5619,32 @@ class Settings:
         self.backend, self.environ = options.backend, environ
         self.source = {}
         for setting in SETTINGS:
-            if setting.reader != "vastworker.py" or setting.attribute:
-                continue
-            given = getattr(options, setting.name, None) if setting.flag else None
-            if given is not None:
-                self._set(setting, setting.parsed(given, setting.flag) if given is not True else True, setting.flag)
-                continue
-            for name in setting.env:
-                if environ.get(name):
-                    self._set(setting, setting.parsed(environ[name], "$" + name), "$" + name)
-                    break
-            else:
-                default = setting.default
-                self._set(setting, setting.parsed(default, "default") if isinstance(default, str) else default,
-                          "default")
+            if setting.reader == "vastworker.py" and not setting.attribute:
+                given = getattr(options, setting.name, None) if setting.flag else None
+                self._take(setting, "true" if given is True else given, setting.flag)  # True: a switch given
         if getattr(options, "cache_dir", None) is None:
             base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
             self.cache_dir = os.path.join(base, "vastworker")
 
-    def _set(self, setting, value, source):
-        setattr(self, setting.name, value)
+    def _take(self, setting, given, source):
+        """`setting` from `given` (given as `source`), else from its variables, else its default;
+        checked (a default given as a value already is one)."""
+        if given is None:
+            name = next((name for name in setting.env if self.environ.get(name)), None)
+            given, source = (self.environ[name], "$" + name) if name else (setting.default, "default")
+        if given is not None and (source != "default" or isinstance(given, str)):
+            given = setting.parsed(given, source)
+        setattr(self, setting.name, given)
         self.source[setting.name] = source
 
     def add_backend(self, module, path):
         """The settings backend.py may declare, unless a variable gave them; StartupError names
         the first bad one."""
         for setting in SETTINGS:
-            if not setting.attribute:
-                continue
-            value, source = getattr(module, setting.attribute, None), "%s: %s" % (path, setting.attribute)
-            for name in setting.env:
-                if self.environ.get(name):
-                    value, source = self.environ[name], "$" + name
-                    break
-            if value is None:
-                value, source = setting.default, "default"
-            self._set(setting, None if value is None else setting.parsed(value, source), source)
+            if setting.attribute:
+                declared = None if any(self.environ.get(name) for name in setting.env) else getattr(
+                    module, setting.attribute, None)  # a variable wins over the attribute
+                self._take(setting, declared, "%s: %s" % (path, setting.attribute))
 
 
 class Setting:
