@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # start_server.sh: bring a vastworker up on this machine, and keep it to one worker.
 #
-#   start_server.sh BACKEND [WORKER OPTIONS...]       start BACKEND, stopping the worker this
-#                                                      script started before, if any
+#   start_server.sh BACKEND [WORKER OPTIONS...]       start BACKEND (a name under backends/, or a
+#                                                      path to a directory with backend.py),
+#                                                      stopping the worker this script started
+#                                                      before, if any
 #   start_server.sh --stop                             stop the worker this script started
 #   wget -qO- URL/start_server.sh | bash -s BACKEND    the same, on a machine without the project
 #
@@ -16,7 +18,10 @@
 #   VASTWORKER_UPDATE=1  fetch $WORKSPACE/vastworker again even though it is there; so does the
 #                        flag file VASTWORKER_UPDATE_FLAG (default /.force_update), which the
 #                        worker's POST /pyworker/update creates; it is removed once fetched
-#   VASTWORKER_WAIT      seconds to wait for the worker to serve; default 60
+#   VASTWORKER_WAIT      seconds to wait for the worker to serve (or load); default 60
+#   VASTWORKER_WAIT_FOR  serving (default): return once the worker answers, saying whether its
+#                        model is still loading; loaded: wait for the model too (exit 1 if it
+#                        fails).  Its phase stays in $WORKSPACE/vastworker.ready: "PID PHASE"
 #   MODEL_COMMAND        a command that starts the backend's model server, e.g.
 #                        "vllm serve Qwen/Qwen3-8B --host 127.0.0.1 --port 8000": run detached,
 #                        its output appended to MODEL_LOG (default $WORKSPACE/model.log), which
@@ -289,11 +294,14 @@ option_value() {
     printf '%s' "$value"
 }
 
-serving() {
-    # serving PID: has the worker PID written its pid to the ready file, i.e. does it serve? (a
-    # probe of the port could be answered by another program holding it)
-    local pid=""
-    [ -f "$READY_FILE" ] && read -r pid <"$READY_FILE" 2>/dev/null && [ "$pid" = "$1" ]
+worker_phase() {
+    # worker_phase PID: the phase the worker PID wrote to the ready file once serving (loading,
+    # loaded, error, stopping), and rewrites as it changes; nothing before it serves (a probe of
+    # the port could be answered by another program holding it)
+    local pid="" phase=""
+    if [ -f "$READY_FILE" ] && read -r pid phase <"$READY_FILE" 2>/dev/null && [ "$pid" = "$1" ]; then
+        printf '%s' "${phase:-loaded}"
+    fi
 }
 
 outside_project() {
@@ -311,7 +319,7 @@ outside_project() {
 
 start_worker() {
     # start_worker BACKEND [OPTIONS...]: start it detached, wait for its first answer
-    local backend="$1" port host log_start started elapsed public_port last_line
+    local backend="$1" port host log_start started elapsed public_port last_line phase wait_for
     shift
     port="$(option_value port "${WORKER_PORT:-${AUTH_PORT:-3000}}" "$@")"
     host="$(option_value host 127.0.0.1 "$@")"
@@ -334,7 +342,9 @@ start_worker() {
         "$PROJECT" "$@" --ready-file "$READY_FILE" >>"$LOG_FILE" 2>&1 </dev/null &
     WORKER_PID=$!
     printf '%s %s\n' "$WORKER_PID" "$(process_start "$WORKER_PID")" >"$PID_FILE"
-    while ! serving "$WORKER_PID"; do
+    wait_for="${VASTWORKER_WAIT_FOR:-serving}"
+    case "$wait_for" in serving | loaded) ;; *) fail "VASTWORKER_WAIT_FOR=$wait_for: expected serving or loaded" ;; esac
+    while phase="$(worker_phase "$WORKER_PID")"; [ -z "$phase" ] || { [ "$wait_for" = loaded ] && [ "$phase" = loading ]; }; do
         if [ -z "$(process_start "$WORKER_PID")" ]; then
             tail -c "+$log_start" "$LOG_FILE" | tail -n 20 >&2 || true
             rm -f "$PID_FILE"
@@ -346,13 +356,21 @@ start_worker() {
         if [ "$elapsed" -gt $((${VASTWORKER_WAIT:-60} * 1000)) ]; then
             tail -c "+$log_start" "$LOG_FILE" | tail -n 20 >&2 || true
             stop_worker
-            fail "the worker did not start serving on $host:$port within ${VASTWORKER_WAIT:-60} s"
+            fail "the worker was not ${wait_for/serving/serving on $host:$port} within ${VASTWORKER_WAIT:-60} s"
         fi
         sleep 0.02
     done
     elapsed=$((($(date +%s%N) - started) / 1000000))
-    say "$backend is up at http://$host:$port (pid $WORKER_PID, answering after $elapsed ms)"
-    rm -f "$READY_FILE"
+    case "$phase" in
+        loaded) say "$backend is up at http://$host:$port (pid $WORKER_PID, answering after $elapsed ms)" ;;
+        loading) say "$backend is serving at http://$host:$port, model loading (pid $WORKER_PID, answering after" \
+            "$elapsed ms; its phase is in $READY_FILE and at http://$host:$port/.vastworker/status;" \
+            "VASTWORKER_WAIT_FOR=loaded waits for it)" ;;
+        *) say "$backend is serving at http://$host:$port, but its phase is $phase: see $LOG_FILE" ;;
+    esac
+    if [ "$wait_for" = loaded ] && [ "$phase" != loaded ]; then
+        fail "the backend did not load: $(grep ' ERROR ' "$LOG_FILE" | tail -n 1 || true)"
+    fi
     public_port="VAST_TCP_PORT_$port"
     if [ -n "${PUBLIC_IPADDR:-}" ] && [ -n "${!public_port:-}" ]; then
         say "public address: http://$PUBLIC_IPADDR:${!public_port}"
@@ -360,7 +378,7 @@ start_worker() {
 }
 
 usage() {
-    sed -n '2,20s/^# \{0,1\}//p' "${BASH_SOURCE[0]:-/dev/null}" 2>/dev/null \
+    sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]:-/dev/null}" 2>/dev/null \
         || printf 'usage: start_server.sh BACKEND [WORKER OPTIONS...] | --stop\n'
 }
 
@@ -392,12 +410,15 @@ main() {
     mkdir -p "$WORKSPACE" || fail "cannot create WORKSPACE $WORKSPACE"
     check_python
     find_project
-    if ! [[ "$backend" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || [ ! -f "$PROJECT/backends/$backend/backend.py" ]; then
+    if [[ "$backend" == */* ]]; then  # a path to a directory with backend.py, as the worker takes
+        [ -f "$backend/backend.py" ] || fail "$backend has no backend.py"
+        backend="$(cd "$backend" && pwd)"
+    elif ! [[ "$backend" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || [ ! -f "$PROJECT/backends/$backend/backend.py" ]; then
         fail "no backend '$backend' in $PROJECT/backends (available: $(available_backends))"
     fi
     stop_worker quiet
     start_model_server
-    start_worker "$backend" "$backend" "$@"  # the name for messages, then the worker's arguments
+    start_worker "$(basename "$backend")" "$backend" "$@"  # the name for messages, then the worker's arguments
 }
 
 main "$@"

@@ -2365,6 +2365,37 @@ flask_dict = {"GET": {"hello": lambda backend, request: "hello"}}
 """
 
 
+def test_the_workers_own_status_says_its_phase_and_where_its_max_perf_came_from(start_worker, write_backend,
+                                                                                 autoscaler, tmp_path):
+    model_log, ready_file = tmp_path / "model.log", tmp_path / "ready"
+    worker = start_worker(write_backend(LOG_BACKEND + "\nmax_perf = 40\n"), "--ready-file", str(ready_file),
+                          env=reporting_env(autoscaler, MODEL_LOG=str(model_log)))
+    status, data = worker.json("GET", "/.vastworker/status")  # from this machine: no token needed
+    assert status == 200 and (data["phase"], data["max_perf"], data["max_perf_source"]) == (
+        "loading", 40.0, "backend.py max_perf")
+    wait_until(lambda: ready_file.read_text() == "%d loading\n" % worker.proc.pid)
+    model_log.write_text("MODEL READY\n")
+    loaded = wait_until(lambda: (lambda d: d if d["phase"] == "loaded" and d["reports"].get("record", {}).get(
+        "loadtime") else None)(worker.json("GET", "/.vastworker/status")[1]))
+    assert loaded["reports"]["delivered"] is True and loaded["reports"]["record"]["mtoken"] == "(hidden)"
+    assert loaded["reports"]["delivered_count"] >= 1 and loaded["error_msg"] == "" and loaded["in_flight"] == 0
+    assert ready_file.read_text() == "%d loaded\n" % worker.proc.pid  # rewritten as the phase changes
+
+
+def test_the_workers_status_is_for_this_machine_or_the_master_token():
+    endpoints = vastworker.ReportEndpoints("s3cret", vastworker.WorkerState(), status=lambda: {"phase": "loading"})
+
+    def asked(remote_addr, authorization=None):
+        request = types.SimpleNamespace(remote_addr=remote_addr, headers=vastworker.Headers(
+            [("Authorization", authorization)] if authorization else []))
+        try:
+            return endpoints.show_status(request).status_code
+        except vastworker.Refusal as refusal:
+            return refusal.code
+    assert [asked("127.0.0.1"), asked("::1"), asked("10.0.0.7"), asked("10.0.0.7", "Bearer s3cret"),
+            asked("10.0.0.7", "Bearer wrong")] == [200, 200, 401, 200, 401]
+
+
 def test_the_model_health_check_gates_loaded_fails_the_worker_and_recovers_it(start_worker, autoscaler):
     answers = {"status": 503}
     health = LoopbackServer(lambda method, path, body: answers["status"])
@@ -4409,14 +4440,45 @@ def test_stop_ends_the_worker_by_its_pid_file(bootstrap, published):
     assert "stopping" not in bootstrap.stop().output  # nothing left to stop
 
 
+def test_start_server_says_the_model_is_loading_or_waits_for_it(bootstrap, write_backend, tmp_path):
+    backend, model_log = write_backend(LOG_BACKEND), tmp_path / "model.log"
+    command = "bash %s %s" % (os.path.join(ROOT, "start_server.sh"), backend)
+    first = bootstrap.run(command, MODEL_LOG=str(model_log))
+    assert first.returncode == 0, first.output
+    assert "is serving at http://127.0.0.1:%d, model loading" % bootstrap.port in first.output
+    ready_file = os.path.join(bootstrap.workspace, "vastworker.ready")
+    assert open(ready_file).read() == "%d loading\n" % bootstrap.pid
+    with open(str(model_log), "a") as log:
+        log.write("MODEL READY\n")
+    wait_until(lambda: open(ready_file).read() == "%d loaded\n" % bootstrap.pid)  # rewritten as it changes
+    first_pid = bootstrap.pid
+
+    def fail_the_next_model():  # once the next worker serves and waits for its model
+        def phase():
+            try:
+                return open(ready_file).read()
+            except OSError:
+                return ""
+        wait_until(lambda: phase().endswith(" loading\n") and not phase().startswith(str(first_pid)), timeout=20)
+        with open(str(model_log), "a") as log:
+            log.write("FATAL: no GPU\n")
+    failer = threading.Thread(target=fail_the_next_model)
+    failer.start()
+    failing = bootstrap.run(command, MODEL_LOG=str(model_log), VASTWORKER_WAIT_FOR="loaded", VASTWORKER_WAIT="20")
+    failer.join(20)
+    assert failing.returncode == 1 and "the backend did not load: " in failing.output, failing.output
+    assert "FATAL: no GPU" in failing.output and "model loading" not in failing.output
+
+
 def test_start_server_runs_the_model_server_of_model_command_and_keeps_it_across_restarts(bootstrap, tmp_path):
     model_port = free_port()
     env = {"MODEL_COMMAND": "exec %s %s vllm --port %d" % (sys.executable, os.path.join(ROOT, "bench", "fake_model_server.py"),
                                                         model_port),
            "MODEL_SERVER_URL": "http://127.0.0.1:%d" % model_port, "BENCHMARK_MAX_TOKENS": "2"}
     command = "bash %s openai --cache-dir %s" % (os.path.join(ROOT, "start_server.sh"), tmp_path)
-    first = bootstrap.run(command, **env)
+    first = bootstrap.run(command, VASTWORKER_WAIT_FOR="loaded", **env)  # until the model is loaded
     assert first.returncode == 0 and "starting the model server: exec " in first.output, first.output
+    assert "openai is up at http://127.0.0.1:%d" % bootstrap.port in first.output  # not just serving
     model_log = os.path.join(bootstrap.workspace, "model.log")
     wait_until(lambda: "fake vllm model server on" in open(model_log).read(), timeout=20)
 

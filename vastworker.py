@@ -2388,18 +2388,34 @@ class WorkerState:
         self.loadtime = 0.0
         self.max_perf = 0.0
         self.max_perf_known = False  # measured or declared, so admission may predict with it
+        self.max_perf_source = "default"  # where max_perf came from, for /.vastworker/status
         self.max_capacity = 0
         self.on_ready = None  # what the worker does when the model is ready (the benchmark)
-        self.phase_changed = threading.Event()
+        self.on_change = []  # functions called after each change of phase (the ready file)
+        self.phase_changed = threading.Event()  # the status reporter's
         self._lock = threading.Lock()
+
+    def _changed(self):
+        self.phase_changed.set()
+        for call in self.on_change:
+            call()
 
     def _move(self, allowed_from, phase):
         with self._lock:
             if self.phase not in allowed_from or phase not in self.MOVES[self.phase]:
                 return False
             self.phase = phase
-        self.phase_changed.set()
+        self._changed()
         return True
+
+    def rated(self, max_perf, source):
+        """max_perf is known (measured, declared or reported): admission may predict with it."""
+        self.max_perf, self.max_perf_known, self.max_perf_source = float(max_perf), True, source
+
+    @property
+    def word(self):
+        """The phase as a person reads it: loading (benchmarking too), loaded, error, stopping."""
+        return {"benchmarking": "loading", "failed": "error"}.get(self.phase, self.phase)
 
     def ready(self):
         """The model is ready: benchmark it (when the backend defines a benchmark), then loaded."""
@@ -2410,9 +2426,9 @@ class WorkerState:
             else:
                 threading.Thread(target=self.on_ready, name="benchmark", daemon=True).start()
 
-    def loaded(self, max_perf=None, quiet=False):
+    def loaded(self, max_perf=None, source=None, quiet=False):
         if max_perf is not None:
-            self.max_perf, self.max_perf_known = float(max_perf), True
+            self.rated(max_perf, source)
         if self._move(("loading", "benchmarking"), "loaded"):
             self.loadtime = round(time.monotonic() - STARTED, 3)
             if not quiet:
@@ -2425,7 +2441,7 @@ class WorkerState:
             if self.phase in ("failed", "stopping"):
                 return
             self.phase, self.error, self.failed_by = "failed", message, source
-        self.phase_changed.set()
+        self._changed()
         Log.write("error", "the backend failed: %s" % message)
 
     def recovered(self, source):
@@ -2434,14 +2450,14 @@ class WorkerState:
             if self.phase != "failed" or self.failed_by != source:
                 return
             self.phase, self.error, self.failed_by = "loaded", "", None
-        self.phase_changed.set()
+        self._changed()
         Log.write("info", "the backend recovered (%s): loaded again" % source)
 
     def stopping(self):
         """The worker is stopping (SIGTERM or SIGINT): nothing new for it, from now on."""
         with self._lock:
             self.phase = "stopping"
-        self.phase_changed.set()
+        self._changed()
 
     def reported(self):
         """(phase, error_msg) as the autoscaler is told them: loading until ready for traffic
@@ -3409,6 +3425,9 @@ class BackendApp:
             raise Refusal(405, "method %s is not served" % method, headers=[("Allow", ALLOW_HEADER)])
         if method == "POST" and self.report_endpoints is not None and endpoint in ReportEndpoints.NAMES:
             return self.report_endpoints.respond(endpoint, request)
+        if method == "GET" and endpoint == ".vastworker/status" and self.report_endpoints is not None \
+                and self.report_endpoints.status is not None:
+            return self.report_endpoints.show_status(request)
         if method == "POST" and self.sessions is not None and endpoint in Sessions.NAMES:
             return to_response(self.sessions.respond(endpoint, request))
         return None
@@ -3508,21 +3527,35 @@ class ReportEndpoints:
     NAMES = ("report_loading", "report_loaded", "report_error", "report_capacity", "report_done",
              "pyworker/update")
 
-    def __init__(self, token, state, update_flag="/.force_update"):
+    def __init__(self, token, state, update_flag="/.force_update", status=None):
         self.token = token
         self.state = state
         self.update_flag = update_flag  # what /pyworker/update creates: start_server.sh then fetches
+        self.status = status  # a function: the worker's status, for GET /.vastworker/status
+
+    def bearer(self, request):
+        """Does the request carry the MASTER_TOKEN as its bearer token (there being one)?"""
+        import hmac
+        given = request.headers.get("Authorization", "")
+        given = given[7:] if given.startswith("Bearer ") else given
+        return bool(self.token) and hmac.compare_digest(given.encode(), self.token.encode())
+
+    def show_status(self, request):
+        """GET /.vastworker/status: for this machine's clients, or anyone with the MASTER_TOKEN."""
+        if not (self.bearer(request) or request.remote_addr in ("::1", "localhost")
+                or request.remote_addr.startswith(("127.", "::ffff:127."))):
+            raise Refusal(401, "the worker's status is for this machine, or for Authorization: Bearer "
+                               "$MASTER_TOKEN" if self.token else "the worker's status is for this machine only "
+                               "(no MASTER_TOKEN is set)")
+        return to_response(self.status())
 
     def update(self, request):
         """POST /pyworker/update, as Vast's current worker: with the MASTER_TOKEN as its bearer
         token it creates the update flag file, which makes the next start_server.sh fetch the
         project again.  Without a MASTER_TOKEN it is off (Vast's worker then lets anyone in)."""
-        import hmac
-        given = request.headers.get("Authorization", "")
-        given = given[7:] if given.startswith("Bearer ") else given
         if not self.token:
             raise Refusal(403, "/pyworker/update is off: MASTER_TOKEN is not set")
-        if not hmac.compare_digest(given.encode(), self.token.encode()):
+        if not self.bearer(request):
             raise Refusal(401, "the Authorization header must carry the MASTER_TOKEN")
         try:
             with open(self.update_flag, "w"):
@@ -3550,7 +3583,7 @@ class ReportEndpoints:
             if max_perf is None:
                 self.state.ready()
             elif is_number(max_perf) and max_perf > 0:  # the next status report must be valid
-                self.state.loaded(float(max_perf))
+                self.state.loaded(float(max_perf), "POST /report_loaded")
             else:
                 raise Refusal(400, "max_perf must be a positive number, not %r" % (max_perf,))
         elif name == "report_error":
@@ -3588,6 +3621,8 @@ class StatusReporter:
     def __init__(self, addresses, environ, port, scheme, state, metrics, ledger=None):
         self.addresses = addresses
         self.ledger = ledger  # the routed requests: those in flight, those to delete
+        self.last = None  # the last report: when, whether it went through, the record (no mtoken)
+        self.reports = {True: 0, False: 0}  # reports delivered, and not
         container_id = environ.get("CONTAINER_ID", "")
         self.identity = {"id": int(container_id) if container_id.isdigit() else container_id,
                          "mtoken": environ.get("MASTER_TOKEN", ""), "version": PROTOCOL_VERSION}
@@ -3618,9 +3653,16 @@ class StatusReporter:
     def report_once(self):
         """A report now, on the way out: one quick try."""
         snapshot = self.metrics.snapshot()
-        if deliver(self.addresses, "/worker_status/", self.record(snapshot, *self.state.reported()),
-                   timeout=2.0, rounds=1):
+        record = self.record(snapshot, *self.state.reported())
+        if self.sent(record, deliver(self.addresses, "/worker_status/", record, timeout=2.0, rounds=1)):
             self.metrics.acknowledge(snapshot)
+
+    def sent(self, record, delivered):
+        """Keep the outcome of a report, for /.vastworker/status; `delivered` as it is."""
+        self.last = {"at": time.time(), "delivered": delivered,
+                     "record": dict(record, mtoken="(hidden)" if record.get("mtoken") else "")}
+        self.reports[delivered] += 1
+        return delivered
 
     def record(self, snapshot, phase, error):
         """The status record for a metrics snapshot, as of `phase`, with `error` as its error_msg."""
@@ -3651,7 +3693,7 @@ class StatusReporter:
             snapshot = self.metrics.snapshot()
             record = self.record(snapshot, phase, error)
             last_sent = now
-            if deliver(self.addresses, "/worker_status/", record):
+            if self.sent(record, deliver(self.addresses, "/worker_status/", record)):
                 self.metrics.acknowledge(snapshot)
                 self._disk_used += record["additional_disk_usage"]
                 sent_phase, sent_error = phase, record["error_msg"]
@@ -3804,6 +3846,7 @@ class Benchmark:
         digest = hashlib.sha256(source + json.dumps(config, sort_keys=True).encode()).hexdigest()
         self.key = "%s:%s" % (name, digest[:16])
         self.cache_file = cache_file
+        self.source = None  # run(): where its max_perf came from, measured or cached
 
     def cached(self):
         try:
@@ -3860,6 +3903,7 @@ class Benchmark:
         max_perf = self.cached()
         if max_perf is not None:
             Log.write("info", "benchmark: %g workload/s (cached in %s)" % (max_perf, self.cache_file))
+            self.source = "benchmark, cached in %s" % self.cache_file
         else:
             Log.write("info", "benchmark: %(runs)d rounds of %(concurrency)d %(method)s /%(endpoint)s" % self.config)
             max_perf = self.measure()
@@ -3867,6 +3911,7 @@ class Benchmark:
                 state.failed("benchmark: no successful response from %(method)s /%(endpoint)s" % self.config)
                 return None
             Log.write("info", "benchmark: %g workload/s" % max_perf)
+            self.source = "benchmark"
             try:
                 self.store(max_perf)
             except OSError as exc:
@@ -4975,14 +5020,10 @@ class Worker:
         self.key_fetcher = KeyFetcher(self.addresses, self.grants)
         if self.grants.key_expected:
             self.grants.on_bad_signature = self.key_fetcher.refetch
-        state.max_perf, state.max_perf_known = float(plan.max_perf), plan.max_perf_declared
-        if plan.benchmark is not None:
-            with open(plan.path, "rb") as file:
-                benchmark = Benchmark(plan.benchmark, os.path.basename(self.directory), file.read(),
-                                      os.path.join(settings.cache_dir, "vastworker-benchmark.json"),
-                                      (loopback_for(host), port), self.tls is not None)
-        else:
-            benchmark = None
+        state.max_perf = float(plan.max_perf)
+        if plan.max_perf_declared:
+            state.rated(plan.max_perf, "backend.py max_perf")
+        benchmark = self.benchmark(host, port) if plan.benchmark is not None else None
         health = HealthCheck(plan.healthcheck, state) if plan.healthcheck else None
         if benchmark is not None or health is not None:
             state.on_ready = lambda: self.become_loaded(benchmark, health)
@@ -5005,7 +5046,8 @@ class Worker:
         sessions.start()
         app = BackendApp(backend, plan.routes, state, self.metrics, self.current, parallel=plan.parallel,
                          queue_time=settings.queue_time, workload=plan.workload, grants=self.grants,
-                         report_endpoints=ReportEndpoints(settings.master_token or None, state, settings.update_flag),
+                         report_endpoints=ReportEndpoints(settings.master_token or None, state, settings.update_flag,
+                                                          self.status),
                          store=self.store, ledger=self.ledger, sessions=sessions)
         self.server = WorkerServer(self.listener, app, settings.timeout, settings.max_body, self.tls,
                                    settings.max_connections, settings.body_memory)
@@ -5025,6 +5067,13 @@ class Worker:
             if plan.readiness == "health":
                 health.become_ready()
 
+    def benchmark(self, host, port):
+        """backend.py's benchmark, run through this worker's own address, cached in --cache-dir."""
+        with open(self.backend_plan.path, "rb") as file:
+            return Benchmark(self.backend_plan.benchmark, os.path.basename(self.directory), file.read(),
+                             os.path.join(self.settings.cache_dir, "vastworker-benchmark.json"),
+                             (loopback_for(host), port), self.tls is not None)
+
     def become_loaded(self, benchmark, health):
         """What readiness sets off when there is a benchmark or a health check: a first healthy
         answer, then the benchmark's max_perf, then loaded -- or failed on the way."""
@@ -5033,9 +5082,19 @@ class Worker:
         max_perf = benchmark.run(self.state, self.metrics) if benchmark is not None else None
         if benchmark is not None and max_perf is None:
             return
-        self.state.loaded(max_perf)
+        self.state.loaded(max_perf, benchmark.source if benchmark is not None else None)
         if health is not None:
             health.watch()
+
+    def status(self):
+        """GET /.vastworker/status: what the worker is doing, as its operator wants to know it."""
+        state, metrics, reporter = self.state, self.metrics, self.reporter
+        return {"backend": os.path.basename(self.directory), "version": __version__, "phase": state.word,
+                "error_msg": state.reported()[1], "max_perf": state.max_perf,
+                "max_perf_source": state.max_perf_source, "cur_load": metrics.in_flight,
+                "in_flight": metrics.working, "url": self.grants.own_url or self.own_url,
+                "reports": None if reporter is None else dict(reporter.last or {}, delivered_count=reporter.reports[True],
+                                                              failed_count=reporter.reports[False])}
 
     def construct_backend(self):
         """Backend(), its saved state restored; the one place a backend's own start-up runs."""
@@ -5052,7 +5111,7 @@ class Worker:
                                               self.store.path))
         declared = getattr(backend, "max_perf", None)
         if is_number(declared) and declared > 0:  # positive_number()'s rule; anything else is not a declaration
-            self.state.max_perf, self.state.max_perf_known = float(declared), True
+            self.state.rated(declared, "Backend().max_perf")
         return backend
 
     def session_closed(self, session):
@@ -5111,8 +5170,14 @@ class Worker:
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                   name="accept", daemon=True)
         thread.start()
-        if self.settings.ready_file:
-            write_ready_file(self.settings.ready_file)
+        if self.settings.ready_file:  # and again at each change of phase: loaded, error, stopping
+            path, state, lock = self.settings.ready_file, self.state, threading.Lock()
+
+            def write():
+                with lock:  # the phase as it is when written, so the last write is the latest
+                    write_ready_file(path, state.word)
+            state.on_change.append(write)
+            write()
         while not stop.wait(1.0):
             if not thread.is_alive():
                 Log.write("error", "the server loop ended unexpectedly")
@@ -5261,12 +5326,13 @@ def free_port_on(host):
         return probe.getsockname()[1]
 
 
-def write_ready_file(path):
-    """Say, in `path`, that this process serves: its pid, written whole (a rename) or not at all."""
+def write_ready_file(path, phase):
+    """Say, in `path`, that this process serves, and its phase: "PID PHASE", written whole (a
+    rename) or not at all.  start_server.sh reads it to know its own worker is up, and loaded."""
     temporary = "%s.%d" % (path, os.getpid())
     try:
         with open(temporary, "w") as file:
-            file.write("%d\n" % os.getpid())
+            file.write("%d %s\n" % (os.getpid(), phase))
         os.replace(temporary, path)
     except OSError as exc:
         Log.write("warning", "could not write the ready file %s: %s" % (path, exc.strerror or exc))
@@ -5851,7 +5917,10 @@ SETTINGS = (
     Setting("repo", "or anything git clone accepts", env=["VASTWORKER_REPO"], reader="start_server.sh"),
     Setting("update", "1: fetch the project again even though it is there", env=["VASTWORKER_UPDATE"],
             reader="start_server.sh"),
-    Setting("wait", "seconds to wait for the worker to serve", "60", env=["VASTWORKER_WAIT"],
+    Setting("wait", "seconds to wait for the worker to serve (or load)", "60", env=["VASTWORKER_WAIT"],
+            reader="start_server.sh"),
+    Setting("wait_for", "what start_server.sh waits for: serving (the worker answers), or loaded (its model is "
+            "too; a failure to load is then its exit status 1)", "serving", env=["VASTWORKER_WAIT_FOR"],
             reader="start_server.sh"),
     Setting("comfyui_dir", "comfyui's launch.sh: a ComfyUI checkout to start when MODEL_COMMAND is unset",
             env=["COMFYUI_DIR"], reader="start_server.sh"),
