@@ -2382,6 +2382,86 @@ def test_the_workers_own_status_says_its_phase_and_where_its_max_perf_came_from(
     assert ready_file.read_text() == "%d loaded\n" % worker.proc.pid  # rewritten as the phase changes
 
 
+PROMETHEUS_PARSER = """
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+samples = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for sample in family.samples:
+        samples[sample.name + json.dumps(sample.labels, sort_keys=True)] = [family.type, sample.value]
+print(json.dumps(samples))
+"""
+
+
+@pytest.fixture
+def prometheus_parser():
+    return venv_or_skip("prometheus-client", "prometheus_client>=0.20,<1", "prometheus_client's parser")
+
+
+def parsed_metrics(python, text, tmp_path):
+    """The samples of `text` as prometheus_client's own parser reads them: name+labels -> [type, value]."""
+    script = tmp_path / "parse_metrics.py"
+    script.write_text(PROMETHEUS_PARSER)
+    result = subprocess.run([python, str(script)], input=text.encode(), capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    return json.loads(result.stdout)
+
+
+def promtool_problems(text):
+    """What `promtool check metrics` says of `text` ("" when nothing), or None without promtool."""
+    if not shutil.which("promtool"):
+        print("promtool is not installed (Debian's prometheus): the exposition was not checked with it")
+        return None
+    result = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
+    return (result.stdout + result.stderr).decode().strip()
+
+
+def test_the_workers_metrics_count_exactly_what_happened(start_worker, write_backend, keys, prometheus_parser,
+                                                          tmp_path):
+    worker = start_worker(write_backend(GRANT_BACKEND), "--pubkey", str(keys / "spki.pem"),
+                          env={"MASTER_TOKEN": "s3cret"})
+    for reqnum in (1, 2, 3):
+        assert worker.json("POST", "/increment", {"auth_data": make_grant(keys, "g3", reqnum=reqnum),
+                                                  "payload": {"amount": 1}})[0] == 200
+    assert worker.json("POST", "/increment", {"amount": 1})[0] == 401  # no grant
+    assert worker.json("POST", "/increment", {"auth_data": make_grant(keys, "g3", reqnum=3),
+                                              "payload": {"amount": 1}})[0] == 401  # a replay
+    assert worker.request("GET", "/nowhere/%d" % 7)[0] == 404
+    assert worker.request("GET", "/metrics")[0] == 401  # a token is set: it is needed, even from here
+    status, headers, body = worker.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"})
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = parsed_metrics(prometheus_parser, body.decode(), tmp_path)
+
+    def value(name, **labels):
+        return samples[name + json.dumps(labels, sort_keys=True)][1]
+    assert value("vastworker_requests_total", endpoint="increment", method="POST", code="200") == 3
+    assert value("vastworker_requests_total", endpoint="increment", method="POST", code="401") == 2
+    assert value("vastworker_requests_total", endpoint="(other)", method="GET", code="404") == 1
+    assert value("vastworker_request_duration_seconds_count", endpoint="increment") == 5
+    assert value("vastworker_queue_wait_seconds_count") == 3  # the three that reached the lock
+    assert value("vastworker_grants_refused_total", reason="missing") == 1
+    assert value("vastworker_grants_refused_total", reason="replay") == 1
+    assert value("vastworker_phase", phase="loaded") == 1 and value("vastworker_phase", phase="loading") == 0
+    assert value("vastworker_max_perf") == 100 and value("vastworker_requests_in_flight") == 0
+    assert samples['vastworker_requests_total{"code": "200", "endpoint": "increment", "method": "POST"}'][0] == "counter"
+    assert promtool_problems(body.decode()) in (None, "")
+
+
+def test_the_stand_ins_metrics_show_each_worker(fleet, prometheus_parser, tmp_path):
+    grant = fleet.route()
+    assert fleet.call(grant) == 200
+    status, _, body = fleet.stand_in.request("GET", "/metrics")  # no MASTER_TOKEN needed... it has one:
+    assert status == 401
+    status, _, body = fleet.stand_in.request("GET", "/metrics", headers={"Authorization": "Bearer secret"})
+    samples = parsed_metrics(prometheus_parser, body.decode(), tmp_path)
+    labels = {"url": grant["url"], "id": str(fleet.numbers[grant["url"]])}
+    assert samples["vastworker_fleet_grants_total" + json.dumps(labels, sort_keys=True)] == ["counter", 1]
+    ready = [key for key, (_, value) in samples.items() if key.startswith("vastworker_fleet_worker_state")
+             and '"state": "ready"' in key and value == 1]
+    assert len(ready) == 3 and samples["vastworker_fleet_worker_max_perf" + json.dumps(labels, sort_keys=True)][1] > 0
+    assert promtool_problems(body.decode()) in (None, "")
+
+
 def test_the_workers_status_is_for_this_machine_or_the_master_token():
     endpoints = vastworker.ReportEndpoints("s3cret", vastworker.WorkerState(), status=lambda: {"phase": "loading"})
 

@@ -31,6 +31,7 @@ if sys.version_info < (3, 8):  # keep this file parseable by old interpreters so
     sys.exit("vastworker needs Python 3.8 or newer; this is Python %d.%d" % sys.version_info[:2])
 
 import argparse
+import bisect
 import collections
 import email.parser
 import email.utils
@@ -1812,6 +1813,7 @@ class CurrentRequest(threading.local):
     call and the streaming of its response."""
 
     request = None
+    waited = None  # how long the request waited for the backend's lock (None: it took none)
 
 
 class RequestProxy:
@@ -2603,6 +2605,105 @@ class Metrics:
             self._generation += 1
 
 
+# Histogram bounds, in seconds, for request durations and waits for the lock: from a fast
+# handler's milliseconds to a model's minutes.
+BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class RequestStats:
+    """What GET /metrics counts of the requests, for ever (unlike Metrics, whose counts start
+    again with each status report): answers by endpoint, method and status; their durations by
+    endpoint and the waits for the lock, as histograms; grants refused by reason.  Endpoints are
+    the backend's routes and the worker's own, anything else is "(other)": a label per path a
+    client makes up would grow without bound."""
+
+    def __init__(self, endpoints=()):
+        self.endpoints = {"/" + name: name for name in endpoints}  # path -> its label
+        self.answered = {}  # (endpoint, method, status) -> count
+        self.durations = {}  # endpoint -> [count per bucket (and past the last), sum]
+        self.waits = [0] * (len(BUCKETS) + 1) + [0.0]
+        self.refused = {}  # reason -> grants refused
+        self.pending = collections.deque()  # answers not yet counted in: see answer()
+        self._lock = threading.Lock()
+
+    def answer(self, method, path, status, seconds, waited=None):
+        """An answer sent, `seconds` after its request came, having `waited` for the lock (None:
+        it took none).  Only queued here, one append (atomic, no lock), and counted in at the
+        next scrape, or every 4096: counting each as it came, under a lock, cost 10% of GET
+        c16's throughput (bench)."""
+        self.pending.append((path, method, status, seconds, waited))
+        if len(self.pending) >= 4096:
+            self.settle()
+
+    def settle(self):
+        """Count the queued answers in."""
+        with self._lock:
+            pending, answered, durations, waits = self.pending, self.answered, self.durations, self.waits
+            endpoint_of = self.endpoints.get
+            while pending:
+                path, method, status, seconds, waited = pending.popleft()
+                endpoint = endpoint_of(path, "(other)")
+                key = (endpoint, method, status)
+                answered[key] = answered.get(key, 0) + 1
+                counts = durations.get(endpoint)
+                if counts is None:
+                    counts = durations[endpoint] = [0] * (len(BUCKETS) + 1) + [0.0]
+                counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+                counts[-1] += seconds
+                if waited is not None:
+                    waits[bisect.bisect_left(BUCKETS, waited)] += 1
+                    waits[-1] += waited
+
+    def refuse(self, reason):
+        with self._lock:
+            self.refused[reason] = self.refused.get(reason, 0) + 1
+
+    def families(self):
+        """The metric families, for exposition()."""
+        self.settle()
+        with self._lock:
+            answered, waits = dict(self.answered), list(self.waits)
+            durations, refused = {name: list(counts) for name, counts in self.durations.items()}, dict(self.refused)
+        return [("vastworker_requests_total", "counter", "Requests answered, by endpoint, method and status code",
+                 [({"endpoint": e, "method": m, "code": str(c)}, n) for (e, m, c), n in sorted(answered.items())]),
+                ("vastworker_request_duration_seconds", "histogram", "Time from a request's arrival to its answer",
+                 [({"endpoint": endpoint}, counts) for endpoint, counts in sorted(durations.items())]),
+                ("vastworker_queue_wait_seconds", "histogram", "Time requests waited for the backend's lock",
+                 [({}, waits)]),
+                ("vastworker_grants_refused_total", "counter", "Requests refused for their grant, by reason",
+                 [({"reason": reason}, count) for reason, count in sorted(refused.items())])]
+
+
+def exposition(families):
+    """Metric families -- (name, type, help, [(labels, value)]), a histogram's value being its
+    counts per bucket then its sum -- in Prometheus' text format (version 0.0.4)."""
+    lines = []
+    for name, kind, help, samples in families:
+        lines += ["# HELP %s %s" % (name, help), "# TYPE %s %s" % (name, kind)]
+        for labels, value in samples:
+            if kind != "histogram":
+                lines.append("%s%s %s" % (name, _labels(labels), _number(value)))
+                continue
+            total = 0
+            for bound, count in zip(BUCKETS + ("+Inf",), value[:-1]):
+                total += count
+                lines.append("%s_bucket%s %d" % (name, _labels(dict(labels, le=str(bound))), total))
+            lines += ["%s_sum%s %s" % (name, _labels(labels), _number(value[-1])),
+                      "%s_count%s %d" % (name, _labels(labels), total)]
+    return "\n".join(lines) + "\n"
+
+
+def _labels(labels):
+    if not labels:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (key, str(value).replace("\\", "\\\\").replace('"', '\\"')
+                                         .replace("\n", "\\n")) for key, value in labels.items())
+
+
+def _number(value):
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
 class _Snapshot(dict):
     """Metrics.snapshot(): the fields for the record; `units`, the exact sums behind them, and
     the `generation` (restarts) they belong to."""
@@ -3355,7 +3456,8 @@ class BackendApp:
     turns a request into a response and never raises; finish() accounts for it once sent."""
 
     def __init__(self, backend, routes, state, metrics, current, *, parallel=False, queue_time=30.0,
-                 workload=None, report_endpoints=None, grants=None, store=None, ledger=None, sessions=None):
+                 workload=None, report_endpoints=None, grants=None, store=None, ledger=None, sessions=None,
+                 stats=None):
         """`current` is the CurrentRequest flask.request reads; the rest, named, as below."""
         self.backend = backend
         self.routes = routes
@@ -3376,27 +3478,30 @@ class BackendApp:
         self.store_lock = threading.Lock()  # handlers may run in parallel; saves may not
         self.ledger = RequestLedger() if ledger is None else ledger  # the routed requests' lifecycle
         self.sessions = sessions  # Vast's sessions, when grants are in use
+        self.stats = stats  # a RequestStats, for /metrics, or None
 
     def respond(self, head, body, connection):
         """(the response, the ticket finish() takes: the request's workload, ledger record, session
-        and connection, None where it has none): a request's way to its handler and back.
+        and connection, None where it has none, and what was asked when): a request's way to its
+        handler and back.
         Every refusal on the way -- route, grant, state, lock, the handler's abort(), a state that
         could not be saved -- is a Refusal, answered here and nowhere else.  The response is None
         when the client left while the request waited: the handler never ran."""
         request = Request(head, body, connection)
-        self.current.request = request
+        self.current.request, self.current.waited = request, None
         workload = record = session = None
+        asked = (request.method, request.path, time.perf_counter())  # for the request's statistics
         try:
             handler = self.handlers.get((request.method, request.path))
             if handler is None:  # a worker endpoint, OPTIONS, or nothing
                 handler = self.routes.get(request.method, {}).get(request.path[1:])
                 answer = self.direct_answer(request)
                 if answer is not None:
-                    return answer, (None, None, None, None)
+                    return answer, (None, None, None, None, asked)
                 if handler is None:
                     raise Refusal(404, "no %s handler for %r" % (request.method, request.path[1:]))
             if self.grants is not None:
-                session = self.grants.check(request, self.sessions)
+                session = self.checked_grant(request)
             if session is not None:
                 session.in_flight.add(connection.client)
             elif request.auth is not None:  # a session's own requests are reported with it
@@ -3407,11 +3512,27 @@ class BackendApp:
             self.admit(cost, request.auth)
             self.metrics.started(cost, request.auth)
             workload = cost  # from here on it is in flight, and finish() must take it out
-            return self.call(handler, request, record), (workload, record, session, connection)
+            return self.call(handler, request, record), (workload, record, session, connection, asked)
         except Refusal as refusal:
-            return refused_response(refusal), (workload, record, session, connection)
+            return refused_response(refusal), (workload, record, session, connection, asked)
         except Cancelled:
-            return None, (workload, record, session, connection)
+            return None, (workload, record, session, connection, asked)
+
+    # A grant's refusal, by the start of what it says: the reason /metrics counts it under.
+    GRANT_REASONS = (("this worker needs a signed grant", "missing"), ("the grant's signature", "signature"),
+                     ("the grant was already used", "replay"), ("the grant's reqnum", "replay"),
+                     ("the grant is for", "other worker"), ("waiting for", "no key yet"))
+
+    def checked_grant(self, request):
+        """The grant check, its refusals counted by reason."""
+        try:
+            return self.grants.check(request, self.sessions)
+        except Refusal as refusal:
+            if self.stats is not None:
+                detail = refusal.detail if isinstance(refusal.detail, str) else ""
+                self.stats.refuse(next((reason for start, reason in self.GRANT_REASONS if detail.startswith(start)),
+                                       {410: "session ended", 422: "incomplete"}.get(refusal.code, "other")))
+            raise
 
     def direct_answer(self, request):
         """The answer to a request that no handler sees -- OPTIONS, the original's /report_*
@@ -3428,6 +3549,9 @@ class BackendApp:
         if method == "GET" and endpoint == ".vastworker/status" and self.report_endpoints is not None \
                 and self.report_endpoints.status is not None:
             return self.report_endpoints.show_status(request)
+        if method == "GET" and endpoint in ("metrics", ".vastworker/metrics") and self.report_endpoints is not None \
+                and self.report_endpoints.metrics is not None:  # (a backend's own GET /metrics comes first)
+            return self.report_endpoints.show_metrics(request)
         if method == "POST" and self.sessions is not None and endpoint in Sessions.NAMES:
             return to_response(self.sessions.respond(endpoint, request))
         return None
@@ -3470,7 +3594,10 @@ class BackendApp:
         try:
             if self.lock is None:
                 return self.run_handler(handler, request, record)
-            if not self.lock.acquire(self.queue_time, lambda: not request.is_disconnected()):
+            waiting = time.perf_counter()
+            taken = self.lock.acquire(self.queue_time, lambda: not request.is_disconnected())
+            self.current.waited = time.perf_counter() - waiting
+            if not taken:
                 if request.is_disconnected():
                     raise Cancelled()
                 raise Refusal(429, "the backend was busy for more than %g s; retry" % self.queue_time,
@@ -3507,7 +3634,9 @@ class BackendApp:
     def finish(self, ticket, status):
         """The response has been sent (or the client left: status 499): account for it."""
         self.current.request = None
-        workload, record, session, connection = ticket
+        workload, record, session, connection, (method, path, started) = ticket
+        if self.stats is not None:
+            self.stats.answer(method, path, status, time.perf_counter() - started, self.current.waited)
         if workload is not None:
             self.metrics.finished(workload, status)
         if record is not None:
@@ -3519,6 +3648,25 @@ class BackendApp:
         self.metrics.refused()
 
 
+def bears_token(request, token):
+    """Does the request carry `token` as its bearer token (there being one)?"""
+    import hmac
+    given = request.headers.get("Authorization", "")
+    given = given[7:] if given.startswith("Bearer ") else given
+    return bool(token) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def operator_only(request, token, what, loopback):
+    """Refuse (401) a request for `what` that neither bears `token` nor, when `loopback` is
+    allowed, comes from this machine."""
+    if bears_token(request, token) or (loopback and (request.remote_addr == "::1" or request.remote_addr.startswith(
+            ("127.", "::ffff:127.")))):
+        return
+    raise Refusal(401, "%s %s" % (what, "needs Authorization: Bearer $MASTER_TOKEN" + (
+        ", or a client on this machine" if loopback else "") if token else "is for this machine only "
+        "(no MASTER_TOKEN is set)"))
+
+
 class ReportEndpoints:
     """The original worker's internal POST endpoints (/report_loaded, /report_error, ...), kept for
     log watchers written for it.  They need the MASTER_TOKEN in the body and are all refused when
@@ -3527,27 +3675,22 @@ class ReportEndpoints:
     NAMES = ("report_loading", "report_loaded", "report_error", "report_capacity", "report_done",
              "pyworker/update")
 
-    def __init__(self, token, state, update_flag="/.force_update", status=None):
+    def __init__(self, token, state, update_flag="/.force_update", status=None, metrics=None):
         self.token = token
         self.state = state
         self.update_flag = update_flag  # what /pyworker/update creates: start_server.sh then fetches
         self.status = status  # a function: the worker's status, for GET /.vastworker/status
-
-    def bearer(self, request):
-        """Does the request carry the MASTER_TOKEN as its bearer token (there being one)?"""
-        import hmac
-        given = request.headers.get("Authorization", "")
-        given = given[7:] if given.startswith("Bearer ") else given
-        return bool(self.token) and hmac.compare_digest(given.encode(), self.token.encode())
+        self.metrics = metrics  # a function: its metrics in Prometheus' text format, for GET /metrics
 
     def show_status(self, request):
         """GET /.vastworker/status: for this machine's clients, or anyone with the MASTER_TOKEN."""
-        if not (self.bearer(request) or request.remote_addr in ("::1", "localhost")
-                or request.remote_addr.startswith(("127.", "::ffff:127."))):
-            raise Refusal(401, "the worker's status is for this machine, or for Authorization: Bearer "
-                               "$MASTER_TOKEN" if self.token else "the worker's status is for this machine only "
-                               "(no MASTER_TOKEN is set)")
+        operator_only(request, self.token, "the worker's status", loopback=True)
         return to_response(self.status())
+
+    def show_metrics(self, request):
+        """GET /metrics: with the MASTER_TOKEN, when there is one; else for this machine only."""
+        operator_only(request, self.token, "the worker's metrics", loopback=not self.token)
+        return Response(self.metrics(), mimetype="text/plain; version=0.0.4")
 
     def update(self, request):
         """POST /pyworker/update, as Vast's current worker: with the MASTER_TOKEN as its bearer
@@ -3555,7 +3698,7 @@ class ReportEndpoints:
         project again.  Without a MASTER_TOKEN it is off (Vast's worker then lets anyone in)."""
         if not self.token:
             raise Refusal(403, "/pyworker/update is off: MASTER_TOKEN is not set")
-        if not self.bearer(request):
+        if not bears_token(request, self.token):
             raise Refusal(401, "the Authorization header must carry the MASTER_TOKEN")
         try:
             with open(self.update_flag, "w"):
@@ -3951,13 +4094,15 @@ class HealthCheck:
         self.state = state
         self.patience = patience  # after readiness, how long a first 200 may take
         self.healthy = False  # a first 200 has come
+        self.last = None  # the last answer: its status, or why there was none
 
     def status(self):
-        """The endpoint's status, or why there is none."""
+        """The endpoint's status, or why there is none; kept as `last`."""
         try:
-            return http_exchange(self.url, timeout=10.0, verify=False)[0]
+            self.last = http_exchange(self.url, timeout=10.0, verify=False)[0]
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            return describe_exception(exc)
+            self.last = describe_exception(exc)
+        return self.last
 
     def wait_until_healthy(self, patience=None, every=2.0):
         """True after a first 200, asked `every` seconds; False when the worker failed meanwhile
@@ -4580,6 +4725,7 @@ class FleetMember:
         self.outstanding = {}  # request_idx -> (cost, when granted)
         self.stopping = False  # its last report said it is stopping
         self.lost = False  # it did not answer when probed
+        self.grants = 0  # grants issued for it, ever
 
     def reported(self, record, now):
         self.record, self.seen, self.stopping, self.lost = record, now, bool(record.get("stopping")), False
@@ -4589,6 +4735,17 @@ class FleetMember:
 
     def granted(self, request_idx, cost, now):
         self.outstanding[request_idx] = (cost, now)
+        self.grants += 1
+
+    def state(self, now):
+        """In a word: stopped (it said so), lost (silent, or it does not answer), error, ready or
+        loading."""
+        record = self.record
+        if self.stopping:
+            return "stopped"
+        if self.lost or now - self.seen >= Waits.of(self.FRESH):
+            return "lost"
+        return "error" if record.get("error_msg") else "ready" if record.get("loadtime") else "loading"
 
     def finished(self, request_idxs):
         for request_idx in request_idxs:
@@ -4652,6 +4809,7 @@ class StandInAutoscaler:
         self._key_made = threading.Event()
         self.reqnum = 0
         self._turn = 0  # ties go round in turn
+        self.unserved = 0  # routes asked for when no worker was ready
         self._lock = threading.Lock()
         threading.Thread(target=self._make_key, name="stand-in key", daemon=True).start()
         threading.Thread(target=self._probe_forever, name="stand-in probe", daemon=True).start()
@@ -4682,6 +4840,7 @@ class StandInAutoscaler:
             now = time.monotonic()
             ready = [member for member in self.workers.values() if member.routable(now)]
             if not ready:
+                self.unserved += 1
                 return {"endpoint": ask["endpoint"], "status": "no ready worker"}
             waits = [member.predicted_wait(now) for member in ready]
             least = min(waits)
@@ -4799,6 +4958,29 @@ class StandInAutoscaler:
               flush=True)
         return {"ok": True}
 
+    def metrics(self, _, request):
+        """GET /metrics: each worker's load, rate, requests and state (labelled by its url and id),
+        the grants issued for it, and the routes no worker was ready for; with the stand-in's
+        MASTER_TOKEN, when it has one, else for this machine only."""
+        operator_only(request, self.master_token, "the stand-in's metrics", loopback=not self.master_token)
+        now, states = time.monotonic(), ("loading", "ready", "error", "stopped", "lost")
+        members = [({"url": m.record.get("url", ""), "id": str(m.record.get("id", ""))}, m)
+                   for m in list(self.workers.values())]
+        families = [
+            ("vastworker_fleet_worker_cur_load", "gauge", "Workload in flight, as the worker last reported it",
+             [(labels, float(m.record.get("cur_load") or 0)) for labels, m in members]),
+            ("vastworker_fleet_worker_max_perf", "gauge", "Workload per second the worker reported",
+             [(labels, float(m.record.get("max_perf") or 0)) for labels, m in members]),
+            ("vastworker_fleet_worker_requests_in_flight", "gauge", "Requests the worker last reported in flight",
+             [(labels, int(m.record.get("num_requests_working") or 0)) for labels, m in members]),
+            ("vastworker_fleet_worker_state", "gauge", "1 for the state each worker is in",
+             [(dict(labels, state=state), int(m.state(now) == state)) for labels, m in members for state in states]),
+            ("vastworker_fleet_grants_total", "counter", "Grants issued for each worker",
+             [(labels, m.grants) for labels, m in members]),
+            ("vastworker_fleet_routes_unserved_total", "counter", "Routes asked for when no worker was ready",
+             [({}, self.unserved)])]
+        return Response(exposition(families), mimetype="text/plain; version=0.0.4")
+
     def list_records(self, _, request):
         import hmac
         shown = []
@@ -4815,7 +4997,7 @@ class StandInAutoscaler:
     def routes(self):
         return {"POST": {"worker_status/": self.worker_status, "route/": self.route,
                          "delete_requests/": self.delete_requests, "get_endpoint_workers/": self.endpoint_workers},
-                "GET": {"records": self.list_records, "pubkey/": self.pubkey,
+                "GET": {"records": self.list_records, "pubkey/": self.pubkey, "metrics": self.metrics,
                         "requests": lambda _, request: list(self.finished)}}
 
 
@@ -4961,6 +5143,8 @@ class Worker:
         self.current = CurrentRequest()  # what flask.request reads
         self.postbox = Postbox()  # what notify posts through
         self.ledger = RequestLedger()  # the routed requests, for the status reports
+        self.stats = None  # build(): the RequestStats /metrics shows
+        self.health = None  # build(): the model server's HealthCheck, if there is one
         # plan(): what the settings and backend.py name
         self.directory = self.port = self.backend_plan = self.tls = None
         self.addresses, self.grants, self.key_source = [], None, None
@@ -5024,7 +5208,9 @@ class Worker:
         if plan.max_perf_declared:
             state.rated(plan.max_perf, "backend.py max_perf")
         benchmark = self.benchmark(host, port) if plan.benchmark is not None else None
-        health = HealthCheck(plan.healthcheck, state) if plan.healthcheck else None
+        health = self.health = HealthCheck(plan.healthcheck, state) if plan.healthcheck else None
+        self.stats = RequestStats([name for named in plan.routes.values() for name in named]
+                                  + list(ReportEndpoints.NAMES) + [".vastworker/status", "metrics"])
         if benchmark is not None or health is not None:
             state.on_ready = lambda: self.become_loaded(benchmark, health)
         if plan.log_actions is not None and plan.model_log:
@@ -5047,8 +5233,8 @@ class Worker:
         app = BackendApp(backend, plan.routes, state, self.metrics, self.current, parallel=plan.parallel,
                          queue_time=settings.queue_time, workload=plan.workload, grants=self.grants,
                          report_endpoints=ReportEndpoints(settings.master_token or None, state, settings.update_flag,
-                                                          self.status),
-                         store=self.store, ledger=self.ledger, sessions=sessions)
+                                                          self.status, self.prometheus),
+                         store=self.store, ledger=self.ledger, sessions=sessions, stats=self.stats)
         self.server = WorkerServer(self.listener, app, settings.timeout, settings.max_body, self.tls,
                                    settings.max_connections, settings.body_memory)
         Log.write("info", "vastworker %s serving %s on %s://%s:%d (%s)%s"
@@ -5095,6 +5281,29 @@ class Worker:
                 "in_flight": metrics.working, "url": self.grants.own_url or self.own_url,
                 "reports": None if reporter is None else dict(reporter.last or {}, delivered_count=reporter.reports[True],
                                                               failed_count=reporter.reports[False])}
+
+    def prometheus(self):
+        """GET /metrics: the RequestStats' families and the worker's own, in Prometheus' format."""
+        state, reporter = self.state, self.reporter
+        families = self.stats.families() + [
+            ("vastworker_requests_in_flight", "gauge", "Requests being served now", [({}, self.metrics.working)]),
+            ("vastworker_cur_load", "gauge", "Workload in flight (the status record's cur_load)",
+             [({}, self.metrics.in_flight)]),
+            ("vastworker_max_perf", "gauge", "Workload per second this worker serves (max_perf)",
+             [({}, state.max_perf)]),
+            ("vastworker_phase", "gauge", "1 for the phase the worker is in",
+             [({"phase": phase}, int(state.word == phase)) for phase in ("loading", "loaded", "error", "stopping")]),
+            ("vastworker_info", "gauge", "This worker's version and backend",
+             [({"version": __version__, "backend": os.path.basename(self.directory)}, 1)])]
+        if reporter is not None:
+            families.append(("vastworker_status_reports_total", "counter", "Status reports sent, by outcome",
+                             [({"outcome": "delivered"}, reporter.reports[True]),
+                              ({"outcome": "failed"}, reporter.reports[False])]))
+        if self.health is not None:
+            families.append(("vastworker_model_server_healthy", "gauge",
+                             "1 when the model server's last health check answered 200",
+                             [({}, int(self.health.last == 200))]))
+        return exposition(families)
 
     def construct_backend(self):
         """Backend(), its saved state restored; the one place a backend's own start-up runs."""
