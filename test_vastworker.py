@@ -4079,6 +4079,61 @@ def test_the_stand_in_and_the_fleet_have_help_of_their_own():
     assert code == 0 and "--workers N" in output and "Options it does not know go to each worker" in " ".join(output.split())
 
 
+PAGE_CLIENT = """
+import json, os, signal, sys, urllib.request
+from playwright.sync_api import sync_playwright
+
+page_url, victim_url, victim_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out, outside, errors = {}, [], []
+
+def post(url, body, method="POST"):
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"},
+                                     method=method)
+    return urllib.request.urlopen(request, timeout=10).read()
+
+with sync_playwright() as playwright:
+    browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
+    page = browser.new_page()
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("request", lambda request: None if request.url.startswith(page_url) else outside.append(request.url))
+    page.goto(page_url)
+    page.wait_for_function("document.querySelectorAll('[data-worker]').length == 3 && "
+                           "[...document.querySelectorAll('[data-worker]')].every(r => r.textContent.includes('ready'))")
+    out["rows"] = page.eval_on_selector_all("[data-worker]", "rows => rows.map(r => r.dataset.worker)")
+    routed = []
+    for _ in range(6):  # while the page is open: it must show them without a reload
+        grant = json.loads(post(page_url + "route/", {"endpoint": "fast", "cost": 100}))
+        post(grant["url"] + "/fast", {"auth_data": grant, "payload": {}}, method="GET")
+        routed.append(grant["request_idx"])
+    page.wait_for_function("%d <= document.querySelectorAll('[data-request]').length" % len(routed))
+    out["requests"] = page.eval_on_selector_all("[data-request]", "items => items.map(i => [+i.dataset.request, "
+                                                "i.textContent.split(' ')[1]])")
+    out["routed"] = routed
+    os.kill(victim_pid, signal.SIGTERM)
+    page.wait_for_function("(document.querySelector('[data-worker=\\"%s\\"]') || {}).textContent.includes('stopped')"
+                           % victim_url)
+    out["stopped"] = True
+    page.screenshot(path=os.environ.get("PAGE_SCREENSHOT", "/dev/null"), type="png")
+    browser.close()
+out["errors"], out["outside"] = errors, outside
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_the_stand_ins_live_page_in_a_real_browser(fleet, tmp_path):
+    if not os.path.exists("/usr/bin/chromium"):
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    python = venv_or_skip("playwright", "playwright>=1.40,<2", "Playwright")
+    victim_url = sorted(fleet.workers)[0]
+    out = run_client(python, PAGE_CLIENT, tmp_path, "http://127.0.0.1:%d/" % fleet.stand_in.port, victim_url,
+                     fleet.workers[victim_url].proc.pid, env={"PAGE_SCREENSHOT": str(tmp_path / "page.png")})
+    assert sorted(out["rows"]) == sorted(fleet.workers)
+    assert {idx for idx, word in out["requests"] if word == "success"} >= set(out["routed"])
+    assert out["stopped"] and out["errors"] == [] and out["outside"] == []
+
+
 def test_the_stand_in_keeps_bounded_records(start_worker):
     stand_in = start_worker("autoscaler")
     for number in range(1100):

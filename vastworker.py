@@ -4726,6 +4726,7 @@ class FleetMember:
         self.stopping = False  # its last report said it is stopping
         self.lost = False  # it did not answer when probed
         self.grants = 0  # grants issued for it, ever
+        self.served = self.errors = 0  # its finished requests that succeeded, that failed
 
     def reported(self, record, now):
         self.record, self.seen, self.stopping, self.lost = record, now, bool(record.get("stopping")), False
@@ -4948,15 +4949,42 @@ class StandInAutoscaler:
                 not all(isinstance(entry, dict) for entry in batch["requests"]):
             abort(422, 'expected {"worker_id": ID, "mtoken": TOKEN, "requests": [{...}, ...]}')
         self.checked_token(batch, request)
-        self.finished.extend(batch["requests"])
+        worker_id = batch.get("worker_id")
+        self.finished.extend(dict(entry, worker_id=worker_id) for entry in batch["requests"])
         with self._lock:
             done = [entry.get("request_idx") for entry in batch["requests"]]
             for member in self.workers.values():
                 member.finished(done)
+            member = self.workers.get(str(worker_id))
+            if member is not None:
+                member.served += sum(entry.get("status") == "Success" for entry in batch["requests"])
+                member.errors += sum(entry.get("status") == "Error" for entry in batch["requests"])
         print("%s delete_requests worker_id=%s %s" % (time.strftime("%H:%M:%S"), json.dumps(batch.get("worker_id")),
               " ".join("%s:%s" % (entry.get("request_idx"), entry.get("status")) for entry in batch["requests"])),
               flush=True)
         return {"ok": True}
+
+    def overview(self, _, request):
+        """GET /status: the workers and the latest finished requests, as the page at / shows them
+        (for scripts too).  Never a master token."""
+        now = time.monotonic()
+        workers = [{"url": m.record.get("url", ""), "id": m.record.get("id"), "state": m.state(now),
+                    "error_msg": m.record.get("error_msg", ""), "cur_load": m.record.get("cur_load", 0.0),
+                    "max_perf": m.record.get("max_perf", 0.0), "in_flight": m.record.get("num_requests_working", 0),
+                    "served": m.served, "errors": m.errors, "grants": m.grants,
+                    "report_age": round(now - m.seen, 1)}
+                   for m in sorted(self.workers.values(), key=lambda m: str(m.record.get("id")))]
+        recent = [{"request_idx": entry.get("request_idx"), "worker_id": entry.get("worker_id"),
+                   "status": str(entry.get("status", "")).lower(),
+                   "queue_time": _seconds_between(entry, "entered_queue_at", "work_started_at"),
+                   "work_time": _seconds_between(entry, "work_started_at", "work_completed_at")}
+                  for entry in list(self.finished)[-50:]]
+        return {"workers": workers, "recent": recent[::-1], "finished": len(self.finished),
+                "routes_unserved": self.unserved}
+
+    def page(self, _, request):
+        """GET /: the live page (STAND_IN_PAGE), which reads GET /status every second."""
+        return Response(STAND_IN_PAGE, mimetype="text/html")
 
     def metrics(self, _, request):
         """GET /metrics: each worker's load, rate, requests and state (labelled by its url and id),
@@ -4998,7 +5026,84 @@ class StandInAutoscaler:
         return {"POST": {"worker_status/": self.worker_status, "route/": self.route,
                          "delete_requests/": self.delete_requests, "get_endpoint_workers/": self.endpoint_workers},
                 "GET": {"records": self.list_records, "pubkey/": self.pubkey, "metrics": self.metrics,
+                        "": self.page, "status": self.overview,
                         "requests": lambda _, request: list(self.finished)}}
+
+
+def _seconds_between(entry, start, end):
+    """The seconds from one of a finished request's times to another, or None."""
+    if is_number(entry.get(start)) and is_number(entry.get(end)):
+        return round(entry[end] - entry[start], 6)
+    return None
+
+
+# The stand-in's live page: one document, its style and script inline, nothing fetched from
+# elsewhere (it must work offline, and show no master token: /status has none).
+STAND_IN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vastworker fleet</title>
+<link rel="icon" href="data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E%3Crect width='16' height='16' rx='3' fill='%232a6'/%3E%3C/svg%3E">
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.3em}h2{font-size:1.05em;margin-top:1.5em}
+table{border-collapse:collapse}td,th{padding:.25em .7em;border-bottom:1px solid #ddd;text-align:left}
+td.n{text-align:right}.ready{color:#2a6}.loading{color:#a80}.error,.lost{color:#c33}.stopped{color:#777}
+.success{color:#2a6}.cancelled,.rejected{color:#a80}svg{border:1px solid #ddd;margin-right:1em}
+#recent{list-style:none;padding:0;font-family:monospace}.charts span{font-size:.9em;color:#555}
+</style></head><body>
+<h1>vastworker fleet <small id="updated"></small></h1>
+<table><thead><tr><th>worker</th><th>id</th><th>state</th><th>cur_load</th><th>max_perf</th><th>in flight</th>
+<th>served</th><th>errors</th><th>grants</th><th>last report</th></tr></thead><tbody id="workers"></tbody></table>
+<div class="charts"><h2>the last minutes</h2>
+<svg id="load" width="320" height="80"></svg><svg id="rate" width="320" height="80"></svg><br>
+<span>load in flight (all workers)</span> &middot; <span>requests finished per second</span></div>
+<h2>finished requests</h2><ul id="recent"></ul>
+<script>
+"use strict";
+const history = {load: [], rate: []};
+let lastFinished = null;
+function cell(row, text, cls) { const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; return td; }
+function seconds(value) { return value === null ? "?" : value < 1 ? (value * 1000).toFixed(1) + " ms" : value.toFixed(2) + " s"; }
+function chart(id, values) {
+  const svg = document.getElementById(id), top = Math.max(1, ...values), w = 320, h = 80;
+  const step = w / Math.max(values.length - 1, 1);
+  const points = values.map((v, i) => (i * step).toFixed(1) + "," + (h - 4 - v * (h - 8) / top).toFixed(1));
+  svg.innerHTML = "<polyline fill='none' stroke='#2a6' stroke-width='1.5' points='" + points.join(" ") + "'/>" +
+    "<text x='4' y='12' font-size='10'>" + top.toFixed(1) + "</text>";
+}
+function show(data) {
+  const body = document.getElementById("workers");
+  body.textContent = "";
+  for (const w of data.workers) {
+    const row = body.insertRow();
+    row.dataset.worker = w.url;
+    cell(row, w.url || "(no url)"); cell(row, w.id);
+    cell(row, w.state + (w.error_msg ? ": " + w.error_msg : ""), w.state);
+    cell(row, w.cur_load, "n"); cell(row, w.max_perf, "n"); cell(row, w.in_flight, "n");
+    cell(row, w.served, "n"); cell(row, w.errors, "n"); cell(row, w.grants, "n"); cell(row, w.report_age + " s ago", "n");
+  }
+  const recent = document.getElementById("recent");
+  recent.textContent = "";
+  for (const r of data.recent) {
+    const item = document.createElement("li");
+    item.dataset.request = r.request_idx;
+    item.className = r.status;
+    item.textContent = "#" + r.request_idx + " " + r.status + " on worker " + r.worker_id + ", queued " +
+      seconds(r.queue_time) + ", worked " + seconds(r.work_time);
+    recent.appendChild(item);
+  }
+  history.load.push(data.workers.reduce((sum, w) => sum + w.cur_load, 0));
+  history.rate.push(lastFinished === null ? 0 : Math.max(0, data.finished - lastFinished));
+  lastFinished = data.finished;
+  for (const key of ["load", "rate"]) { if (history[key].length > 180) history[key].shift(); chart(key, history[key]); }
+  document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+}
+async function poll() {
+  try { const answer = await fetch("status"); if (answer.ok) show(await answer.json()); }
+  catch (e) { document.getElementById("updated").textContent = "the stand-in does not answer"; }
+  setTimeout(poll, 1000);
+}
+poll();
+</script></body></html>
+"""
 
 
 class RSAPrivateKey(RSAPublicKey):
@@ -5810,8 +5915,9 @@ A local stand-in for Vast's autoscaler: point workers' REPORT_ADDR at it.  It ke
 records they send (GET /records), serves its public key (GET /pubkey/), signs grants at
 POST /route/ {"endpoint": NAME, "cost": WORKLOAD} for the worker with the least predicted wait,
 takes finished requests (POST /delete_requests/, listed at GET /requests) and lists the workers
-(POST /get_endpoint_workers/) as Vast's SDK expects.  `python3 vastworker.py fleet` runs one
-with workers."""
+(POST /get_endpoint_workers/) as Vast's SDK expects.  Its page at GET / shows the fleet live
+(GET /status: the same as JSON); GET /metrics is for Prometheus.  `python3 vastworker.py fleet`
+runs one with workers."""
 
 
 def make_fleet_parser():
