@@ -2459,6 +2459,8 @@ def test_the_stand_ins_metrics_show_each_worker(fleet, prometheus_parser, tmp_pa
     ready = [key for key, (_, value) in samples.items() if key.startswith("vastworker_fleet_worker_state")
              and '"state": "ready"' in key and value == 1]
     assert len(ready) == 3 and samples["vastworker_fleet_worker_max_perf" + json.dumps(labels, sort_keys=True)][1] > 0
+    overview = fleet.stand_in.json("GET", "/status")[1]  # the page's data, for scripts: never a token
+    assert len(overview["workers"]) == 3 and "secret" not in json.dumps(overview)
     assert promtool_problems(body.decode()) in (None, "")
 
 
@@ -2488,6 +2490,8 @@ def test_the_model_health_check_gates_loaded_fails_the_worker_and_recovers_it(st
         answers["status"] = 200
         autoscaler.wait_for(lambda r: r["loadtime"] > 0 and not r["error_msg"])
         assert worker.request("GET", "/value")[0] == 200
+        metrics = worker.request("GET", "/metrics", headers={"Authorization": "Bearer secret"})[2].decode()
+        assert "\nvastworker_model_server_healthy 1\n" in metrics
         answers["status"] = 500
         failed = autoscaler.wait_for(lambda r: r["error_msg"], timeout=20)[-1]
         assert failed["error_msg"] == "model health check %s answered 500" % health.url
