@@ -2459,6 +2459,7 @@ def test_the_stand_ins_metrics_show_each_worker(fleet, prometheus_parser, tmp_pa
     ready = [key for key, (_, value) in samples.items() if key.startswith("vastworker_fleet_worker_state")
              and '"state": "ready"' in key and value == 1]
     assert len(ready) == 3 and samples["vastworker_fleet_worker_max_perf" + json.dumps(labels, sort_keys=True)][1] > 0
+    assert fleet.stand_in.request("GET", "/favicon.ico")[0] == 200  # asked for by any browser, never a 404
     overview = fleet.stand_in.json("GET", "/status")[1]  # the page's data, for scripts: never a token
     assert len(overview["workers"]) == 3 and "secret" not in json.dumps(overview)
     assert promtool_problems(body.decode()) in (None, "")

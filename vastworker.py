@@ -5028,6 +5028,7 @@ class StandInAutoscaler:
                          "delete_requests/": self.delete_requests, "get_endpoint_workers/": self.endpoint_workers},
                 "GET": {"records": self.list_records, "pubkey/": self.pubkey, "metrics": self.metrics,
                         "": self.page, "status": self.overview,
+                        "favicon.ico": lambda _, request: Response(FAVICON, mimetype="image/svg+xml"),
                         "requests": lambda _, request: list(self.finished)}}
 
 
@@ -5037,6 +5038,9 @@ def _seconds_between(entry, start, end):
         return round(entry[end] - entry[start], 6)
     return None
 
+
+FAVICON = ("<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'>"
+           "<rect width='16' height='16' rx='3' fill='#2a6'/></svg>")
 
 # The stand-in's live page: one document, its style and script inline, nothing fetched from
 # elsewhere (it must work offline, and show no master token: /status has none).
@@ -5385,8 +5389,8 @@ class Worker:
                 "error_msg": state.reported()[1], "max_perf": state.max_perf,
                 "max_perf_source": state.max_perf_source, "cur_load": metrics.in_flight,
                 "in_flight": metrics.working, "url": self.grants.own_url or self.own_url,
-                "reports": None if reporter is None else dict(reporter.last or {}, delivered_count=reporter.reports[True],
-                                                              failed_count=reporter.reports[False])}
+                "reports": None if reporter is None else dict(
+                    reporter.last or {}, delivered_count=reporter.reports[True], failed_count=reporter.reports[False])}
 
     def prometheus(self):
         """GET /metrics: the RequestStats' families and the worker's own, in Prometheus' format."""
