@@ -2373,7 +2373,7 @@ def test_the_workers_own_status_says_its_phase_and_where_its_max_perf_came_from(
     status, data = worker.json("GET", "/.vastworker/status")  # from this machine: no token needed
     assert status == 200 and (data["phase"], data["max_perf"], data["max_perf_source"]) == (
         "loading", 40.0, "backend.py max_perf")
-    wait_until(lambda: ready_file.read_text() == "%d loading\n" % worker.proc.pid)
+    wait_until(lambda: ready_file.exists() and ready_file.read_text() == "%d loading\n" % worker.proc.pid)
     model_log.write_text("MODEL READY\n")
     loaded = wait_until(lambda: (lambda d: d if d["phase"] == "loaded" and d["reports"].get("record", {}).get(
         "loadtime") else None)(worker.json("GET", "/.vastworker/status")[1]))
