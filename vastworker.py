@@ -5530,6 +5530,7 @@ class Fleet:
     def __init__(self, parsed, environ):
         (self.options, self.worker_args), self.environ = parsed, environ
         self.children = []  # (name, Popen)
+        self.relays = {}  # name -> the thread relaying its output
         self.serving = {}  # name -> the line in which it said it serves, once it has
         self.said = threading.Condition()
         self.stop = threading.Event()
@@ -5591,19 +5592,24 @@ class Fleet:
             with self.said:
                 self.said.notify_all()  # it ended
 
-        threading.Thread(target=relay, name="relay " + name, daemon=True).start()
+        self.relays[name] = threading.Thread(target=relay, name="relay " + name, daemon=True)
+        self.relays[name].start()
 
     def wait_serving(self):
         """True once every process started so far serves; False when one ended, or a stop came."""
         with self.said:
             while not self.stop.is_set():
                 if any(process.poll() is not None for _, process in self.children):
-                    print("vastworker fleet: %s exited during start-up" % ", ".join(
-                        name for name, process in self.children if process.returncode is not None), flush=True)
-                    return False
+                    break
                 if all(name in self.serving for name, _ in self.children):
                     return True
                 self.said.wait(0.2)
+            else:
+                return False
+        ended = [name for name, process in self.children if process.returncode is not None]
+        for name in ended:  # its last words relayed first
+            self.relays[name].join(2.0)
+        print("vastworker fleet: %s exited during start-up" % ", ".join(ended), flush=True)
         return False
 
     def stop_all(self, status=0):
