@@ -4755,10 +4755,7 @@ class FleetMember:
                 self.outstanding.pop(request_idx, None)
 
     def routable(self, now):
-        record = self.record
-        return bool(record.get("url") and record.get("loadtime") and record.get("max_perf")
-                    and not record.get("error_msg") and not self.stopping and not self.lost
-                    and now - self.seen < Waits.of(self.FRESH))
+        return bool(self.state(now) == "ready" and self.record.get("url") and self.record.get("max_perf"))
 
     def predicted_wait(self, now):
         """Seconds of work ahead of a new request here, as far as the stand-in can tell."""
