@@ -224,8 +224,9 @@ class StaticServer:
 
 class LoopbackServer:
     """The other side of a test, on loopback: an HTTP/1.1 server whose answer(method, path, body)
-    gives each request's status, sent with an empty body (an autoscaler, a model server's health
-    endpoint, a program holding the worker's port).  `port` 0 picks a free one."""
+    gives each request's status, sent with an empty body, or (status, body) (an autoscaler, a
+    model server's health endpoint, a program holding the worker's port).  `port` 0 picks a
+    free one."""
 
     def __init__(self, answer, port=0, host="127.0.0.1"):
         import http.server
@@ -235,9 +236,12 @@ class LoopbackServer:
 
             def respond(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                self.send_response(answer(self.command, self.path, body))
-                self.send_header("Content-Length", "0")
+                status = answer(self.command, self.path, body)
+                status, data = status if isinstance(status, tuple) else (status, b"")
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                self.wfile.write(data)
 
             do_GET = do_POST = do_OPTIONS = respond
 
@@ -609,7 +613,7 @@ def test_the_model_servers_chunked_answer_is_read_as_strictly_as_a_clients_body(
         assert next(pieces) == b"hello"
         with pytest.raises(vastworker.UpstreamFailed) as failed:
             next(pieces)
-        assert str(failed.value) == "the model server sent a malformed chunk: malformed trailer line b'no colon\\r\\n'"
+        assert str(failed.value) == "it sent a malformed chunk: malformed trailer line b'no colon\\r\\n'"
     near, far = socket.socketpair()
     with near, far:
         upstream = vastworker.UpstreamConnection(near)
@@ -2493,10 +2497,14 @@ def test_the_model_health_check_gates_loaded_fails_the_worker_and_recovers_it(st
         assert worker.request("GET", "/value")[0] == 200
         metrics = worker.request("GET", "/metrics", headers={"Authorization": "Bearer secret"})[2].decode()
         assert "\nvastworker_model_server_healthy 1\n" in metrics
-        answers["status"] = 500
+        answers["status"] = (500, b'{"error": {"message": "CUDA out of memory.\\nTried to allocate 2.00 GiB"}}')
         failed = autoscaler.wait_for(lambda r: r["error_msg"], timeout=20)[-1]
-        assert failed["error_msg"] == "model health check %s answered 500" % health.url
-        assert worker.json("GET", "/value")[1]["detail"].startswith("the backend failed: model health check")
+        # the operator reads the server's own reason; a client, only that it may retry
+        assert failed["error_msg"] == ("model health check %s answered 500 CUDA out of memory. Tried to allocate "
+                                       "2.00 GiB" % health.url)
+        status, headers, body = worker.request("GET", "/value")
+        assert (status, json.loads(body)["detail"], headers["Retry-After"]) == (
+            503, "the model server is not healthy; retry later", "5")
         loaded, seen = autoscaler.wait_for(lambda r: r["loadtime"] > 0)[0], len(autoscaler.records())
         answers["status"] = 200  # its launcher restarted it: loaded again, as it was
         recovered = wait_until(lambda: [r for r in autoscaler.records()[seen:] if r["loadtime"] > 0], timeout=10)[0]
@@ -2534,7 +2542,8 @@ def test_an_error_line_fails_the_worker_for_good(start_worker, write_backend, au
     model_log.write_text("FATAL: CUDA out of memory\nMODEL READY\n")
     wait_until(lambda: worker.request("GET", "/hello")[0] == 503)
     status, data = worker.json("GET", "/hello")
-    assert data["detail"] == "the backend failed: model log: FATAL: CUDA out of memory"
+    assert data["detail"] == "the backend failed; the worker's log says why"  # why is not the client's to read
+    worker.wait_for_log("the backend failed: model log: FATAL: CUDA out of memory")
     failed = autoscaler.wait_for(lambda r: r["error_msg"])
     assert failed[-1]["error_msg"] == "model log: FATAL: CUDA out of memory"
     time.sleep(0.5)
@@ -2577,7 +2586,8 @@ def test_internal_report_endpoints_need_the_master_token(start_worker, write_bac
     assert worker.request("GET", "/hello")[0] == 200
     assert worker.request("POST", "/report_error", {"mtoken": "s3cret", "error_msg": "boom"})[0] == 200
     assert worker.json("GET", "/hello") == (503, {"error": "Service Unavailable",
-                                                 "detail": "the backend failed: boom"})
+                                                 "detail": "the backend failed; the worker's log says why"})
+    worker.wait_for_log("the backend failed: boom")
 
 
 def test_an_unsigned_reqnum_cannot_lock_out_genuine_grants(signed_worker, keys):
@@ -3021,7 +3031,8 @@ def test_a_benchmark_with_no_success_is_an_error(start_worker, write_backend, au
     worker = start_worker(write_backend(BENCHMARK_BACKEND.format(fail=True)), "--cache-dir", str(tmp_path),
                           env=reporting_env(autoscaler))
     failed = autoscaler.wait_for(lambda r: r["error_msg"])[0]
-    assert failed["error_msg"] == "benchmark: no successful response from POST /work"
+    assert failed["error_msg"] == ("benchmark: no successful response from POST /work: 500 the handler failed; "
+                                   "the worker's log has the details")  # what the answer said
     assert failed["loadtime"] == 0 and failed["max_perf"] == 0
     assert worker.request("POST", "/work", {"n": 1})[0] == 503
 
@@ -3240,16 +3251,17 @@ def test_a_model_server_still_loading_keeps_the_worker_loading(start_worker, fak
     worker = model_worker(start_worker, "openai", fake, tmp_path, loaded=False)
     worker.wait_for_log(r"waiting for the backend to be ready \(a 200 from %s/health\)" % fake.url)
     status, data = worker.json("GET", "/v1/models")
-    assert status == 503 and data["detail"] == "the backend is still loading"
+    assert status == 503 and data["error"]["message"] == "the backend is still loading"  # in OpenAI's shape
     fake.open()
     worker.wait_for_log("loaded after", timeout=20)
     assert worker.json("GET", "/v1/models")[0] == 200
     fake.close()  # the model server dies
     status, data = worker.json("GET", "/v1/models")
-    assert status in (502, 503) and ("refused the connection" in data["detail"] or "health" in data["detail"])
+    assert status in (502, 503) and data["error"]["message"] in (
+        "the model server failed: it refused the connection", "the model server is not healthy; retry later")
     worker.wait_for_log(r"the backend failed: model health check", timeout=20)
     status, data = worker.json("GET", "/v1/models")
-    assert status == 503 and data["detail"].startswith("the backend failed: model health check")
+    assert status == 503 and data["error"]["message"] == "the model server is not healthy; retry later"
 
 
 def test_llama_servers_loading_503_keeps_the_worker_loading(start_worker, fake_model, tmp_path):
@@ -3268,13 +3280,13 @@ def test_the_proxy_says_503_until_the_model_server_first_answers_then_502(start_
     worker = start_worker(write_backend(PROXY_BACKEND), env={"MODEL_SERVER_URL": fake.url})
     status, headers, body = worker.request("GET", "/v1/models")
     assert status == 503 and headers["Retry-After"] == "5"
-    assert json.loads(body)["detail"] == ("the model server %s is not answering yet (it refused the connection): "
-                                          "still loading?" % fake.url)
+    assert json.loads(body)["detail"] == "the model server is not answering yet (it refused the connection): still loading?"
     fake.open()
     assert worker.request("GET", "/v1/models")[0] == 200
     fake.close()
     status, data = worker.json("GET", "/v1/models")
-    assert (status, data["detail"]) == (502, "the model server %s: it refused the connection" % fake.url)
+    assert (status, data["detail"]) == (502, "the model server failed: it refused the connection")
+    worker.wait_for_log(r"WARNING the model server %s failed /v1/models: it refused the connection" % fake.url)
 
 
 def test_a_silent_model_server_is_a_504_and_a_stalled_stream_ends_with_an_error_event(
@@ -3284,7 +3296,7 @@ def test_a_silent_model_server_is_a_504_and_a_stalled_stream_ends_with_an_error_
         "MODEL_SERVER_URL": fake.url, "PROXY_TIMEOUT": "0.5", "PROXY_STALL": "0.5"})
     fake.gate = threading.Semaphore(0)  # no token comes
     status, data = worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 5})
-    assert (status, data["detail"]) == (504, "the model server %s: no answer within 0.5 s" % fake.url)
+    assert (status, data["detail"]) == (504, "the model server failed: no answer within 0.5 s")
     fake.wait_for(lambda f: f.aborted == ["/v1/completions"])  # and it was told to stop
     fake.gate = None
     connection, response = open_stream(worker, "/v1/completions", {
@@ -3292,7 +3304,7 @@ def test_a_silent_model_server_is_a_504_and_a_stalled_stream_ends_with_an_error_
     events = list(sse_data(response))
     assert [json.loads(e)["choices"][0]["text"] for e in events[:2]] == ["tok0 ", "tok1 "]
     assert json.loads(events[2])["error"] == {
-        "message": "the model server %s broke off /v1/completions: no answer within 0.5 s" % fake.url,
+        "message": "the model server broke off its answer: no answer within 0.5 s",
         "type": "upstream_error", "code": 502}
     assert len(events) == 3
     worker.wait_for_log(r"WARNING the model server .* broke off /v1/completions: no answer within 0.5 s")
@@ -3300,7 +3312,7 @@ def test_a_silent_model_server_is_a_504_and_a_stalled_stream_ends_with_an_error_
 
 @pytest.mark.parametrize("fault, why, own_error", [
     ("error", None, True),  # the model server's own error event passes, then vLLM's [DONE]
-    ("garbage", "the model server sent a malformed chunk", False),
+    ("garbage", "it sent a malformed chunk", False),
     ("close", "it closed the connection", False),
 ])
 def test_a_stream_the_model_server_breaks_off_ends_cleanly_with_an_error_event(
@@ -3315,8 +3327,8 @@ def test_a_stream_the_model_server_breaks_off_ends_cleanly_with_an_error_event(
     if own_error:
         assert error["message"] == "fake failure mid-stream" and events[3:] == ["[DONE]"]
     else:
-        assert ("broke off /v1/completions: " + why) in error["message"] and len(events) == 3
-        worker.wait_for_log("broke off /v1/completions: " + re.escape(why))
+        assert error["message"].startswith("the model server broke off its answer: " + why) and len(events) == 3
+        worker.wait_for_log("the model server %s broke off /v1/completions: %s" % (fake.url, re.escape(why)))
     assert worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200  # and it goes on
 
 
@@ -3342,8 +3354,9 @@ def test_a_body_that_is_not_an_event_stream_is_cut_when_the_model_server_breaks_
         assert response.status == 200
         with pytest.raises(http.client.IncompleteRead):
             response.read()  # not a whole body that looks complete
-        worker.wait_for_log(r"GET /file: stream cut after 100000 bytes: the model server .* "
-                            r"broke off /file: it closed the connection")
+        worker.wait_for_log(r"WARNING the model server http://127.0.0.1:\d+ broke off /file: it closed the connection")
+        worker.wait_for_log(r"GET /file: stream cut after 100000 bytes: the model server broke off its answer: "
+                            r"it closed the connection")
     finally:
         listener.close()
 
@@ -3365,7 +3378,10 @@ def test_bad_input_is_refused_before_anything_goes_upstream(start_worker, fake_m
     seen = len(fake.requests)
     raw = body if isinstance(body, bytes) else json.dumps(body)
     status, _, answer = worker.request("POST", "/v1/chat/completions", raw, JSON)
-    assert status == 400 and json.loads(answer)["detail"].startswith(detail)
+    error = json.loads(answer)["error"]  # OpenAI's error shape, so OpenAI's clients read it
+    assert status == 400 and error["message"].startswith(detail)
+    assert (error["type"], error["code"]) == ("invalid_request_error", 400)
+    assert error["param"] == (detail.split("'")[1] if detail.startswith("'") else None)
     assert len(fake.requests) == seen
 
 
@@ -3466,7 +3482,7 @@ def test_a_model_server_that_stops_reading_the_request_is_a_504(start_worker, wr
         worker = start_worker(write_backend(PROXY_BACKEND), env={"MODEL_SERVER_URL": upstream.url,
                                                                 "PROXY_TIMEOUT": "0.5"})
         status, data = worker.json("POST", "/v1/completions", {"prompt": "x" * 30000000})
-        assert (status, data["detail"]) == (504, "the model server %s: it stopped reading the request" % upstream.url)
+        assert (status, data["detail"]) == (504, "the model server failed: it stopped reading the request")
     finally:
         upstream.close()
 
@@ -3568,7 +3584,7 @@ def test_the_openai_python_client_works_through_the_worker_unchanged(start_worke
     assert out["chat_stream"] == ["tok0 tok1 tok2 ", True]
     assert out["completion_stream"] == "tok0 tok1 tok2 tok3 "
     assert out["models"] == ["fake-model"] and out["embedding"] == [0.1, 0.2, 0.3]
-    assert out["broken"] == "APIError: the model server %s broke off /v1/completions: it closed the connection" % fake.url
+    assert out["broken"] == "APIError: the model server broke off its answer: it closed the connection"
     assert out["bad"][0] == 400 and "'messages' must be a non-empty list of objects" in out["bad"][1]
 
 
@@ -3633,14 +3649,14 @@ def test_the_tgi_backend_relays_generate_and_its_stream_as_tgi_writes_them(start
     connection, response = open_stream(worker, "/generate_stream", {"inputs": "[[close-after:1]]",
                                                                     "parameters": {"max_new_tokens": 3}})
     events = list(sse_data(response))
-    assert json.loads(events[-1]) == {"error": "the model server %s broke off /generate_stream: it closed the "
-                                               "connection" % fake.url, "error_type": "upstream"}
+    assert json.loads(events[-1]) == {"error": "the model server broke off its answer: it closed the connection",
+                                      "error_type": "upstream"}
     for body, detail in [({"parameters": {}}, "the request needs 'inputs'"),
                          ({"inputs": 5}, "'inputs' must be a string"),
                          ({"inputs": "x", "parameters": {"max_new_tokens": 0}},
                           "'parameters.max_new_tokens' must be a whole number of at least 1")]:
         status, data = worker.json("POST", "/generate", body)
-        assert (status, data["detail"]) == (400, detail)
+        assert (status, data) == (400, {"error": detail, "error_type": "validation"})  # as TGI says its own
     assert not [r for r in fake.requests if r[2] and "parameters" in r[2] and r[2].get("inputs") in (None, 5, "x")]
 
 
@@ -3677,7 +3693,7 @@ def test_hugging_faces_tgi_client_works_through_the_worker_unchanged(start_worke
     print("huggingface_hub's client through the worker:", json.dumps(out))
     assert out["text"] == "tok0 tok1 tok2 " and out["stream"] == ["tok0 ", "tok1 ", "tok2 "]
     assert out["details"] == ["tok0 tok1 ", 2]
-    assert out["broken"].endswith("the model server %s broke off /generate_stream: it closed the connection" % fake.url)
+    assert out["broken"].endswith("the model server broke off its answer: it closed the connection")
 
 
 def test_a_fatal_line_in_the_model_servers_log_fails_the_worker_with_it(start_worker, fake_model, tmp_path):
@@ -3687,9 +3703,8 @@ def test_a_fatal_line_in_the_model_servers_log_fails_the_worker_with_it(start_wo
     with open(str(model_log), "a") as log:
         log.write("INFO loading weights\nRuntimeError: Engine core initialization failed. See root cause above.\n")
     worker.wait_for_log("the backend failed: model log: RuntimeError: Engine core initialization failed")
-    status, data = worker.json("GET", "/v1/models")
-    assert status == 503 and data["detail"] == ("the backend failed: model log: RuntimeError: Engine core "
-                                                 "initialization failed. See root cause above.")
+    status, data = worker.json("GET", "/v1/models")  # the operator reads why; the client, where to look
+    assert status == 503 and data["error"]["message"] == "the backend failed; the worker's log says why"
 
 
 COMFY_WORKFLOW = {
@@ -5097,10 +5112,13 @@ def test_the_openai_backend_refuses_max_tokens_past_the_models_context(start_wor
             return answer if answer[0] != 429 else None
         status, data = wait_until(ask)
         assert status == 400 and "%r is 100000000000000000000, more than the model's context of 2048" % field \
-            in data["detail"], data
+            in data["error"]["message"], data
     assert [request[:2] for request in fake.requests[sent:] if request[0] != "GET"] == []  # nothing sent
-    status, data = worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2048})
+    status, data = worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2047})
     assert status == 200, data
+    status, data = worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2048})  # 2049 in all:
+    assert status == 400 and data["error"]["message"].startswith(  # vLLM's own answer, as it gave it
+        "This model's maximum context length is 2048 tokens. However, you requested 2049 tokens"), data
 
 
 def test_the_stand_in_refuses_forged_and_malformed_status_reports(start_worker, autoscaler):

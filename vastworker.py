@@ -246,6 +246,13 @@ class Refusal(Exception):
     def name(self):
         return STATUS_PHRASES.get(self.code, "Unknown Error")
 
+    @property
+    def message(self):
+        """What the refusal says, as text: its detail, else the status's usual words."""
+        if self.detail is None:
+            return DEFAULT_DETAILS.get(self.code, STATUS_PHRASES.get(self.code, "error"))
+        return self.detail if isinstance(self.detail, str) else json.dumps(self.detail, default=str)
+
     def body(self):
         return error_body(self.code, self.detail)
 
@@ -509,7 +516,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     chunked bodies.)  The app promises respond(head, body, connection) -> (response, ticket),
     the response None when the client left before anything ran, and finish(ticket, status) once
     the response is sent, or the client left (status 499).  The connection offers the app
-    client_address, server_address, scheme and `client`, its ClientSocket."""
+    client_address, server_address, scheme and `client`, its ClientSocket.  What the protocol layer
+    refuses is answered with the app's refused(refusal, head), head None when none was read."""
 
     def setup(self):
         sock = self.request
@@ -630,7 +638,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         """Answer a request the protocol layer will not serve, and close: the rest of the
         connection cannot be trusted."""
         try:
-            self.send(head, HTTPResponse.refused(refusal), False, started, " (%s)" % refusal.detail)
+            self.send(head, self.server.app.refused(refusal, head), False, started, " (%s)" % refusal.detail)
         except OSError:
             pass
 
@@ -2483,8 +2491,10 @@ class WorkerState:
         """The Refusal a backend request gets while the worker is not ready."""
         if self.phase == "stopping":
             return Refusal(503, "the worker is stopping; retry on another", retry_after=1)
-        if self.phase == "failed":
-            return Refusal(503, "the backend failed: %s" % self.error)
+        if self.phase == "failed" and self.failed_by == "health":  # its launcher may restart it
+            return Refusal(503, "the model server is not healthy; retry later", retry_after=5)
+        if self.phase == "failed":  # why is for its operator, in the log and the status reports
+            return Refusal(503, "the backend failed; the worker's log says why")
         return Refusal(503, "the backend is still loading", retry_after=5)
 
 
@@ -3458,7 +3468,7 @@ class BackendApp:
 
     def __init__(self, backend, routes, state, metrics, current, *, parallel=False, queue_time=30.0,
                  workload=None, report_endpoints=None, grants=None, store=None, ledger=None, sessions=None,
-                 stats=None):
+                 stats=None, error_body=None):
         """`current` is the CurrentRequest flask.request reads; the rest, named, as below."""
         self.backend = backend
         self.routes = routes
@@ -3480,6 +3490,8 @@ class BackendApp:
         self.ledger = RequestLedger() if ledger is None else ledger  # the routed requests' lifecycle
         self.sessions = sessions  # Vast's sessions, when grants are in use
         self.stats = stats  # a RequestStats, for /metrics, or None
+        self.error_body = error_body  # backend.py's error_body(status, message), or None
+        self.route_names = {name for named in routes.values() for name in named}
 
     def respond(self, head, body, connection):
         """(the response, the ticket finish() takes: the request's workload, ledger record, session
@@ -3515,7 +3527,7 @@ class BackendApp:
             workload = cost  # from here on it is in flight, and finish() must take it out
             return self.call(handler, request, record), (workload, record, session, connection, asked)
         except Refusal as refusal:
-            return refused_response(refusal), (workload, record, session, connection, asked)
+            return self.refused(refusal, head), (workload, record, session, connection, asked)
         except Cancelled:
             return None, (workload, record, session, connection, asked)
 
@@ -3534,6 +3546,20 @@ class BackendApp:
                 self.stats.refuse(next((reason for start, reason in self.GRANT_REASONS if detail.startswith(start)),
                                        {410: "session ended", 422: "incomplete"}.get(refusal.code, "other")))
             raise
+
+    def refused(self, refusal, head=None):
+        """The answer to a refusal (`head` None when the request could not be read): the response
+        it carries (abort(response)), else its JSON error body, in the shape of backend.py's
+        error_body() when the request was for one of the backend's routes."""
+        if self.error_body is None or refusal.response is not None or head is None \
+                or head.path[1:] not in self.route_names:
+            return refused_response(refusal)
+        try:
+            body = json_body(self.error_body(refusal.code, refusal.message))
+        except Exception as exc:
+            Log.exception("backend.py's error_body() raised %s" % type(exc).__name__)
+            return refused_response(refusal)
+        return HTTPResponse(refusal.code, [("Content-Type", "application/json")] + refusal.headers, body.encode())
 
     def direct_answer(self, request):
         """The answer to a request that no handler sees -- OPTIONS, the original's /report_*
@@ -3875,6 +3901,26 @@ def post_json(url, body, timeout):
     return 200 <= status < 300
 
 
+def answer_reason(body, limit=200):
+    """What an error answer says, in a line of at most `limit` characters: the message in its JSON
+    -- {"error": {"message": ...}} (OpenAI's, vLLM's, llama.cpp's), {"error": "..."} (TGI's),
+    {"detail": ...} (ours, FastAPI's), {"message": ...} -- else its text."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        error = data.get("error")
+        for found in (error.get("message") if isinstance(error, dict) else None, data.get("detail"),
+                      data.get("message"), error):
+            if isinstance(found, str) and found.strip():
+                text = found
+                break
+    text = printable(" ".join(text.split()))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def http_exchange(url, method="GET", body=None, headers=None, timeout=10.0, verify=True):
     """One request on a connection of its own: (status, body).  http.client, not urllib: it is
     already loaded.  verify=False is for the worker calling itself over loopback, where the
@@ -3978,19 +4024,34 @@ def uses_notify(module):
 
 class Benchmark:
     """Measures max_perf: a warm-up request, then `runs` rounds of `concurrency` simultaneous
-    requests of the backend's benchmark payload through the worker itself; the best round's
-    workload served per second, counting successes only.  The result is cached on disk under a
-    key of the backend's name, its backend.py and this configuration, so a reboot skips it."""
+    requests of the backend's benchmark payloads through the worker itself; the best round's
+    workload served per second, counting successes only.  The configuration comes from
+    `make(smaller)`: backend.py's `benchmark` dict, or what its benchmark(backend, smaller)
+    function makes once the model is ready, sized to what the model server says it takes, and
+    smaller (smaller = 1, 2, 3) each time the warm-up is refused with a 4xx -- a prompt too long
+    for the server's context.  The result is cached on disk under a key of the backend's name,
+    its backend.py and the configuration, so a reboot skips it.  A benchmark that fails says why
+    in the answer's own words (its status and message); the log has the whole answer."""
 
-    def __init__(self, config, name, source, cache_file, address, tls=False):
-        self.config = config
+    SMALLER = 3  # how many times a refused warm-up asks for smaller requests
+
+    def __init__(self, make, name, source, cache_file, address, tls=False):
+        self.make = make
+        self.name, self.backend_source = name, source
         host = "[%s]" % address[0] if ":" in address[0] else address[0]
-        self.url = "%s://%s:%d/%s" % ("https" if tls else "http", host, address[1], config["endpoint"])
-        import hashlib
-        digest = hashlib.sha256(source + json.dumps(config, sort_keys=True).encode()).hexdigest()
-        self.key = "%s:%s" % (name, digest[:16])
+        self.base = "%s://%s:%d/" % ("https" if tls else "http", host, address[1])
         self.cache_file = cache_file
+        self.config = self.url = self.key = None  # use(): the configuration being run
         self.source = None  # run(): where its max_perf came from, measured or cached
+        self.failure = None  # the last failed request: "400 what the answer said", or why none came
+        self.refused = False  # ... and it was a 4xx answer
+        self.answers_logged = 0
+
+    def use(self, config):
+        import hashlib
+        self.config, self.url = config, self.base + config["endpoint"]
+        digest = hashlib.sha256(self.backend_source + json.dumps(config, sort_keys=True).encode()).hexdigest()
+        self.key = "%s:%s" % (self.name, digest[:16])
 
     def cached(self):
         try:
@@ -4013,20 +4074,28 @@ class Benchmark:
         os.replace(temporary, self.cache_file)
 
     def one_request(self, index=0):
-        """Did the index'th request (its payload taken in turn from "payloads") succeed?"""
+        """Did the index'th request (its payload taken in turn from "payloads") succeed?  When not,
+        `failure` says why; the first few failed answers are logged whole."""
         headers = {"Content-Type": "application/json", INTERNAL_HEADER: INTERNAL_TOKEN}
         payloads = self.config.get("payloads") or [self.config["payload"]]
         try:
-            status, _ = http_exchange(self.url, self.config["method"], json.dumps(payloads[index % len(payloads)]),
-                                      headers, timeout=600, verify=False)
-        except (OSError, http.client.HTTPException):
+            status, body = http_exchange(self.url, self.config["method"], json.dumps(payloads[index % len(payloads)]),
+                                         headers, timeout=600, verify=False)
+        except (OSError, http.client.HTTPException) as exc:
+            self.failure, self.refused = describe_exception(exc), False
             return False
-        return 200 <= status < 300
+        if 200 <= status < 300:
+            return True
+        self.failure, self.refused = "%d %s" % (status, answer_reason(body)), 400 <= status < 500
+        if self.answers_logged < 3:
+            self.answers_logged += 1
+            Log.write("warning", "benchmark: %s %s answered %d: %s" % (
+                self.config["method"], self.url, status, printable(body.decode("utf-8", "replace")[:4000])))
+        return False
 
     def measure(self):
         """The best round's workload per second (the warm-up is not counted)."""
         config = self.config
-        self.one_request()  # warm-up, not counted
         best = 0.0
         for _ in range(config["runs"]):
             results = []
@@ -4041,25 +4110,53 @@ class Benchmark:
             best = max(best, sum(results) * config["workload"] / elapsed)
         return round(best, 3)
 
+    def configured(self, smaller, state):
+        """make(smaller), put to use; None when there is no such configuration, or when making
+        it failed the worker."""
+        try:
+            config = self.make(smaller)
+        except StartupError as exc:
+            state.failed("benchmark: %s" % exc)
+            return None
+        except Exception as exc:
+            Log.exception("benchmark: backend.py's benchmark() raised %s" % type(exc).__name__)
+            state.failed("benchmark: backend.py's benchmark() raised %s" % describe_exception(exc))
+            return None
+        if config is not None:
+            self.use(config)
+        return config
+
     def run(self, state, metrics):
         """The cached result, else a measured one (None when the worker failed for want of a
         success).  The benchmark's own requests are not reported as traffic."""
-        max_perf = self.cached()
-        if max_perf is not None:
-            Log.write("info", "benchmark: %g workload/s (cached in %s)" % (max_perf, self.cache_file))
-            self.source = "benchmark, cached in %s" % self.cache_file
-        else:
-            Log.write("info", "benchmark: %(runs)d rounds of %(concurrency)d %(method)s /%(endpoint)s" % self.config)
-            max_perf = self.measure()
-            if max_perf <= 0:
-                state.failed("benchmark: no successful response from %(method)s /%(endpoint)s" % self.config)
-                return None
-            Log.write("info", "benchmark: %g workload/s" % max_perf)
-            self.source = "benchmark"
-            try:
-                self.store(max_perf)
-            except OSError as exc:
-                Log.write("warning", "benchmark: could not cache the result in %s: %s" % (self.cache_file, exc))
+        max_perf = None
+        for smaller in range(self.SMALLER + 1):
+            config = self.configured(smaller, state)
+            if config is None:
+                break
+            max_perf = self.cached()
+            if max_perf is not None:
+                Log.write("info", "benchmark: %g workload/s (cached in %s)" % (max_perf, self.cache_file))
+                self.source = "benchmark, cached in %s" % self.cache_file
+                break
+            Log.write("info", "benchmark: %(runs)d rounds of %(concurrency)d %(method)s /%(endpoint)s" % config)
+            if not self.one_request() and self.refused:
+                Log.write("warning", "benchmark: the warm-up was refused (%s): trying smaller requests" % self.failure)
+                continue
+            max_perf = self.measure() or None
+            if max_perf is not None:
+                Log.write("info", "benchmark: %g workload/s" % max_perf)
+                self.source = "benchmark"
+                try:
+                    self.store(max_perf)
+                except OSError as exc:
+                    Log.write("warning", "benchmark: could not cache the result in %s: %s" % (self.cache_file, exc))
+            break
+        if max_perf is None:
+            if self.config is not None:
+                state.failed("benchmark: no successful response from %s /%s: %s" % (
+                    self.config["method"], self.config["endpoint"], self.failure))
+            return None
         metrics.restart()
         return max_perf
 
@@ -4098,9 +4195,12 @@ class HealthCheck:
         self.last = None  # the last answer: its status, or why there was none
 
     def status(self):
-        """The endpoint's status, or why there is none; kept as `last`."""
+        """200, or the endpoint's status and what its answer says ("503 Loading model"), or why
+        there is none; kept as `last`."""
         try:
-            self.last = http_exchange(self.url, timeout=10.0, verify=False)[0]
+            status, body = http_exchange(self.url, timeout=10.0, verify=False)
+            reason = answer_reason(body, 120) if status != 200 else ""
+            self.last = "%d %s" % (status, reason) if reason else status
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self.last = describe_exception(exc)
         return self.last
@@ -4408,14 +4508,16 @@ class ModelServer:
             self.answered = True
             return connection, answer
 
-    def refusal(self, failure):
-        """The Refusal for a model server that failed (an UpstreamFailed) before its answer began."""
+    def refusal(self, failure, target):
+        """The Refusal for a model server that failed (an UpstreamFailed) before its answer to
+        `target` began.  The log names the server; the client is told what happened, never an
+        internal address or the system's error text."""
+        Log.write("warning", "the model server %s failed %s: %s" % (self.url, target, failure.logged()))
         if failure.kind == "silent":
-            return Refusal(504, "the model server %s: %s" % (self.url, failure))
+            return Refusal(504, "the model server failed: %s" % failure)
         if not self.answered and failure.kind in ("refused", "closed"):
-            return Refusal(503, "the model server %s is not answering yet (%s): still loading?"
-                                % (self.url, failure), retry_after=5)
-        return Refusal(502, "the model server %s: %s" % (self.url, failure))
+            return Refusal(503, "the model server is not answering yet (%s): still loading?" % failure, retry_after=5)
+        return Refusal(502, "the model server failed: %s" % failure)
 
     # -- what backends call ---------------------------------------------------------------------
     def forward(self, request, path=None, json=None, method=None, headers=None, timeout=None):
@@ -4443,7 +4545,7 @@ class ModelServer:
         try:
             connection, answer = self._exchange(method, target, sent, body, watch, timeout or self.timeout)
         except UpstreamFailed as exc:
-            raise self.refusal(exc)
+            raise self.refusal(exc, target)
         status, framing, content = answer.status, answer.framing, answer.get("content-type")
         kept = [(name, value) for name, value in answer.pairs if name.lower() not in DROPPED_RESPONSE_HEADERS]
         if framing[0] == "length" and framing[1] <= BUFFERED_UP_TO:
@@ -4451,7 +4553,8 @@ class ModelServer:
                 data = b"".join(connection.pieces(framing, watch, timeout or self.timeout))
             except UpstreamFailed as exc:
                 connection.close()
-                raise Refusal(502, "the model server %s broke off its answer: %s" % (self.url, exc))
+                Log.write("warning", "the model server %s broke off %s: %s" % (self.url, target, exc.logged()))
+                raise Refusal(502, "the model server broke off its answer: %s" % exc)
             except Cancelled:
                 connection.close()
                 raise
@@ -4481,8 +4584,8 @@ class ModelServer:
             if kept:
                 self._give_back(connection)
         except UpstreamFailed as exc:
-            why = "the model server %s broke off %s: %s" % (self.url, target, exc)
-            Log.write("warning", why)
+            Log.write("warning", "the model server %s broke off %s: %s" % (self.url, target, exc.logged()))
+            why = "the model server broke off its answer: %s" % exc
             event = self.error_event(content_type, why)
             if event is None:
                 raise AbortStream(why)
@@ -4510,7 +4613,7 @@ class ModelServer:
                 connection.close()
                 raise
         except UpstreamFailed as exc:
-            raise self.refusal(exc)
+            raise self.refusal(exc, path)
         if framing[0] == "close":
             connection.close()
         else:
@@ -4587,7 +4690,7 @@ class UpstreamConnection:
                     continue
                 answer = ResponseHead(head, method)
             except Refusal as exc:
-                raise UpstreamFailed("the model server sent a malformed head: %s" % exc.detail)
+                raise UpstreamFailed("it sent a malformed head: %s" % exc.detail)
             if answer.status >= 200 or answer.status == 101:
                 return answer
 
@@ -4616,7 +4719,7 @@ class UpstreamConnection:
             try:
                 yield from chunked_pieces(self.buffer, fill)
             except Refusal as exc:
-                raise UpstreamFailed("the model server sent a malformed chunk: %s" % exc.detail)
+                raise UpstreamFailed("it sent a malformed chunk: %s" % exc.detail)
 
 
 class ClientWatch:
@@ -4684,13 +4787,17 @@ class ClientWatch:
 
 
 class UpstreamFailed(Exception):
-    """The model server could not be reached, or broke off its answer: why, in a few words, and
-    its `kind`, which decides the answer: "silent" (504), "refused" or "closed" (503 while the
-    server has never answered: it is loading), else "broken" (502)."""
+    """The model server could not be reached, or broke off its answer: why, in a few words of our
+    own that a client may read, and its `kind`, which decides the answer: "silent" (504),
+    "refused" or "closed" (503 while the server has never answered: it is loading), else
+    "broken" (502).  `cause`, for the log only, is the system's own words (errno text)."""
 
-    def __init__(self, why, kind="broken"):
+    def __init__(self, why, kind="broken", cause=None):
         super().__init__(why)
-        self.kind = kind
+        self.kind, self.cause = kind, cause
+
+    def logged(self):
+        return str(self) if self.cause is None else "%s (%s)" % (self, self.cause)
 
 
 def socket_failure(exc):
@@ -4701,7 +4808,7 @@ def socket_failure(exc):
         return UpstreamFailed("it refused the connection", "refused")
     if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
         return UpstreamFailed("it reset the connection")
-    return UpstreamFailed((getattr(exc, "strerror", None) or describe_exception(exc)).lower())
+    return UpstreamFailed("the connection failed", cause=getattr(exc, "strerror", None) or describe_exception(exc))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -5252,6 +5359,7 @@ class Worker:
         self.ledger = RequestLedger()  # the routed requests, for the status reports
         self.stats = None  # build(): the RequestStats /metrics shows
         self.health = None  # build(): the model server's HealthCheck, if there is one
+        self.backend = None  # build(): the Backend
         # plan(): what the settings and backend.py name
         self.directory = self.port = self.backend_plan = self.tls = None
         self.addresses, self.grants, self.key_source = [], None, None
@@ -5331,14 +5439,15 @@ class Worker:
             self.reporter = StatusReporter(self.addresses, environ, port, scheme, state, self.metrics,
                                            ledger=self.ledger)
             self.reporter.start()
-        backend = self.construct_backend()
+        backend = self.backend = self.construct_backend()
         self.own_url = "%s://%s:%d" % (scheme, loopback_for(host) if ":" not in loopback_for(host)
                                        else "[%s]" % loopback_for(host), port)
         sessions = Sessions(self.grants, self.ledger, self.metrics, settings.max_sessions, self.session_closed,
                             settings.max_session_lifetime, lambda: state.most_work(settings.queue_time))
         sessions.start()
         app = BackendApp(backend, plan.routes, state, self.metrics, self.current, parallel=plan.parallel,
-                         queue_time=settings.queue_time, workload=plan.workload, grants=self.grants,
+                         queue_time=settings.queue_time, workload=plan.workload, error_body=plan.error_body,
+                         grants=self.grants,
                          report_endpoints=ReportEndpoints(settings.master_token or None, state, settings.update_flag,
                                                           self.status, self.prometheus),
                          store=self.store, ledger=self.ledger, sessions=sessions, stats=self.stats)
@@ -5361,9 +5470,18 @@ class Worker:
                 health.become_ready()
 
     def benchmark(self, host, port):
-        """backend.py's benchmark, run through this worker's own address, cached in --cache-dir."""
-        with open(self.backend_plan.path, "rb") as file:
-            return Benchmark(self.backend_plan.benchmark, os.path.basename(self.directory), file.read(),
+        """backend.py's benchmark, run through this worker's own address, cached in --cache-dir:
+        its dict, or what its benchmark(backend, smaller) makes, checked as a dict is."""
+        plan = self.backend_plan
+        if callable(plan.benchmark):
+            def make(smaller):
+                config = plan.benchmark(self.backend, smaller)
+                return None if config is None else benchmark_config(config, plan.path, plan.parallel)
+        else:
+            def make(smaller):
+                return None if smaller else plan.benchmark
+        with open(plan.path, "rb") as file:
+            return Benchmark(make, os.path.basename(self.directory), file.read(),
                              os.path.join(self.settings.cache_dir, "vastworker-benchmark.json"),
                              (loopback_for(host), port), self.tls is not None)
 
@@ -5695,12 +5813,14 @@ class BackendPlan:
                 raise StartupError("%s defines log_actions but no log to watch: set MODEL_LOG" % path)
         if self.readiness == "log" and not (self.log_actions or {}).get("loaded"):
             raise StartupError('%s: readiness "log" needs log_actions with "loaded" patterns' % path)
-        self.benchmark = settings.benchmark
-        if self.benchmark is not None:
+        self.benchmark = settings.benchmark  # a dict, checked now, or a function making one later
+        if self.benchmark is not None and not callable(self.benchmark):
             self.benchmark = benchmark_config(self.benchmark, path, self.parallel)
-        self.workload = settings.workload
+        self.workload, self.error_body = settings.workload, settings.error_body
         if self.workload is not None and not callable(self.workload):
             raise StartupError("%s: workload must be a function workload(backend, request)" % path)
+        if self.error_body is not None and not callable(self.error_body):
+            raise StartupError("%s: error_body must be a function error_body(status, message)" % path)
         self.max_perf, self.max_perf_declared = settings.max_perf, settings.source["max_perf"] != "default"
         self.uses_notify = uses_notify(module)
         self.healthcheck = settings.healthcheck
@@ -6210,8 +6330,12 @@ SETTINGS = (
             attribute="model_log"),
     Setting("healthcheck", "the model server's health URL: loaded only after a 200, failed on a later "
             "non-200", check=http_url, env=["MODEL_HEALTH_ENDPOINT"], attribute="healthcheck"),
-    Setting("benchmark", 'requests that measure max_perf once loaded: {"endpoint": ..., "payload": ...}',
-            attribute="benchmark"),
+    Setting("benchmark", 'requests that measure max_perf once loaded: {"endpoint": ..., "payload": ...}, '
+            "or def benchmark(backend, smaller) making one then (sized to the model server; smaller is 1, 2, 3 "
+            "after a 4xx answer to the warm-up)", attribute="benchmark"),
+    Setting("error_body", "def error_body(status, message): the JSON object the worker's own refusals on the "
+            'backend\'s routes answer with (default: {"error": phrase, "detail": message})',
+            attribute="error_body"),
     Setting("workload", "def workload(backend, request): a request's workload (default: its grant's cost, "
             "else 100)", attribute="workload"),
     Setting("max_perf", "workload per second, without a benchmark (also read from the Backend)",

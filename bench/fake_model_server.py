@@ -1,7 +1,8 @@
 """A model server without a model, for the tests, the streaming benchmark, and trying a backend
 without a GPU: it speaks the wire formats of vLLM (and any OpenAI-compatible server), llama.cpp's
-llama-server, TGI and ComfyUI, as ../shared/docs/model-servers.md describes them, and makes up
-its tokens ("tok0 tok1 ...").  Standard library only.
+llama-server, TGI and ComfyUI, as their own code answers (routes, streaming formats, error shapes,
+context limits), and makes up its tokens ("tok0 tok1 ...").  A prompt counts a token for every
+4 characters.  Standard library only.
 
     python3 bench/fake_model_server.py vllm --port 8000 [--token-delay 0.02] [--load-time 5]
 
@@ -42,7 +43,8 @@ class FakeModelServer:
     def __init__(self, flavor, port=0, token_delay=0.0, model="fake-model", step_delay=0.05, context=131072):
         assert flavor in FLAVORS, flavor
         self.flavor, self.model = flavor, model
-        self.context = context  # the model's context in tokens: vLLM's max_model_len in /v1/models
+        self.context = context  # tokens a request may hold: vLLM's max_model_len, llama.cpp's n_ctx a slot,
+        # TGI's max_total_tokens; a request past it is refused as each server refuses it
         self.token_delay, self.step_delay = token_delay, step_delay
         self.loading = flavor == "llamacpp"
         self.requests = []  # (method, path, JSON body or None, client port), in arrival order
@@ -260,9 +262,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.answer(200, {"status": "ok"}) or True
             return self.answer(200, b"", "text/plain") or True
         if (method, path) == ("GET", "/v1/models"):
-            return self.answer(200, {"object": "list", "data": [
-                {"id": self.fake.model, "object": "model", "created": 1, "owned_by": "fake",
-                 "max_model_len": self.fake.context}]}) or True
+            model = {"id": self.fake.model, "object": "model", "created": 1, "owned_by": "fake"}
+            if self.fake.flavor == "llamacpp":
+                model["meta"] = {"n_ctx": self.fake.context, "n_ctx_train": self.fake.context}
+            else:
+                model["max_model_len"] = self.fake.context
+            return self.answer(200, {"object": "list", "data": [model]}) or True
+        if (method, path) == ("GET", "/props") and self.fake.flavor == "llamacpp":
+            return self.answer(200, {"default_generation_settings": {"n_ctx": self.fake.context, "params": {}},
+                                     "total_slots": 1, "model_alias": self.fake.model}) or True
         if method == "POST" and path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings"):
             self.openai(path, payload if isinstance(payload, dict) else {})
             return True
@@ -280,6 +288,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 "usage": {"prompt_tokens": usage_in, "total_tokens": usage_in}})
         chat = path == "/v1/chat/completions"
         count = payload.get("max_completion_tokens", payload.get("max_tokens", 16))
+        if self.fake.flavor == "llamacpp" and usage_in >= self.fake.context:
+            return self.answer(400, {"error": {"code": 400, "message": "request (%d tokens) exceeds the available "
+                                               "context size (%d tokens), try increasing it" % (usage_in, self.fake.context),
+                                               "type": "exceed_context_size_error", "n_prompt_tokens": usage_in,
+                                               "n_ctx": self.fake.context}})
+        if self.fake.flavor == "vllm" and usage_in + count > self.fake.context:
+            return self.answer(400, {"error": {"message": "This model's maximum context length is %d tokens. However, "
+                                               "you requested %d tokens (%d in the messages, %d in the completion). "
+                                               "Please reduce the length of the messages or completion."
+                                               % (self.fake.context, usage_in + count, usage_in, count),
+                                               "type": "BadRequestError", "param": None, "code": 400}})
         fault = fault_in(payload)
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:12]
         usage = {"prompt_tokens": usage_in, "completion_tokens": count, "total_tokens": usage_in + count}
@@ -329,7 +348,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if (method, path) == ("GET", "/health"):
             return self.answer(200, b"", "text/plain") or True
         if (method, path) == ("GET", "/info"):
-            return self.answer(200, {"model_id": self.fake.model, "max_total_tokens": 4096}) or True
+            return self.answer(200, {"model_id": self.fake.model, "max_input_tokens": self.fake.context - 1,
+                                     "max_total_tokens": self.fake.context, "version": "fake"}) or True
+        if (method, path) == ("GET", "/metrics"):
+            return self.answer(200, b"# TYPE tgi_request_count counter\ntgi_request_count %d\n" % len(
+                self.fake.requests), "text/plain; version=0.0.4") or True
         if method == "POST" and path in ("/generate", "/generate_stream"):
             self.tgi(path, payload)
             return True
@@ -343,6 +366,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         count = parameters.get("max_new_tokens", 100)
         fault = fault_in(payload)
         prompt_tokens = max(1, len(payload["inputs"]) // 4)
+        if prompt_tokens + count > self.fake.context:
+            return self.answer(422, {"error": "`inputs` tokens + `max_new_tokens` must be <= %d. Given: %d `inputs` "
+                                              "tokens and %d `max_new_tokens`" % (self.fake.context, prompt_tokens, count),
+                                     "error_type": "validation"})
         details = {"finish_reason": "length", "generated_tokens": count, "seed": None}
         if path == "/generate":
             parts = []
@@ -534,9 +561,10 @@ def main():
     parser.add_argument("--load-time", type=float, default=0.0,
                         help="seconds before it serves (refused, or 503 for llamacpp, meanwhile)")
     parser.add_argument("--model", default="fake-model")
+    parser.add_argument("--context", type=int, default=131072, help="tokens a request may hold (default 131072)")
     parser.add_argument("--timestamps", action="store_true", help='each streamed chunk says when it was sent ("t")')
     options = parser.parse_args()
-    fake = FakeModelServer(options.flavor, options.port, options.token_delay, options.model)
+    fake = FakeModelServer(options.flavor, options.port, options.token_delay, options.model, context=options.context)
     fake.timestamps = options.timestamps
     if options.flavor == "llamacpp":
         fake.open()

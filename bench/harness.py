@@ -18,12 +18,17 @@ VASTWORKER = os.path.join(ROOT, "vastworker.py")
 JSON = {"Content-Type": "application/json"}
 
 
-def cached_venv(name, requirement):
-    """A Python with `requirement` pip-installed, from a virtual environment made once in
-    $XDG_CACHE_HOME/vastworker (else ~/.cache/vastworker), outside the project, and kept for the
-    runs after; RuntimeError, saying why, when it cannot be made."""
+def cache_directory():
+    """Where what the tests and benchmarks install is kept between runs, outside the project:
+    $XDG_CACHE_HOME/vastworker, else ~/.cache/vastworker."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    venv = os.path.join(cache, "vastworker", "%s-py%d.%d" % ((name,) + sys.version_info[:2]))
+    return os.path.join(cache, "vastworker")
+
+
+def cached_venv(name, requirement):
+    """A Python with `requirement` pip-installed, from a virtual environment made once in the
+    cache directory and kept for the runs after; RuntimeError, saying why, when it cannot be made."""
+    venv = os.path.join(cache_directory(), "%s-py%d.%d" % ((name,) + sys.version_info[:2]))
     python = os.path.join(venv, "bin", "python")
     if not os.path.exists(os.path.join(venv, "installed")):
         try:

@@ -1,8 +1,11 @@
 """Any OpenAI-compatible model server behind the worker: vLLM, llama.cpp's llama-server, Ollama
 (its /v1 routes), SGLang, and TGI's Messages API.  Requests pass to the server as they are,
 checked first (a bad field is a 400 naming it, and nothing is sent); answers come back as the
-server writes them, streamed event by event when asked for ("stream": true).  A client that
-hangs up closes the upstream connection, and the server stops generating.
+server writes them, streamed event by event when asked for ("stream": true), the server's own
+errors (a prompt too long for its context: 400) included.  The worker's own refusals on these
+routes take OpenAI's error shape, so OpenAI's clients raise them as they raise the server's.  A
+client that hangs up closes the upstream connection, and the server stops generating.  The
+benchmark is sized to what the server says one request may hold.
 
 Environment: MODEL_SERVER_URL (default http://127.0.0.1:8000), MODEL_NAME (sent when a request
 names no model; otherwise the server's first model), MODEL_LOG (the server's log, watched for
@@ -25,6 +28,11 @@ log_actions = {"error": [
     "Initialization failed. warmup error",  # SGLang
     "Error: DownloadError", "Error: ShardCannotStart", "Error: WebserverFailed",  # TGI's launcher
 ]}
+
+# OpenAI's error types, by status, for the worker's own refusals (the model servers' are their own)
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+               429: "rate_limit_error"}
 
 # A completion's default length where the request gives none (OpenAI's and vLLM's default for
 # /v1/completions is 16; for chat the server may go to the end of its context, so this is a guess)
@@ -64,6 +72,16 @@ def estimate(endpoint, payload):
     return -(-len(prompt_text(payload)) // CHARS_PER_TOKEN) + limit * max(choices, 1)
 
 
+def error_body(status, message):
+    """The worker's own refusals on these routes, in OpenAI's error shape, as vLLM and llama.cpp
+    answer theirs: {"error": {"message", "type", "param", "code"}}.  A message about a field
+    ("'max_tokens' must be ...") names it as the param."""
+    param = message.split("'")[1] if message.startswith("'") and message.count("'") >= 2 else None
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error" if status >= 500
+                                                                  else "invalid_request_error"),
+                      "param": param, "code": status}}
+
+
 def kind_is(payload, field, kinds, what, required=False):
     """400 naming `field` when it is missing (and required) or not of `kinds`."""
     kinds = kinds if isinstance(kinds, tuple) else (kinds,)
@@ -98,6 +116,22 @@ def checked_payload(request, endpoint):
     return payload
 
 
+def tokens_in(value):
+    """A count of tokens from a server's answer: a positive whole number, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def ollama_context(answer):
+    """The context Ollama gives a request: num_ctx from /api/show's parameters, else the smallest
+    default it has had (2048), never more than the model's own context_length."""
+    parameters = answer.get("parameters") if isinstance(answer.get("parameters"), str) else ""
+    given = [int(line.split()[1]) for line in parameters.splitlines()
+             if line.split()[:1] == ["num_ctx"] and line.split()[1:2] and line.split()[1].isdigit()]
+    trained = [tokens_in(value) for key, value in (answer.get("model_info") or {}).items()
+               if key.endswith(".context_length") and tokens_in(value)]
+    return min([given[0] if given else 2048] + trained)
+
+
 class Backend:
     def __init__(self):
         self.model = vastworker.ModelServer(MODEL_SERVER_URL)
@@ -105,7 +139,7 @@ class Backend:
         self.context = None  # the model's context in tokens, once the server said (vLLM's max_model_len)
         self.listed = False  # the server's /v1/models was read
 
-    def learn_models(self, request):
+    def learn_models(self, request=None):
         """Read the server's /v1/models once: its first model (unless MODEL_NAME names one) and,
         where the server says it, that model's context length."""
         status, answer = self.model.call("GET", "/v1/models", client=request)
@@ -116,9 +150,27 @@ class Backend:
         self.listed = True
         if self.model_name is None and isinstance(first.get("id"), str):
             self.model_name = first["id"]
-        context = first.get("max_model_len")
-        if isinstance(context, int) and not isinstance(context, bool) and context > 0:
-            self.context = context
+        self.context = tokens_in(first.get("max_model_len"))
+
+    def request_context(self):
+        """How many tokens one request may hold, prompt and answer, as the server says it: vLLM's
+        and SGLang's max_model_len (/v1/models), llama.cpp's context per slot (/props), TGI's
+        max_total_tokens (/info), Ollama's num_ctx (/api/show); None when it says none."""
+        self.learn_models()
+        if self.context is not None:
+            return self.context
+        asks = [("GET", "/props", None, lambda a: tokens_in((a.get("default_generation_settings") or {}).get("n_ctx"))),
+                ("GET", "/info", None, lambda a: tokens_in(a.get("max_total_tokens"))),
+                ("POST", "/api/show", {"model": self.model_name or ""}, ollama_context)]
+        for method, path, payload, read in asks:
+            try:
+                status, answer = self.model.call(method, path, payload, timeout=10)
+            except vastworker.Refusal:
+                continue
+            found = read(answer) if status == 200 and isinstance(answer, dict) else None
+            if found is not None:
+                return found
+        return None
 
     def relay(self, request, endpoint):
         payload = checked_payload(request, endpoint)
@@ -170,7 +222,27 @@ flask_dict = {
 
 
 BENCHMARK_TOKENS = int(os.environ.get("BENCHMARK_MAX_TOKENS", "256"))
-_payloads = [{"prompt": vastworker.made_up_words(seed), "max_tokens": BENCHMARK_TOKENS, "temperature": 0.7}
-             for seed in range(10)]
-benchmark = {"endpoint": "v1/completions", "payloads": _payloads, "concurrency": 10, "runs": 2,
-             "workload": sum(estimate("v1/completions", p) for p in _payloads) / len(_payloads)}
+BENCHMARK_WORDS = 250
+TOKENS_PER_WORD = 3  # a made-up word is 2.1 tokens in llama's vocabulary (520 for 250); 3 leaves room
+
+
+def benchmark(backend, smaller):
+    """Ten completions of made-up words, 250 words and 256 tokens at most, and no more than half
+    of what the server says one request may hold: a quarter for the answer, the rest for the
+    prompt.  A server that still refuses them gets them halved (`smaller` times)."""
+    context = backend.request_context()
+    tokens, words = BENCHMARK_TOKENS, BENCHMARK_WORDS
+    if context is not None:
+        tokens = max(1, min(tokens, context // 4))
+        words = max(1, min(words, (context // 2 - tokens) // TOKENS_PER_WORD))
+    halved = (max(1, tokens >> smaller), max(1, words >> smaller))
+    if smaller and halved == (max(1, tokens >> (smaller - 1)), max(1, words >> (smaller - 1))):
+        return None  # no smaller than the last
+    tokens, words = halved
+    vastworker.Log.write("info", "benchmark: %s; prompts of %d words, max_tokens %d" % (
+        "the model server takes %d tokens a request" % context if context else "the model server names no context",
+        words, tokens))
+    payloads = [{"prompt": vastworker.made_up_words(seed, words), "max_tokens": tokens, "temperature": 0.7}
+                for seed in range(10)]
+    return {"endpoint": "v1/completions", "payloads": payloads, "concurrency": 10, "runs": 2,
+            "workload": sum(estimate("v1/completions", p) for p in payloads) / len(payloads)}

@@ -33,6 +33,13 @@ def error_event(content_type, message):
     return b"data:" + json.dumps({"error": message, "error_type": "upstream"}).encode() + b"\n\n"
 
 
+def error_body(status, message):
+    """The worker's own refusals on these routes, in TGI's error shape ({"error", "error_type"}),
+    which huggingface_hub's client raises as it raises TGI's."""
+    kind = "overloaded" if status == 429 else "validation" if status < 500 else "unavailable"
+    return {"error": message, "error_type": kind}
+
+
 def checked_payload(request):
     """The JSON object to send, checked: "inputs" a string, "parameters" an object whose
     max_new_tokens is a whole number of at least 1."""
