@@ -3563,7 +3563,11 @@ except openai.APIError as exc:
 try:
     client.chat.completions.create(model="fake-model", messages=[], max_tokens=3)
 except openai.BadRequestError as exc:
-    out["bad"] = [exc.status_code, exc.message]
+    out["bad"] = [exc.status_code, exc.message, exc.type, exc.param]
+try:
+    client.completions.create(model="fake-model", prompt="hi", max_tokens=131072)
+except openai.BadRequestError as exc:
+    out["too_long"] = [exc.status_code, exc.body.get("message") if isinstance(exc.body, dict) else exc.body]
 print(json.dumps(out))
 """
 
@@ -3585,51 +3589,123 @@ def test_the_openai_python_client_works_through_the_worker_unchanged(start_worke
     assert out["completion_stream"] == "tok0 tok1 tok2 tok3 "
     assert out["models"] == ["fake-model"] and out["embedding"] == [0.1, 0.2, 0.3]
     assert out["broken"] == "APIError: the model server broke off its answer: it closed the connection"
+    # the worker's own refusal and the model server's both read as OpenAI's: type, param and message
     assert out["bad"][0] == 400 and "'messages' must be a non-empty list of objects" in out["bad"][1]
+    assert out["bad"][2:] == ["invalid_request_error", "messages"]
+    assert out["too_long"][0] == 400 and out["too_long"][1].startswith(
+        "This model's maximum context length is 131072 tokens. However, you requested 131073 tokens")
 
 
-LLAMA_SERVER = os.environ.get("VASTWORKER_LLAMA_SERVER")  # a llama-server binary (llama.cpp's tools/server)
-LLAMA_MODEL = os.environ.get("VASTWORKER_LLAMA_MODEL")  # any GGUF model it loads
+# A real llama.cpp llama-server and a tiny random llama (256 tokens of context), both made by
+# bench/llama_server.py, which .ci/run calls: `eval "$(python3 bench/llama_server.py --env)"`.
+LLAMA_SERVER = os.environ.get("VASTWORKER_LLAMA_SERVER")
+LLAMA_MODEL = os.environ.get("VASTWORKER_LLAMA_MODEL")
+needs_llama_server = pytest.mark.skipif(
+    not (LLAMA_SERVER and LLAMA_MODEL), reason="no real llama-server: .ci/run builds one (about 7 minutes, once) "
+    "and sets VASTWORKER_LLAMA_SERVER and VASTWORKER_LLAMA_MODEL; see bench/llama_server.py")
 
 
-@pytest.mark.skipif(not (LLAMA_SERVER and LLAMA_MODEL),
-                    reason="opt-in: set VASTWORKER_LLAMA_SERVER to a llama-server binary and "
-                           "VASTWORKER_LLAMA_MODEL to a GGUF model to run the openai backend against it")
+@pytest.fixture
+def llama_server(tmp_path):
+    """Starts real llama-servers on loopback, each writing to its own log (appended to, as a
+    launcher that restarts it would); all killed at the end."""
+    started = []
+
+    def start(*options, port=None):
+        port = port or free_port()
+        log = tmp_path / ("llama-%d.log" % port)
+        with open(str(log), "ab") as out:
+            proc = subprocess.Popen([LLAMA_SERVER, "-m", LLAMA_MODEL, "--host", "127.0.0.1", "--port", str(port)]
+                                    + list(options), stdout=out, stderr=subprocess.STDOUT)
+        started.append(proc)
+        return types.SimpleNamespace(proc=proc, port=port, url="http://127.0.0.1:%d" % port, log=log,
+                                     text=lambda: log.read_text(errors="replace"))
+
+    yield start
+    for proc in started:
+        proc.kill()
+        proc.wait()
+
+
+LLAMA_CLIENT = """
+import json, sys, time
+import openai
+
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="unused", max_retries=0)
+out = {}
+try:
+    client.completions.create(model="any", prompt=sys.argv[2], max_tokens=8)
+except openai.BadRequestError as exc:
+    out["too_long"] = [type(exc).__name__, exc.status_code, exc.type, exc.message]
+chat = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Say hello"}], max_tokens=5)
+out["chat"] = [chat.usage.completion_tokens, chat.choices[0].finish_reason]
+events = list(client.completions.create(model="any", prompt="Once upon", max_tokens=12, stream=True))
+out["stream"] = [len(events), events[-1].choices[0].finish_reason]
+print(json.dumps(out))
+"""
+
+
+@needs_llama_server
 @pytest.mark.slow
-def test_a_real_llama_server_through_the_openai_backend(start_worker, tmp_path):
-    port = free_port()
-    log = tmp_path / "llama.log"
-    with open(str(log), "wb") as out:
-        server = subprocess.Popen([LLAMA_SERVER, "-m", LLAMA_MODEL, "--host", "127.0.0.1", "--port", str(port),
-                                   "-c", "8192", "-np", "2"], stdout=out, stderr=subprocess.STDOUT)
-    try:
-        worker = start_worker("openai", "--cache-dir", str(tmp_path), env={
-            "MODEL_SERVER_URL": "http://127.0.0.1:%d" % port, "MODEL_LOG": str(log), "BENCHMARK_MAX_TOKENS": "4"})
-        worker.wait_for_log("loaded after", timeout=120)
-        status, data = worker.json("POST", "/v1/chat/completions", {
-            "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 5})
-        assert status == 200 and isinstance(data["choices"][0]["message"]["content"], str)
-        assert data["usage"]["completion_tokens"] <= 5
-        connection, response = open_stream(worker, "/v1/completions", {"prompt": "Once upon", "max_tokens": 5,
-                                                                       "stream": True})
-        events = list(sse_data(response))
-        assert events[-1] == "[DONE]" and all("choices" in json.loads(e) for e in events[:-1] if e.startswith("{"))
-        connection.close()
-        # llama-server logs "stop processing: n_tokens = N" as a slot is released, N being the
-        # tokens in it: a generation of 8000 tokens stopped by the hang-up releases far fewer
-        released = lambda: re.findall(r"stop processing: n_tokens = (\d+)", log.read_text(errors="replace"))  # noqa: E731
-        before = len(released())
-        connection, response = open_stream(worker, "/v1/completions", {"prompt": "Once upon", "max_tokens": 8000,
-                                                                       "stream": True})
-        next(sse_data(response))
-        connection.close()  # mid-generation: llama-server must hear of it and stop
-        wait_until(lambda: len(released()) > before, timeout=30,
-                   failure=lambda: "llama-server did not stop:\n" + log.read_text(errors="replace")[-2000:])
-        assert int(released()[-1]) < 1000
-        worker.wait_for_log(r"POST /v1/completions 200 aborted")
-    finally:
-        server.kill()
-        server.wait()
+def test_a_real_llama_server_with_a_small_context_serves_its_errors_and_recovers(
+        start_worker, llama_server, autoscaler, openai_client, tmp_path):
+    server = llama_server("-c", "1024", "-np", "4")  # 256 tokens a slot: the benchmark's defaults do not fit
+    ready_at = time.monotonic()
+    worker = start_worker("openai", "--cache-dir", str(tmp_path), env=reporting_env(
+        autoscaler, MODEL_SERVER_URL=server.url, MODEL_LOG=str(server.log), VASTWORKER_TIME_SCALE="1"))
+    loaded = autoscaler.wait_for(lambda r: r["loadtime"] > 0 or r["error_msg"], timeout=120)[0]
+    assert loaded["error_msg"] == "" and loaded["max_perf"] > 0, worker.log
+    worker.wait_for_log("benchmark: the model server takes 256 tokens a request; prompts of 21 words, at most 64")
+    print("small-context llama-server: loaded %.1f s after start, benchmark %s, max_perf %g" % (
+        time.monotonic() - ready_at, re.findall(r"benchmark: \S+ workload/s", worker.log)[-1], loaded["max_perf"]))
+    out = run_client(openai_client, LLAMA_CLIENT, tmp_path, "http://127.0.0.1:%d" % worker.port,
+                     vastworker.made_up_words(0))
+    assert out["too_long"][:3] == ["BadRequestError", 400, "exceed_context_size_error"]  # the server's, as it said
+    assert "exceeds the available context size (256 tokens)" in out["too_long"][3]
+    assert out["chat"][0] <= 5 and out["stream"][1] in ("length", "stop")
+    # the model server dies; its launcher starts it again on the same port: loaded again, as it was
+    server.proc.kill()
+    failed = autoscaler.wait_for(lambda r: r["error_msg"], timeout=20)[-1]
+    assert failed["error_msg"].startswith("model health check %s/health answered " % server.url)
+    status, headers, body = worker.request("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 503 and json.loads(body)["error"]["message"] == "the model server is not healthy; retry later"
+    assert b"127.0.0.1" not in body and headers["Retry-After"] == "5"
+    seen = len(autoscaler.records())
+    restarted = time.monotonic()
+    llama_server("-c", "1024", "-np", "4", port=server.port)
+    again = wait_until(lambda: [r for r in autoscaler.records()[seen:] if r["loadtime"] > 0 and not r["error_msg"]],
+                       timeout=20)[0]
+    print("llama-server restarted: loaded again after %.1f s" % (time.monotonic() - restarted))
+    assert (again["max_perf"], again["loadtime"]) == (loaded["max_perf"], loaded["loadtime"])  # not benchmarked again
+    assert worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})[0] == 200
+
+
+@needs_llama_server
+@pytest.mark.slow
+def test_a_client_hanging_up_mid_stream_frees_the_real_llama_servers_slot(start_worker, llama_server, tmp_path):
+    server = llama_server("-c", "4096", "-np", "1")  # one slot, room for a long generation
+    worker = start_worker("openai", "--cache-dir", str(tmp_path), env={
+        "MODEL_SERVER_URL": server.url, "MODEL_LOG": str(server.log), "BENCHMARK_MAX_TOKENS": "4"})
+    worker.wait_for_log("loaded after", timeout=120)
+    connection, response = open_stream(worker, "/v1/completions", {"prompt": "Once upon", "max_tokens": 5,
+                                                                   "stream": True})
+    events = list(sse_data(response))
+    assert events[-1] == "[DONE]" and all("choices" in json.loads(e) for e in events[:-1])
+    connection.close()
+    # llama-server logs "stop processing: n_tokens = N" as a slot is released, N the tokens in it:
+    # a generation of 4000 tokens stopped by the hang-up releases far fewer
+    released = lambda: re.findall(r"stop processing: n_tokens = (\d+)", server.text())  # noqa: E731
+    before = len(released())
+    connection, response = open_stream(worker, "/v1/completions", {"prompt": "Once upon", "max_tokens": 4000,
+                                                                   "stream": True})
+    next(sse_data(response))
+    connection.close()  # mid-generation: llama-server must hear of it and stop
+    wait_until(lambda: len(released()) > before, timeout=30,
+               failure=lambda: "llama-server did not stop:\n" + server.text()[-2000:])
+    assert int(released()[-1]) < 1000
+    worker.wait_for_log(r"POST /v1/completions 200 aborted")
+    status, data = worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3})  # the slot is free
+    assert status == 200 and data["usage"]["completion_tokens"] <= 3
 
 
 def test_the_tgi_backend_relays_generate_and_its_stream_as_tgi_writes_them(start_worker, fake_model, tmp_path):
@@ -3705,6 +3781,62 @@ def test_a_fatal_line_in_the_model_servers_log_fails_the_worker_with_it(start_wo
     worker.wait_for_log("the backend failed: model log: RuntimeError: Engine core initialization failed")
     status, data = worker.json("GET", "/v1/models")  # the operator reads why; the client, where to look
     assert status == 503 and data["error"]["message"] == "the backend failed; the worker's log says why"
+
+
+def benchmark_payloads(fake, path):
+    """The payloads the worker's benchmark sent `fake` at `path`, in order."""
+    return [r[2] for r in fake.requests if r[0] == "POST" and r[1] == path]
+
+
+def test_the_openai_benchmark_fits_the_context_the_model_server_states(start_worker, fake_model, tmp_path):
+    fake = fake_model("llamacpp", context=256)  # 256 tokens a slot (/props), as llama-server -c 1024 -np 4
+    fake.loaded()
+    worker = model_worker(start_worker, "openai", fake, tmp_path, BENCHMARK_MAX_TOKENS="256")
+    worker.wait_for_log(r"benchmark: the model server takes 256 tokens a request; prompts of 21 words, at most 64")
+    sent = benchmark_payloads(fake, "/v1/completions")
+    assert len(sent) == 21 and {p["max_tokens"] for p in sent} == {64}  # a warm-up and 2 rounds of 10
+    assert all(len(p["prompt"].split()) == 21 and len(p["prompt"]) // 4 + 64 < 256 for p in sent)
+    status = worker.json("GET", "/.vastworker/status")[1]
+    assert status["phase"] == "loaded" and status["max_perf"] > 0
+    # the default benchmark's prompts of 250 words would have been refused; a client's still are, as the
+    # server refuses them (status and body as it gave them)
+    status, data = worker.json("POST", "/v1/completions", {"prompt": vastworker.made_up_words(0), "max_tokens": 8})
+    assert status == 400 and data["error"]["type"] == "exceed_context_size_error"
+    assert data["error"]["message"].endswith("exceeds the available context size (256 tokens), try increasing it")
+
+
+def test_a_refused_benchmark_is_made_smaller_then_fails_naming_the_servers_reason(start_worker, fake_model, tmp_path,
+                                                                                   autoscaler):
+    fake = fake_model("llamacpp", context=250, stated=4096)  # it says 4096 tokens, and takes 250
+    fake.loaded()
+    worker = model_worker(start_worker, "openai", fake, tmp_path, BENCHMARK_MAX_TOKENS="256")
+    worker.wait_for_log(r"benchmark: the warm-up was refused \(400 request \(\d+ tokens\) exceeds the available "
+                        r"context size \(250 tokens\), try increasing it\): trying smaller requests")
+    assert {len(p["prompt"].split()) for p in benchmark_payloads(fake, "/v1/completions")} == {250, 125}
+    fake = fake_model("llamacpp", context=1, stated=4096)  # it takes nothing at all
+    fake.loaded()
+    worker = model_worker(start_worker, "openai", fake, tmp_path / "none", loaded=False, **reporting_env(autoscaler))
+    failed = autoscaler.wait_for(lambda r: r["error_msg"], timeout=20)[0]["error_msg"]
+    assert re.fullmatch(r"benchmark: no successful response from POST /v1/completions: 400 request \(\d+ tokens\) "
+                        r"exceeds the available context size \(1 tokens\), try increasing it", failed), failed
+    assert {len(p["prompt"].split()) for p in benchmark_payloads(fake, "/v1/completions")} == {250, 125, 62, 31}
+    worker.wait_for_log(r'WARNING benchmark: POST http://\S+/v1/completions answered 400: \{"error": \{"code": 400, ')
+
+
+def test_the_tgi_backend_fits_its_benchmark_to_tgi_and_passes_its_own_routes(start_worker, fake_model, tmp_path):
+    fake = fake_model("tgi", context=300)  # /info: max_total_tokens 300
+    worker = model_worker(start_worker, "tgi", fake, tmp_path, BENCHMARK_MAX_TOKENS="128")
+    sent = benchmark_payloads(fake, "/generate")
+    assert len(sent) == 21 and {p["parameters"]["max_new_tokens"] for p in sent} == {75}
+    status, headers, body = worker.request("GET", "/info")
+    assert status == 200 and json.loads(body)["max_total_tokens"] == 300
+    assert worker.request("GET", "/health")[0] == 200
+    status, headers, body = worker.request("GET", "/metrics")  # TGI's, and the worker's own beside it
+    assert status == 200 and body.startswith(b"# TYPE tgi_request_count counter\n")
+    assert b"vastworker_requests_in_flight" in worker.request("GET", "/.vastworker/metrics")[2]
+    status, data = worker.json("POST", "/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 300}})
+    assert (status, data) == (422, {"error": "`inputs` tokens + `max_new_tokens` must be <= 300. Given: 1 `inputs` "
+                                             "tokens and 300 `max_new_tokens`", "error_type": "validation"})
 
 
 COMFY_WORKFLOW = {

@@ -4647,6 +4647,24 @@ def made_up_words(seed, count=250):
     return " ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(count))
 
 
+def benchmark_size(context, tokens, words, smaller=0):
+    """(max tokens, prompt words) of a model server's benchmark request: at most `tokens` and
+    `words`, and, where the server says one request may hold `context` tokens, half of that at
+    most -- a quarter for the answer, the rest for the prompt, at 3 tokens a made-up word (2.1
+    in llama's vocabulary: 520 for 250) -- then halved `smaller` times; None when halving makes
+    it no smaller.  The log says what it chose."""
+    if context:
+        tokens = max(1, min(tokens, context // 4))
+        words = max(1, min(words, (context // 2 - tokens) // 3))
+    size = (max(1, tokens >> smaller), max(1, words >> smaller))
+    if smaller and size == (max(1, tokens >> (smaller - 1)), max(1, words >> (smaller - 1))):
+        return None
+    Log.write("info", "benchmark: %s; prompts of %d words, at most %d tokens generated" % (
+        "the model server takes %d tokens a request" % context if context else "the model server names no context",
+        size[1], size[0]))
+    return size
+
+
 class UpstreamConnection:
     """One keep-alive HTTP/1.1 connection to the model server.  It reads through a buffer of
     its own (http.client's hides what it holds), so the proxy always knows whether something is

@@ -40,11 +40,13 @@ class FakeModelServer:
     (connections are refused); open() makes it listen.  With the llamacpp flavor it answers 503
     "Loading model" until loaded() is called, as llama-server does."""
 
-    def __init__(self, flavor, port=0, token_delay=0.0, model="fake-model", step_delay=0.05, context=131072):
+    def __init__(self, flavor, port=0, token_delay=0.0, model="fake-model", step_delay=0.05, context=131072,
+                 stated=None):
         assert flavor in FLAVORS, flavor
         self.flavor, self.model = flavor, model
         self.context = context  # tokens a request may hold: vLLM's max_model_len, llama.cpp's n_ctx a slot,
         # TGI's max_total_tokens; a request past it is refused as each server refuses it
+        self.stated = stated or context  # the context it says it has (a test may make it claim more)
         self.token_delay, self.step_delay = token_delay, step_delay
         self.loading = flavor == "llamacpp"
         self.requests = []  # (method, path, JSON body or None, client port), in arrival order
@@ -264,12 +266,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if (method, path) == ("GET", "/v1/models"):
             model = {"id": self.fake.model, "object": "model", "created": 1, "owned_by": "fake"}
             if self.fake.flavor == "llamacpp":
-                model["meta"] = {"n_ctx": self.fake.context, "n_ctx_train": self.fake.context}
+                model["meta"] = {"n_ctx": self.fake.stated, "n_ctx_train": self.fake.stated}
             else:
-                model["max_model_len"] = self.fake.context
+                model["max_model_len"] = self.fake.stated
             return self.answer(200, {"object": "list", "data": [model]}) or True
         if (method, path) == ("GET", "/props") and self.fake.flavor == "llamacpp":
-            return self.answer(200, {"default_generation_settings": {"n_ctx": self.fake.context, "params": {}},
+            return self.answer(200, {"default_generation_settings": {"n_ctx": self.fake.stated, "params": {}},
                                      "total_slots": 1, "model_alias": self.fake.model}) or True
         if method == "POST" and path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings"):
             self.openai(path, payload if isinstance(payload, dict) else {})
@@ -348,8 +350,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if (method, path) == ("GET", "/health"):
             return self.answer(200, b"", "text/plain") or True
         if (method, path) == ("GET", "/info"):
-            return self.answer(200, {"model_id": self.fake.model, "max_input_tokens": self.fake.context - 1,
-                                     "max_total_tokens": self.fake.context, "version": "fake"}) or True
+            return self.answer(200, {"model_id": self.fake.model, "max_input_tokens": self.fake.stated - 1,
+                                     "max_total_tokens": self.fake.stated, "version": "fake"}) or True
         if (method, path) == ("GET", "/metrics"):
             return self.answer(200, b"# TYPE tgi_request_count counter\ntgi_request_count %d\n" % len(
                 self.fake.requests), "text/plain; version=0.0.4") or True

@@ -223,7 +223,6 @@ flask_dict = {
 
 BENCHMARK_TOKENS = int(os.environ.get("BENCHMARK_MAX_TOKENS", "256"))
 BENCHMARK_WORDS = 250
-TOKENS_PER_WORD = 3  # a made-up word is 2.1 tokens in llama's vocabulary (520 for 250); 3 leaves room
 
 
 def benchmark(backend, smaller):
@@ -231,17 +230,10 @@ def benchmark(backend, smaller):
     of what the server says one request may hold: a quarter for the answer, the rest for the
     prompt.  A server that still refuses them gets them halved (`smaller` times)."""
     context = backend.request_context()
-    tokens, words = BENCHMARK_TOKENS, BENCHMARK_WORDS
-    if context is not None:
-        tokens = max(1, min(tokens, context // 4))
-        words = max(1, min(words, (context // 2 - tokens) // TOKENS_PER_WORD))
-    halved = (max(1, tokens >> smaller), max(1, words >> smaller))
-    if smaller and halved == (max(1, tokens >> (smaller - 1)), max(1, words >> (smaller - 1))):
+    size = vastworker.benchmark_size(context, BENCHMARK_TOKENS, BENCHMARK_WORDS, smaller)
+    if size is None:
         return None  # no smaller than the last
-    tokens, words = halved
-    vastworker.Log.write("info", "benchmark: %s; prompts of %d words, max_tokens %d" % (
-        "the model server takes %d tokens a request" % context if context else "the model server names no context",
-        words, tokens))
+    tokens, words = size
     payloads = [{"prompt": vastworker.made_up_words(seed, words), "max_tokens": tokens, "temperature": 0.7}
                 for seed in range(10)]
     return {"endpoint": "v1/completions", "payloads": payloads, "concurrency": 10, "runs": 2,

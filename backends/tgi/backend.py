@@ -1,8 +1,11 @@
 """Hugging Face's text-generation-inference (TGI) behind the worker, on its native API:
 POST /generate ({"inputs": "...", "parameters": {"max_new_tokens": 64, ...}}) answers once;
 POST /generate_stream answers with server-sent events, one per token, the last carrying the
-generated_text; POST / is either, by its "stream" field (what huggingface_hub's client calls).  (TGI's OpenAI-style /v1/chat/completions is the openai backend's.)  Requests
-are checked before they go upstream; a client that hangs up stops the generation.
+generated_text; POST / is either, by its "stream" field (what huggingface_hub's client calls).
+GET /health, /info and /metrics are TGI's own.  (TGI's OpenAI-style /v1/chat/completions is the
+openai backend's.)  Requests are checked before they go upstream; TGI's own errors (a prompt too
+long: 422) come back as it gives them; a client that hangs up stops the generation.  The
+benchmark is sized to TGI's max_total_tokens.
 
 Environment: MODEL_SERVER_URL (default http://127.0.0.1:3000, the launcher's default port),
 MODEL_LOG (the launcher's log, watched for its fatal errors), MODEL_HEALTH_ENDPOINT (default
@@ -73,6 +76,8 @@ class Backend:
 
 
 def workload(backend, request):
+    if request.method == "GET":
+        return 1  # /health, /info, /metrics: next to nothing
     payload = vastworker.json_payload(request, silent=True)
     return DEFAULT_MAX_NEW_TOKENS if payload is None else estimate(payload)
 
@@ -93,11 +98,34 @@ def compat(backend, request):
                                  json=payload)
 
 
-flask_dict = {"POST": {"generate": generate, "generate_stream": generate_stream, "": compat}}
+def passed(backend, request):
+    """TGI's own GET /health, /info and /metrics, as TGI answers them."""
+    return backend.model.forward(request)
+
+
+flask_dict = {"POST": {"generate": generate, "generate_stream": generate_stream, "": compat},
+              "GET": {"health": passed, "info": passed, "metrics": passed}}
 
 
 BENCHMARK_TOKENS = int(os.environ.get("BENCHMARK_MAX_TOKENS", "128"))
-_payloads = [{"inputs": vastworker.made_up_words(seed), "parameters": {
-    "max_new_tokens": BENCHMARK_TOKENS, "temperature": 0.7, "return_full_text": False}} for seed in range(10)]
-benchmark = {"endpoint": "generate", "payloads": _payloads, "concurrency": 10, "runs": 2,
-             "workload": sum(estimate(p) for p in _payloads) / len(_payloads)}
+BENCHMARK_WORDS = 250
+
+
+def benchmark(backend, smaller):
+    """Ten generations of made-up words, 250 words and 128 new tokens at most, and no more than
+    half of TGI's max_total_tokens (/info): a quarter for the answer, the rest for the prompt.
+    Refused all the same, they are halved (`smaller` times)."""
+    try:
+        status, info = backend.model.call("GET", "/info", timeout=10)
+    except vastworker.Refusal:
+        status, info = None, None
+    total = info.get("max_total_tokens") if status == 200 and isinstance(info, dict) else None
+    size = vastworker.benchmark_size(total if isinstance(total, int) and not isinstance(total, bool) else None,
+                                     BENCHMARK_TOKENS, BENCHMARK_WORDS, smaller)
+    if size is None:
+        return None  # no smaller than the last
+    tokens, words = size
+    payloads = [{"inputs": vastworker.made_up_words(seed, words), "parameters": {
+        "max_new_tokens": tokens, "temperature": 0.7, "return_full_text": False}} for seed in range(10)]
+    return {"endpoint": "generate", "payloads": payloads, "concurrency": 10, "runs": 2,
+            "workload": sum(estimate(p) for p in payloads) / len(payloads)}
