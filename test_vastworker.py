@@ -3805,6 +3805,16 @@ def test_the_openai_benchmark_fits_the_context_the_model_server_states(start_wor
     assert data["error"]["message"].endswith("exceeds the available context size (256 tokens), try increasing it")
 
 
+@pytest.mark.parametrize("flavor, says", [("vllm", "max_model_len in /v1/models"), ("ollama", "num_ctx in /api/show")])
+def test_the_openai_benchmark_reads_each_servers_own_statement_of_its_context(start_worker, fake_model, tmp_path,
+                                                                              flavor, says):
+    fake = fake_model(flavor, context=512)
+    worker = model_worker(start_worker, "openai", fake, tmp_path, BENCHMARK_MAX_TOKENS="256",
+                          MODEL_HEALTH_ENDPOINT=fake.url + ("/api/version" if flavor == "ollama" else "/health"))
+    worker.wait_for_log(r"benchmark: the model server takes 512 tokens a request; prompts of 42 words, at most 128")
+    assert {len(p["prompt"].split()) for p in benchmark_payloads(fake, "/v1/completions")} == {42}, says
+
+
 def test_a_refused_benchmark_is_made_smaller_then_fails_naming_the_servers_reason(start_worker, fake_model, tmp_path,
                                                                                    autoscaler):
     fake = fake_model("llamacpp", context=250, stated=4096)  # it says 4096 tokens, and takes 250

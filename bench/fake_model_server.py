@@ -26,7 +26,7 @@ import time
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
-FLAVORS = ("vllm", "llamacpp", "tgi", "comfyui")
+FLAVORS = ("vllm", "llamacpp", "ollama", "tgi", "comfyui")
 FAULT = re.compile(r"\[\[(error|garbage|stall|close|big)(?:-after)?:(\d+)\]\]")
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 56  # enough of a PNG for a test to recognise
 
@@ -249,7 +249,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         fake.record("requests", (method, self.path, payload, self.client_address[1]))
         if fake.loading:
             return self.answer(503, {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})
-        route = getattr(self, "%s_%s" % (fake.flavor if fake.flavor != "llamacpp" else "vllm", "route"))
+        route = getattr(self, "%s_route" % (fake.flavor if fake.flavor in ("tgi", "comfyui") else "vllm"))
         try:
             if not route(method, path, payload):
                 self.answer(404, {"error": "no route %s %s" % (method, path)})
@@ -267,9 +267,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
             model = {"id": self.fake.model, "object": "model", "created": 1, "owned_by": "fake"}
             if self.fake.flavor == "llamacpp":
                 model["meta"] = {"n_ctx": self.fake.stated, "n_ctx_train": self.fake.stated}
-            else:
+            elif self.fake.flavor == "vllm":
                 model["max_model_len"] = self.fake.stated
             return self.answer(200, {"object": "list", "data": [model]}) or True
+        if self.fake.flavor == "ollama" and (method, path) == ("GET", "/api/version"):
+            return self.answer(200, {"version": "0.0.0-fake"}) or True
+        if self.fake.flavor == "ollama" and (method, path) == ("POST", "/api/show"):  # num_ctx, as a Modelfile sets it
+            return self.answer(200, {"parameters": "stop \"<|end|>\"\nnum_ctx                        %d" % self.fake.stated,
+                                     "model_info": {"general.architecture": "llama",
+                                                    "llama.context_length": 131072}}) or True
         if (method, path) == ("GET", "/props") and self.fake.flavor == "llamacpp":
             return self.answer(200, {"default_generation_settings": {"n_ctx": self.fake.stated, "params": {}},
                                      "total_slots": 1, "model_alias": self.fake.model}) or True
