@@ -10,7 +10,8 @@
 #
 # Environment:
 #   WORKSPACE            where vastworker.log, vastworker.pid and (when fetched) the project in
-#                        vastworker/ live; default /home/workspace.  The worker runs there, so
+#                        vastworker/ live; default /home/workspace on a Vast instance (CONTAINER_ID
+#                        is set), else ~/.local/state/vastworker.  The worker runs there, so
 #                        relative paths in its options (--state-file state.json) are in WORKSPACE
 #   VASTWORKER_TARBALL   a .tar.gz URL of the project (fetched with wget or curl), or
 #   VASTWORKER_REPO      anything `git clone` accepts; used when this script is not run from a
@@ -384,7 +385,12 @@ usage() {
 
 main() {
     local backend="${1:-}"
-    WORKSPACE="${WORKSPACE:-/home/workspace}"
+    if [ -z "${WORKSPACE:-}" ] && [ -n "${CONTAINER_ID:-}" ]; then
+        WORKSPACE=/home/workspace  # Vast's
+    elif [ -z "${WORKSPACE:-}" ]; then  # not on an instance: a place of this user's own
+        WORKSPACE="${XDG_STATE_HOME:-${HOME:?set WORKSPACE or HOME}/.local/state}/vastworker"
+        mkdir -p "$WORKSPACE"
+    fi
     LOG_FILE="$WORKSPACE/vastworker.log"
     PID_FILE="$WORKSPACE/vastworker.pid"
     MODEL_PID_FILE="$WORKSPACE/model.pid"

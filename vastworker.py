@@ -206,7 +206,7 @@ DEFAULT_DETAILS = {
 
 
 def error_body(code, detail=None):
-    """Our error body: short JSON in our own words, never a traceback (decisions.md 8)."""
+    """Our error body: short JSON in our own words, never a traceback."""
     if detail is None:
         detail = DEFAULT_DETAILS.get(code, STATUS_PHRASES.get(code, "error"))
     elif not isinstance(detail, (str, int, float, list, dict)):
@@ -1585,7 +1585,7 @@ class lazy:
 
 
 class Request:
-    """The request a handler receives, with Flask's attributes and behaviour (flask-compat.md),
+    """The request a handler receives, with Flask's attributes and behaviour,
     made from a RequestHead, the body and the connection it came on.  It is a plain object,
     valid for as long as anyone holds it, including a streaming generator."""
 
@@ -1623,7 +1623,7 @@ class Request:
 
     def is_disconnected(self):
         """Has the client left?  A long handler (a model call) can ask, and stop: its answer
-        would go nowhere.  Not Flask's: vastworker's (decisions.md 15)."""
+        would go nowhere.  Not Flask's: vastworker's."""
         return self.client_socket.gone()
 
     def replace_json(self, payload):
@@ -1920,7 +1920,7 @@ class BadRequestKeyError(Refusal, KeyError):
 
 
 def parse_request_json(body):
-    """Strict JSON (decisions.md 5): NaN, Infinity, overflowing numbers, invalid UTF-8 and nesting
+    """Strict JSON: NaN, Infinity, overflowing numbers, invalid UTF-8 and nesting
     too deep to parse are client errors, and so is a body that is just null.  Objects come back
     as JSONObject, a top-level array as JSONArray; what is refused raises Refusal(400)."""
     utf8 = body[:1] in _UTF8_JSON_STARTS and body[1:2] != b"\x00"  # else maybe UTF-16 or 32
@@ -2058,7 +2058,7 @@ def parse_multipart(content_type, body):
 # ------------------------------------------------------------------------------------------------
 
 def to_response(value):
-    """Convert what a handler returned into a response, as Flask does (flask-compat.md §2);
+    """Convert what a handler returned into a response, as Flask does;
     raises BadReturnValue for what cannot be one."""
     if isinstance(value, HTTPResponse):
         return value
@@ -2532,7 +2532,7 @@ class Metrics:
         return (self._in_flight - self._in_sessions) / 1000
 
     def _received(self, grant):
-        """num_requests_recieved (decisions.md 13): distinct reqnums of granted requests (the last
+        """num_requests_recieved: distinct reqnums of granted requests (the last
         10 000 remembered), and one for each request without a grant.  Holding the lock."""
         reqnum = grant.get("reqnum") if grant else None
         if reqnum is None or isinstance(reqnum, (dict, list)):
@@ -3055,9 +3055,9 @@ class GrantChecker:
         elif self.key_expected:
             Log.write("info", "fetching the autoscaler's public key from %s/pubkey/%s"
                       % (source, "; unsigned requests allowed" if self.allow_unsigned else ""))
-        else:
-            Log.write("warning", "no public key (--pubkey, $VASTWORKER_PUBKEY or REPORT_ADDR): "
-                                 "requests are served without checking signatures")
+        else:  # local use, no autoscaler: said, but not as a problem
+            Log.write("info", "no autoscaler (REPORT_ADDR) and no public key (--pubkey, $VASTWORKER_PUBKEY): "
+                              "requests are served without checking signatures")
 
     def check(self, request, sessions=None):
         """Let the request through to its handler (unwrapped from its grant), or raise Refusal.
@@ -3137,7 +3137,7 @@ class GrantChecker:
 
     def verify(self, grant, replay=True):
         """None when the grant is genuine and (unless replay is False) fresh, else why not.  Only
-        what is signed moves the replay history (decisions.md 14): under g1 and g3 the reqnum is
+        what is signed moves the replay history: under g1 and g3 the reqnum is
         signed, and each grant is known by its signature's bytes (not their base64 text, which
         can be written several ways); under g4 only the url is signed, the same for every
         request to this worker, so nothing tells one request from another and no history is
@@ -3290,7 +3290,7 @@ class DERReader:
 
 
 class Sessions:
-    """Vast's sessions (decisions.md 16): /session/create takes a verified grant -- Vast's worker
+    """Vast's sessions: /session/create takes a verified grant -- Vast's worker
     checks none -- and opens a session whose requests reuse that grant; /session/get, /health
     and /end need it back as session_auth.  At most `limit` are open (then 429); one that
     expires is closed by a sweep every 5 s.  Closing cuts the connections of its requests in
@@ -3584,7 +3584,7 @@ class BackendApp:
         return None
 
     def workload_of(self, request):
-        """What the request counts for (decisions.md 13): backend.py's workload(), else the cost
+        """What the request counts for: backend.py's workload(), else the cost
         its grant was routed with, else DEFAULT_WORKLOAD, the SDK's default cost; never more
         than the worker serves within --queue-time (WorkerState.most_work)."""
         try:
@@ -5614,6 +5614,8 @@ class Worker:
             if stop.is_set():
                 Log.write("warning", "second signal: exiting now")
                 os._exit(1)
+            if signum == signal.SIGINT:
+                Log.write("info", "stopping (Ctrl-C again to quit now)", always=True)
             stop.set()
 
         signal.signal(signal.SIGTERM, on_signal)
@@ -5902,8 +5904,11 @@ def find_backend(spec):
             raise StartupError("%r is not a backend name (letters, digits, '_', '-' and '.')" % spec)
         directory = os.path.join(BACKENDS_DIR, spec)
         if not os.path.isdir(directory):
-            raise StartupError("no backend %r in %s (available: %s)"
-                               % (spec, BACKENDS_DIR, ", ".join(available_backends()) or "none"))
+            import difflib
+            close = difflib.get_close_matches(spec, available_backends(), 1)
+            raise StartupError("no backend %r in %s%s (available: %s)" % (
+                spec, BACKENDS_DIR, "; did you mean %r?" % close[0] if close else "",
+                ", ".join(available_backends()) or "none"))
     if not os.path.isfile(os.path.join(directory, "backend.py")):
         raise StartupError("%s has no backend.py" % directory)
     return directory
@@ -6373,7 +6378,8 @@ SETTINGS = (
             env=["COMFYUI_BENCHMARK_WORKFLOW"], reader="backends"),
     # read by start_server.sh and the launch.sh scripts
     Setting("workspace", "where the project, vastworker.log and vastworker.pid live; the worker runs there",
-            "/home/workspace", env=["WORKSPACE"], reader="start_server.sh"),
+            "/home/workspace on Vast (CONTAINER_ID set), else ~/.local/state/vastworker", env=["WORKSPACE"],
+            reader="start_server.sh"),
     Setting("model_command", "the command start_server.sh starts the model server with",
             env=["MODEL_COMMAND"], reader="start_server.sh"),
     Setting("script_url", "URL of your copy's start_server.sh (read by launch.sh)",

@@ -59,7 +59,7 @@ def build(place):
         objects = os.path.join(work, "build")
         run(["cmake", "-S", source, "-B", objects] + CMAKE_OPTIONS, log)
         run(["cmake", "--build", objects, "--target", "llama-server", "-j", str(os.cpu_count() or 2)], log)
-        shutil.copytree(os.path.join(source, "gguf-py"), os.path.join(place, "gguf-py"))
+        shutil.copytree(os.path.join(source, "gguf-py"), os.path.join(place, "gguf-py"), dirs_exist_ok=True)
         shutil.copy(os.path.join(source, "models", "ggml-vocab-llama-spm.gguf"), place)
         shutil.copy(os.path.join(objects, "bin", "llama-server"), os.path.join(place, "llama-server.new"))
         os.replace(os.path.join(place, "llama-server.new"), os.path.join(place, "llama-server"))

@@ -35,6 +35,7 @@ allow_parallel_requests = True  # ComfyUI queues; the worker waits on its queue
 log_actions = {"error": ["[ERROR] Provisioning Script failed", "MetadataIncompleteBuffer"]}
 
 POLL = 0.2  # seconds between looks at a job: small next to any image's time
+GONE_FOR = 10.0  # seconds a job may be neither queued, running nor in its history before it is lost
 BASE_COST = 100.0  # a 512x512 image in 20 steps: the Vast SDK's default cost of a request
 
 
@@ -159,7 +160,8 @@ class Job:
         self.finished = False
 
     def place(self, client=None):
-        """("running", 0), ("queued", how many are ahead) or ("gone", 0)."""
+        """("running", 0), ("queued", how many are ahead) or ("gone", 0): neither, for the moment
+        between its end and its history, or for good when someone deleted it in ComfyUI."""
         _, queue = self.model.call("GET", "/queue", client=client)
         queue = queue if isinstance(queue, dict) else {}
         if any(item[1] == self.prompt_id for item in queue.get("queue_running", [])):
@@ -229,7 +231,7 @@ class Job:
         step when ComfyUI's websocket tells it), each time that changes and at least every
         second (which also finds out a client that left), then the outputs."""
         self.watch.streaming = True
-        said, said_at, step = None, 0.0, None
+        said, said_at, step, gone_since = None, 0.0, None, None
         try:
             steps = ProgressSocket(self.model, self.client_id)
         except OSError as exc:
@@ -247,7 +249,11 @@ class Job:
                         step = (data.get("value"), data.get("max"))
                 where, ahead = self.place(self.watch)
                 now = time.monotonic()
-                if (where, ahead, step) != said or now - said_at >= 1.0:
+                gone_since = (gone_since or now) if where == "gone" else None
+                if gone_since is not None and now - gone_since > vastworker.Waits.of(GONE_FOR):
+                    self.finished = True
+                    abort(502, "the job left ComfyUI's queue with no result (was it deleted there?)")
+                if where != "gone" and ((where, ahead, step) != said or now - said_at >= 1.0):
                     said, said_at = (where, ahead, step), now
                     line = {"status": where, "prompt_id": self.prompt_id, "seconds": round(now - self.started, 1)}
                     if where == "queued":
