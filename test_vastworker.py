@@ -5275,6 +5275,78 @@ def test_the_openai_backend_refuses_max_tokens_past_the_models_context(start_wor
         "This model's maximum context length is 2048 tokens. However, you requested 2049 tokens"), data
 
 
+def doctor_env(autoscaler_url, port, **extra):
+    """What a Vast instance gives the worker on `port`: the autoscaler, its token and public address."""
+    return dict({"REPORT_ADDR": autoscaler_url, "MASTER_TOKEN": "secret", "CONTAINER_ID": "7",
+                 "PUBLIC_IPADDR": "127.0.0.1", "VAST_TCP_PORT_%d" % port: str(port), "VASTWORKER_TIME_SCALE": "0.1"},
+                **extra)
+
+
+@pytest.mark.parametrize("shape", ["g4", "g3", "g1"])
+def test_the_doctor_passes_against_the_stand_in_and_names_its_grant_shape(start_worker, shape):
+    stand_in = start_worker("autoscaler", "--grant-shape", shape, env={"MASTER_TOKEN": "secret"})
+    port = free_port()
+    code, output = run_cli("doctor", "helloworld", "--endpoint", "mine", "--port", str(port), timeout=60,
+                           env=doctor_env("http://127.0.0.1:%d" % stand_in.port, port))
+    assert code == 0, output
+    for check in ("start-up", "port", "autoscaler", "clock", "worker", "reports", "public url"):
+        assert re.search(r"^ok   %s " % check, output, re.M), output
+    assert re.search(r"^ok   grants +3 live grants verify as %s \(" % shape, output, re.M), output
+    assert output.rstrip().endswith("all checks hold")
+
+
+def test_the_doctor_says_when_no_shape_verifies_the_autoscalers_grants(keys):
+    port, reqnum = free_port(), [0]
+    signature = openssl_sign(keys / "autoscaler.key", b"something else")  # the same on every grant
+
+    def answer(method, path, body):
+        if path == "/pubkey/":
+            return 200, (keys / "spki.pem").read_bytes()
+        if path == "/route/":
+            reqnum[0] += 1
+            return 200, json.dumps({"cost": 100.0, "endpoint": "mine", "reqnum": reqnum[0], "request_idx": reqnum[0],
+                                    "url": "http://127.0.0.1:%d" % port, "signature": signature}).encode()
+        return 200
+
+    autoscaler = LoopbackServer(answer)
+    try:
+        code, output = run_cli("doctor", "helloworld", "--endpoint", "mine", "--port", str(port), timeout=60,
+                               env=doctor_env(autoscaler.url, port))
+    finally:
+        autoscaler.close()
+    assert code == 1, output
+    assert re.search(r"^FAIL grants +3 of 3 live grants verify in no shape \(g4, g3, g1\); every grant has the same "
+                     r"signature, though their reqnum, request_idx or url differ: the autoscaler signs a message", output,
+                     re.M), output
+    assert output.count(signature) == 3 and output.rstrip().endswith("1 problem(s)")
+
+
+def test_the_doctor_names_an_unreachable_autoscaler_and_a_model_server_that_is_down(fake_model):
+    port, nowhere = free_port(), "http://127.0.0.1:%d" % free_port()
+    code, output = run_cli("doctor", "helloworld", "--endpoint", "mine", "--port", str(port), env=doctor_env(
+        nowhere, port))
+    assert code == 1 and re.search(r"^FAIL autoscaler +REPORT_ADDR %s: .*refused.*: is the address right" % nowhere,
+                                   output, re.M), output
+    assert "grants" not in output  # nothing live is tried without an autoscaler
+    down = fake_model("vllm", open=False)  # bound, not listening
+    code, output = run_cli("doctor", "openai", "--endpoint", "mine", "--port", str(port), env=doctor_env(
+        nowhere, port, MODEL_SERVER_URL=down.url))
+    assert code == 1 and re.search(r"^FAIL model server +%s/health answered .*refused.*: is it running" % down.url,
+                                   output, re.M), output
+
+
+def test_a_signature_that_verifies_in_no_shape_is_logged_with_what_it_repeats(signed_worker, keys):
+    worker = signed_worker()
+    forged = make_grant(keys, "g3", key="stranger", reqnum=1)
+    for reqnum in (1, 2):  # the same signature on a different grant: the autoscaler signs something else
+        grant = dict(forged, reqnum=reqnum, request_idx=reqnum)
+        assert worker.json("POST", "/increment", {"auth_data": grant, "payload": {"amount": 1}})[0] == 401
+    worker.wait_for_log(r"WARNING a grant's signature verifies in none of the shapes tried \(g4, g3, g1\); `python3 "
+                        r"vastworker.py doctor")
+    worker.wait_for_log(r"the same signature came on a different grant \(reqnum, request_idx, url \(1, 1, .*\), then "
+                        r"\(2, 2, ")
+
+
 def test_the_stand_in_refuses_forged_and_malformed_status_reports(start_worker, autoscaler):
     port = free_port()
     worker = start_worker("helloworld", port=str(port), env=reporting_env(

@@ -3039,6 +3039,9 @@ class GrantChecker:
         self.highest_reqnum = None
         self.recent = collections.deque()
         self.recent_set = set()
+        self.bad_signatures = {}  # signature -> (reqnum, request_idx, url) of the grant it came on
+        self.next_note = 0.0  # when a bad signature may be logged again
+        self.repeat_told = False  # a signature seen on two different grants was logged (once, at once)
         self._lock = threading.Lock()
 
     @property
@@ -3147,10 +3150,11 @@ class GrantChecker:
                 return "the grant has no %s" % name
         if not isinstance(grant["reqnum"], int) or isinstance(grant["reqnum"], bool):
             return "the grant's reqnum is not an integer"
-        if self.own_url and grant["url"] != self.own_url:  # Vast's worker never checks (decisions 14)
+        if self.own_url and grant["url"] != self.own_url:  # Vast's worker never checks
             return "the grant is for %r, not this worker (%s)" % (str(grant["url"])[:100], self.own_url)
         shape = self.shape_of(grant)
         if shape is None:
+            self.note_bad_signature(grant)
             if self.on_bad_signature is not None:
                 self.on_bad_signature()
             return "the grant's signature does not verify"
@@ -3170,6 +3174,27 @@ class GrantChecker:
                 self.recent_set.discard(self.recent.popleft())
             self.highest_reqnum = max(grant["reqnum"], self.highest_reqnum or grant["reqnum"])
         return None
+
+    def note_bad_signature(self, grant):
+        """Log, at most once a minute, that a signature verified in no shape, and whether the same
+        signature came before on a different grant (then the autoscaler does not sign the grant's
+        own fields), naming the doctor, which finds out more."""
+        told, signature = (grant["reqnum"], grant.get("request_idx"), grant["url"]), str(grant["signature"])[:2048]
+        with self._lock:
+            before = self.bad_signatures.get(signature)
+            self.bad_signatures[signature] = told
+            while len(self.bad_signatures) > self.HISTORY:
+                del self.bad_signatures[next(iter(self.bad_signatures))]
+            repeated = before is not None and before != told
+            now = time.monotonic()
+            if now < self.next_note and not (repeated and not self.repeat_told):
+                return
+            self.next_note, self.repeat_told = now + 60.0, self.repeat_told or repeated
+        Log.write("warning", "a grant's signature verifies in none of the shapes tried (%s)%s; `python3 "
+                             "vastworker.py doctor BACKEND --endpoint NAME` tells which the autoscaler signs" % (
+                                 ", ".join(self.shapes), "; the same signature came on a different grant (reqnum, "
+                                 "request_idx, url %s, then %s)" % (printable(str(before)), printable(str(told)))
+                                 if repeated else ""))
 
     def shape_of(self, grant):
         """The shape whose message the grant's signature verifies, or None."""
@@ -3921,10 +3946,11 @@ def answer_reason(body, limit=200):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def http_exchange(url, method="GET", body=None, headers=None, timeout=10.0, verify=True):
-    """One request on a connection of its own: (status, body).  http.client, not urllib: it is
-    already loaded.  verify=False is for the worker calling itself over loopback, where the
-    certificate names the public address."""
+def http_exchange(url, method="GET", body=None, headers=None, timeout=10.0, verify=True, answer_headers=None):
+    """One request on a connection of its own: (status, body), and the answer's headers appended
+    to `answer_headers` when it is a list.  http.client, not urllib: it is already loaded.
+    verify=False is for the worker calling itself over loopback, where the certificate names
+    the public address."""
     parts = urlsplit(url)
     if parts.scheme == "https":
         import ssl  # only a worker talking https pays for loading it
@@ -3938,6 +3964,8 @@ def http_exchange(url, method="GET", body=None, headers=None, timeout=10.0, veri
         connection.request(method, (parts.path or "/") + ("?" + parts.query if parts.query else ""),
                            body=body, headers=headers or {})
         response = connection.getresponse()
+        if answer_headers is not None:
+            answer_headers.extend(response.getheaders())
         return response.status, response.read()
     finally:
         connection.close()
@@ -5319,6 +5347,9 @@ def main(argv=None, environ=None):
     name_this_process()
     if argv[:1] == ["fleet"]:
         return Fleet(make_fleet_parser().parse_known_args(argv[1:]), environ).run()
+    if argv[:1] == ["doctor"]:
+        options, worker_argv = make_doctor_parser().parse_known_args(argv[1:])
+        return Doctor(options, worker_argv, environ).run()
     options = make_parser(stand_in=argv[:1] == ["autoscaler"]).parse_args(argv)
     try:
         settings = Settings(options, environ)
@@ -5779,6 +5810,204 @@ Route, then call the worker the grant names (signed grants are required, as on V
 Records: curl %(stand_in)s/records   Ctrl-C stops them all."""
 
 
+class Doctor:
+    """`python3 vastworker.py doctor BACKEND --endpoint NAME [--api-key KEY] [worker options]`: run
+    in the worker's own environment (REPORT_ADDR, MASTER_TOKEN, PUBLIC_IPADDR, VAST_TCP_PORT_*,
+    MODEL_SERVER_URL, its options), it checks what a worker needs, one line each -- ok, or the
+    problem and what to do -- and exits 0 only when all hold: the worker's start-up checks, its
+    port, the model server, the autoscaler (reachable, its key, the clock); then, with the worker
+    started briefly on its port, its status reports, live grants from /route/ tried in each
+    signed-message shape, and its public URL."""
+
+    SHAPES = {"g4": "Vast's current worker: the url alone is signed", "g3": "late 2025: all five fields",
+              "g1": "the original worker's four fields"}
+
+    def __init__(self, options, worker_argv, environ):
+        self.options, self.worker_argv, self.environ = options, worker_argv, environ
+        self.problems = 0
+        self.key = None  # autoscaler(): its public key
+
+    def say(self, check, problem, text):
+        print("%-5s%-14s%s" % ("FAIL" if problem else "ok", check, text), flush=True)
+        self.problems += bool(problem)
+
+    def run(self):
+        worker = self.start_up()
+        if worker is not None and self.port_free(worker) and self.model_server(worker) \
+                and self.autoscaler(worker) is not None:
+            self.live(worker)
+        print("%s" % ("all checks hold" if not self.problems else "%d problem(s)" % self.problems), flush=True)
+        return 0 if not self.problems else 1
+
+    def start_up(self):
+        """The worker's own start-up checks: backend, settings, key, certificate, state file."""
+        try:
+            worker = Worker(Settings(make_parser().parse_args(self.worker_argv), self.environ), self.environ)
+            worker.plan()
+        except StartupError as exc:
+            self.say("start-up", True, "%s: the worker would not start" % exc)
+            return None
+        self.say("start-up", False, "backend %s; %s; %s" % (
+            os.path.basename(worker.directory), "HTTPS" if worker.tls is not None else "plain HTTP (USE_SSL unset)",
+            "state in %s" % worker.settings.state_file if worker.settings.state_file else "no state file"))
+        return worker
+
+    def port_free(self, worker):
+        try:
+            worker.bind(worker.port)
+        except StartupError as exc:
+            self.say("port", True, "%s: stop it first (start_server.sh --stop)" % exc)
+            return False
+        worker.listener.close()
+        self.say("port", False, "%s:%d is free" % (worker.settings.host, worker.port))
+        return True
+
+    def model_server(self, worker):
+        """The model server's health endpoint, for backends that have one; False when it is down."""
+        url = worker.backend_plan.healthcheck
+        if not url:
+            return True
+        answer = HealthCheck(url, WorkerState()).status()
+        if answer != 200:
+            self.say("model server", True, "%s answered %s: is it running (MODEL_COMMAND; its log MODEL_LOG) and "
+                                           "is MODEL_SERVER_URL right?" % (url, answer))
+            return False
+        self.say("model server", False, "%s answered 200" % url)
+        return True
+
+    def autoscaler(self, worker):
+        """The autoscaler's public key, and the clock against its Date; None when unreachable."""
+        if not worker.addresses:
+            self.say("autoscaler", True, "REPORT_ADDR is not set: on Vast it is; here, point it at "
+                                         "`python3 vastworker.py autoscaler`")
+            return None
+        address, headers = worker.addresses[0], []
+        try:
+            status, body = http_exchange(address + "/pubkey/", timeout=10.0, answer_headers=headers)
+            key = RSAPublicKey.from_pem(body.decode("ascii", "replace")) if status == 200 else None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            self.say("autoscaler", True, "REPORT_ADDR %s: %s: is the address right, and can this machine reach "
+                                         "it?" % (address, describe_exception(exc)))
+            return None
+        if key is None:
+            self.say("autoscaler", True, "%s/pubkey/ answered %d, not a key" % (address, status))
+            return None
+        self.say("autoscaler", False, "%s serves a %d-bit public key" % (address, key.n.bit_length()))
+        date = dict((name.lower(), value) for name, value in headers).get("date")
+        if date:
+            skew = time.time() - email.utils.parsedate_to_datetime(date).timestamp()
+            self.say("clock", abs(skew) > 30, "%+.0f s from the autoscaler's%s" % (
+                skew, ": set the time (NTP)" if abs(skew) > 30 else ""))
+        self.key = key
+        return key
+
+    def live(self, worker):
+        """The worker started on its port: its reports, live grants and public URL."""
+        import subprocess
+        import tempfile
+        with tempfile.TemporaryDirectory() as scratch:
+            ready, log = os.path.join(scratch, "ready"), open(os.path.join(scratch, "log"), "w+")
+            child = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + self.worker_argv
+                                     + ["--ready-file", ready], stdout=log, stderr=subprocess.STDOUT, env=self.environ)
+            try:
+                if self.loaded(child, ready, worker):
+                    self.reports(worker)
+                    self.grants(worker)
+                    self.public(worker)
+            finally:
+                child.terminate()
+                child.wait()
+                log.close()
+
+    def loaded(self, child, ready, worker):
+        deadline = time.monotonic() + self.options.wait
+        while time.monotonic() < deadline and child.poll() is None:
+            try:
+                with open(ready) as file:
+                    phase = file.read().split()[1]
+            except (OSError, IndexError):
+                phase = None
+            if phase in ("loaded", "error"):
+                status = self.status(worker)
+                self.say("worker", phase == "error", "loaded, max_perf %g (%s)" % (
+                    status["max_perf"], status["max_perf_source"]) if phase == "loaded"
+                    else "failed: %s" % status["error_msg"])
+                return phase == "loaded"
+            time.sleep(0.2)
+        self.say("worker", True, "not loaded within %g s (--wait)" % self.options.wait if child.poll() is None
+                 else "it exited (status %s)" % child.returncode)
+        return False
+
+    def status(self, worker):
+        return json.loads(http_exchange("http://%s:%d/.vastworker/status" % (
+            loopback_for(worker.settings.host), worker.port), timeout=10.0)[1])
+
+    def reports(self, worker):
+        reports = self.status(worker)["reports"] or {}
+        failed = reports.get("failed_count", 0)
+        self.say("reports", failed or not reports.get("delivered_count"), "%d status report(s) taken, %d refused%s" % (
+            reports.get("delivered_count", 0), failed, ": is MASTER_TOKEN this instance's?" if failed else ""))
+
+    def grants(self, worker):
+        """Three live grants from /route/, each tried in every shape."""
+        checker, grants = GrantChecker(self.key), []
+        ask = json.dumps({"endpoint": self.options.endpoint, "cost": DEFAULT_WORKLOAD,
+                          "api_key": self.options.api_key or ""})
+        headers = {"Content-Type": "application/json"}
+        if self.options.api_key:
+            headers["Authorization"] = "Bearer " + self.options.api_key
+        deadline = time.monotonic() + 30.0
+        while len(grants) < 3 and time.monotonic() < deadline:
+            try:
+                status, body = http_exchange(worker.addresses[0] + "/route/", "POST", ask, headers, timeout=10.0)
+                grant = json.loads(body)
+            except (OSError, http.client.HTTPException, ValueError):
+                status, grant = None, None
+            if isinstance(grant, dict) and all(name in grant for name in ("signature", "url", "reqnum", "cost")):
+                grants.append(grant)
+            else:
+                time.sleep(1.0)
+        if not grants:
+            self.say("grants", True, "/route/ for endpoint %r gave no grant within 30 s (last: %s %s): is the "
+                                     "endpoint name right, and its API key (--api-key)?" % (
+                                         self.options.endpoint, status, printable(str(grant))[:200]))
+            return
+        shapes = []
+        for grant in grants:
+            try:
+                shapes.append(checker.shape_of(grant))
+            except (KeyError, TypeError, ValueError):
+                shapes.append(None)
+        if None not in shapes:
+            self.say("grants", False, "%d live grants verify as %s" % (len(grants), ", ".join(
+                "%s (%s)" % (shape, self.SHAPES[shape]) for shape in sorted(set(shapes)))))
+            return
+        same = len({grant["signature"] for grant in grants}) == 1 and len(
+            {(grant["reqnum"], grant.get("request_idx"), grant["url"]) for grant in grants}) > 1
+        self.say("grants", True, "%d of %d live grants verify in no shape (g4, g3, g1)%s: the autoscaler signs "
+                                 "a message this worker does not know.  Tell Vast, with these grants; meanwhile "
+                                 "UNSECURED=true serves without checking (anyone may send requests)" % (
+                                     shapes.count(None), len(grants), "; every grant has the same signature, though "
+                                     "their reqnum, request_idx or url differ" if same else ""))
+        for grant in grants:
+            print("     %s" % json.dumps(grant, sort_keys=True), flush=True)
+
+    def public(self, worker):
+        url = worker.grants.own_url or public_url(self.environ, worker.port, "https" if worker.tls else "http")
+        if not url:
+            self.say("public url", True, "PUBLIC_IPADDR and VAST_TCP_PORT_%d are not set: the autoscaler is "
+                                         "told no url to route to" % worker.port)
+            return
+        parts = urlsplit(url)
+        try:
+            socket.create_connection((parts.hostname, parts.port), timeout=5.0).close()
+        except OSError as exc:
+            self.say("public url", True, "%s does not answer from here (%s): is port %d mapped (-p %d:%d)?" % (
+                url, describe_exception(exc), worker.port, worker.port, worker.port))
+            return
+        self.say("public url", False, "%s answers" % url)
+
+
 def free_port_on(host):
     """A port free on `host` now (the worker takes it a moment later)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -6071,19 +6300,39 @@ takes finished requests (POST /delete_requests/, listed at GET /requests) and li
 runs one with workers."""
 
 
+def subcommand_parser(name, arguments, description):
+    """The parser of `vastworker.py NAME ARGUMENTS`, its description wrapped as --help's are."""
+    return argparse.ArgumentParser(prog="vastworker.py " + name, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   usage="vastworker.py %s %s" % (name, arguments),
+                                   description=wrapped(description, 0, 90))
+
+
 def make_fleet_parser():
-    parser = argparse.ArgumentParser(
-        prog="vastworker.py fleet", formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="vastworker.py fleet BACKEND [--workers N] [--port P] [--host H] [worker options]",
-        description=wrapped("A local fleet, as Vast runs one: the autoscaler stand-in on P and N workers of "
-                            "BACKEND on free ports, reporting to it, signed grants required.  Options it does "
-                            "not know go to each worker (see vastworker.py --help).  Ctrl-C or SIGTERM stops "
-                            "them all.", 0, 90))
+    parser = subcommand_parser(
+        "fleet", "BACKEND [--workers N] [--port P] [--host H] [worker options]",
+        "A local fleet, as Vast runs one: the autoscaler stand-in on P and N workers of BACKEND on free ports, "
+        "reporting to it, signed grants required.  Options it does not know go to each worker (see vastworker.py "
+        "--help).  Ctrl-C or SIGTERM stops them all.")
     parser.add_argument("backend", metavar="BACKEND", help="as for vastworker.py")
     parser.add_argument("--workers", type=positive_int_option, default=2, metavar="N", help="workers (default 2)")
     parser.add_argument("--port", type=int, default=8081, metavar="P", help="the stand-in's port (default 8081)")
     parser.add_argument("--host", default="127.0.0.1", metavar="H",
                         help="where they all listen (default 127.0.0.1: this machine only)")
+    return parser
+
+
+def make_doctor_parser():
+    parser = subcommand_parser(
+        "doctor", "BACKEND --endpoint NAME [--api-key KEY] [--wait S] [worker options]",
+        "Run in the worker's own environment (REPORT_ADDR, MASTER_TOKEN, PUBLIC_IPADDR, VAST_TCP_PORT_*, "
+        "MODEL_SERVER_URL and its options), it checks what the worker needs, one line each, and exits 0 only when "
+        "all hold: the worker's start-up checks, its port, the model server, the autoscaler and the clock; then, "
+        "with the worker started briefly on its port, its status reports, live grants from /route/ in each "
+        "signed-message shape (g4, g3, g1), and its public URL.")
+    parser.add_argument("--endpoint", required=True, metavar="NAME", help="the endpoint whose grants to take")
+    parser.add_argument("--api-key", metavar="KEY", help="the endpoint's API key, where /route/ needs one")
+    parser.add_argument("--wait", type=float, default=120.0, metavar="S",
+                        help="how long the worker may take to load (default 120 s)")
     return parser
 
 
@@ -6139,6 +6388,9 @@ backends:
 
   python3 vastworker.py autoscaler [--port P]  runs a local stand-in for Vast's autoscaler
   (default port 8081) that prints the status records workers send it.
+  python3 vastworker.py fleet BACKEND --workers N  runs the stand-in and N workers.
+  python3 vastworker.py doctor BACKEND --endpoint NAME  checks a worker's set-up, one line a
+  check (the autoscaler, live grants, the public URL, the model server ...).
 """
 
 
