@@ -3656,8 +3656,10 @@ def test_a_real_llama_server_with_a_small_context_serves_its_errors_and_recovers
     loaded = autoscaler.wait_for(lambda r: r["loadtime"] > 0 or r["error_msg"], timeout=120)[0]
     assert loaded["error_msg"] == "" and loaded["max_perf"] > 0, worker.log
     worker.wait_for_log("benchmark: the model server takes 256 tokens a request; prompts of 21 words, at most 64")
-    print("small-context llama-server: loaded %.1f s after start, benchmark %s, max_perf %g" % (
-        time.monotonic() - ready_at, re.findall(r"benchmark: \S+ workload/s", worker.log)[-1], loaded["max_perf"]))
+    took = worker.wait_for_log(r"(\d\d:\d\d:\d\d) INFO the backend is ready\n(?:.*\n)*?.*(\d\d:\d\d:\d\d) INFO "
+                               r"benchmark: \S+ workload/s")
+    print("small-context llama-server: loaded %.1f s after its start; the benchmark from %s to %s; max_perf %g"
+          % (time.monotonic() - ready_at, took.group(1), took.group(2), loaded["max_perf"]))
     out = run_client(openai_client, LLAMA_CLIENT, tmp_path, "http://127.0.0.1:%d" % worker.port,
                      vastworker.made_up_words(0))
     assert out["too_long"][:3] == ["BadRequestError", 400, "exceed_context_size_error"]  # the server's, as it said
