@@ -5509,6 +5509,29 @@ def test_out_of_file_descriptors_the_worker_makes_room_or_says_503_and_never_spi
 # Documentation and CI stay true
 # ------------------------------------------------------------------------------------------------
 
+def test_every_link_in_the_readme_and_docs_leads_somewhere():
+    """Relative links name files that exist, and anchors headings that exist (GitHub's slugs)."""
+    def slugs(path):
+        with open(path) as file:
+            headings = re.findall(r"^#+ (.+)$", file.read(), re.M)
+        return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+    checked = 0
+    for page in [os.path.join(ROOT, "README.md")] + glob.glob(os.path.join(ROOT, "docs", "*.md")):
+        with open(page) as file:
+            links = re.findall(r"\]\(([^)\s]+)\)", file.read())
+        for link in links:
+            if "://" in link:
+                continue
+            target, _, anchor = link.partition("#")
+            path = os.path.normpath(os.path.join(os.path.dirname(page), target)) if target else page
+            assert os.path.exists(path), "%s links to %s, which is not there" % (page, link)
+            if anchor:
+                assert anchor in slugs(path), "%s links to #%s, which %s has no heading for" % (page, anchor, path)
+            checked += 1
+    assert checked > 15
+
+
 def test_ci_runs_the_readme_test_command():
     with open(os.path.join(ROOT, "README.md")) as file:
         readme = file.read()

@@ -6368,7 +6368,7 @@ def wrapped(text, indent, width=100):
 
 
 def settings_table():
-    """The README's table of every setting, in Markdown."""
+    """The table of every setting in docs/settings.md, in Markdown."""
     rows = ["| setting | flag | variable | `backend.py` | default | read by | meaning |",
             "|---|---|---|---|---|---|---|"]
     for setting in SETTINGS:
@@ -6522,7 +6522,7 @@ def http_url(value):
     return value
 
 
-# Every setting there is, in one table: parsing, which source wins, --help and the README's table
+# Every setting there is, in one table: parsing, which source wins, --help and docs/settings.md
 # all come from it, and a test checks that nothing read anywhere is missing from it.
 SETTINGS = (
     # the listening socket and its limits
