@@ -5297,6 +5297,20 @@ def test_the_doctor_passes_against_the_stand_in_and_names_its_grant_shape(start_
     assert output.rstrip().endswith("all checks hold")
 
 
+def test_the_doctor_says_what_the_model_server_takes(start_worker, fake_model, tmp_path):
+    stand_in = start_worker("autoscaler", env={"MASTER_TOKEN": "secret"})
+    fake = fake_model("llamacpp", context=256)
+    fake.loaded()
+    port = free_port()
+    code, output = run_cli("doctor", "openai", "--endpoint", "mine", "--port", str(port), "--cache-dir", str(tmp_path),
+                           timeout=60, env=doctor_env("http://127.0.0.1:%d" % stand_in.port, port,
+                                                      MODEL_SERVER_URL=fake.url, BENCHMARK_MAX_TOKENS="4"))
+    assert code == 0, output
+    assert re.search(r"^ok   model server  %s/health answered 200$" % fake.url, output, re.M), output
+    assert re.search(r"^ok   worker +loaded, max_perf \S+ \(benchmark\); the model server takes 256 tokens a "
+                     r"request$", output, re.M), output
+
+
 def test_the_doctor_says_when_no_shape_verifies_the_autoscalers_grants(keys):
     port, reqnum = free_port(), [0]
     signature = openssl_sign(keys / "autoscaler.key", b"something else")  # the same on every grant

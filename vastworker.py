@@ -5910,7 +5910,7 @@ class Doctor:
             child = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + self.worker_argv
                                      + ["--ready-file", ready], stdout=log, stderr=subprocess.STDOUT, env=self.environ)
             try:
-                if self.loaded(child, ready, worker):
+                if self.loaded(child, ready, worker, log):
                     self.reports(worker)
                     self.grants(worker)
                     self.public(worker)
@@ -5919,7 +5919,12 @@ class Doctor:
                 child.wait()
                 log.close()
 
-    def loaded(self, child, ready, worker):
+    def loaded(self, child, ready, worker, log):
+        """Whether the worker loads within --wait; what it said of the model server's context."""
+        def logged():
+            log.seek(0)
+            return log.read()
+
         deadline = time.monotonic() + self.options.wait
         while time.monotonic() < deadline and child.poll() is None:
             try:
@@ -5929,13 +5934,19 @@ class Doctor:
                 phase = None
             if phase in ("loaded", "error"):
                 status = self.status(worker)
-                self.say("worker", phase == "error", "loaded, max_perf %g (%s)" % (
-                    status["max_perf"], status["max_perf_source"]) if phase == "loaded"
-                    else "failed: %s" % status["error_msg"])
+                settle = time.monotonic() + 2.0  # the log is written a moment after the phase
+                while phase == "loaded" and "loaded after" not in logged() and time.monotonic() < settle:
+                    time.sleep(0.05)
+                context = re.findall(r"benchmark: (the model server (?:takes \d+ tokens a request|names no context))",
+                                     logged())
+                self.say("worker", phase == "error", "loaded, max_perf %g (%s)%s" % (
+                    status["max_perf"], status["max_perf_source"], "; " + context[-1] if context else "")
+                    if phase == "loaded" else "failed: %s" % status["error_msg"])
                 return phase == "loaded"
             time.sleep(0.2)
+        last = (logged().strip().splitlines() or [""])[-1]
         self.say("worker", True, "not loaded within %g s (--wait)" % self.options.wait if child.poll() is None
-                 else "it exited (status %s)" % child.returncode)
+                 else "it exited (status %s): %s" % (child.returncode, last))
         return False
 
     def status(self, worker):
