@@ -4386,8 +4386,9 @@ def test_every_setting_read_anywhere_is_in_the_one_table_and_its_document():
         source = file.read()
     flags = set(re.findall(r"(--[a-z][a-z-]+)", run_cli("--help")[1].split("environment variables")[0]))
     assert flags == {setting.flag for setting in table if setting.flag} | {"--help", "--version"}
-    assert set(re.findall(r'add_argument\("(--[a-z-]+)"', source)) == {"--version", "--workers", "--port", "--host"}
-    # the rest come from the table; those are `fleet`'s own
+    assert set(re.findall(r'add_argument\("(--[a-z-]+)"', source)) == {"--version", "--workers", "--port", "--host",
+                                                                       "--endpoint", "--api-key", "--wait"}
+    # the rest come from the table; those are `fleet`'s and `doctor`'s own
     attributes = {setting.attribute for setting in table if setting.attribute}
     assert attributes >= {"readiness", "log_actions", "benchmark", "workload", "max_perf", "healthcheck",
                           "persist", "model_log", "allow_parallel_requests"}
