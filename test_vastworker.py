@@ -3385,6 +3385,15 @@ def test_bad_input_is_refused_before_anything_goes_upstream(start_worker, fake_m
     assert len(fake.requests) == seen
 
 
+def test_the_wires_own_refusals_on_the_openai_routes_take_openais_shape_too(start_worker, fake_model, tmp_path):
+    fake = fake_model("vllm")
+    worker = model_worker(start_worker, "openai", fake, tmp_path, "--max-body", "1000")
+    status, _, body = worker.request("POST", "/v1/completions", json.dumps({"prompt": "x" * 2000}), JSON)
+    assert status == 413 and json.loads(body)["error"]["message"] == "the request body is 2014 bytes; the limit is 1000"
+    status, _, body = worker.request("POST", "/nowhere", json.dumps({"prompt": "x" * 2000}), JSON)
+    assert status == 413 and json.loads(body)["error"] == "Request Entity Too Large"  # not one of its routes: ours
+
+
 def test_a_huge_answer_is_streamed_through_not_held(start_worker, write_backend, fake_model):
     fake = fake_model("vllm")
     worker = start_worker(write_backend(PROXY_BACKEND), env={"MODEL_SERVER_URL": fake.url})

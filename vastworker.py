@@ -5772,7 +5772,7 @@ class Fleet:
                 self.said.wait(0.2)
             else:
                 return False
-        ended = [name for name, process in self.children if process.returncode is not None]
+        ended = [name for name, process in self.children if process.poll() is not None]  # each asked again
         for name in ended:  # its last words relayed first
             self.relays[name].join(2.0)
         print("vastworker fleet: %s exited during start-up" % ", ".join(ended), flush=True)
@@ -5795,6 +5795,8 @@ class Fleet:
                     print("vastworker fleet: %s (pid %d) did not stop: killed" % (name, process.pid), flush=True)
                     process.kill()
                     process.wait()
+        for relay in self.relays.values():  # every last line out before the fleet's own last one
+            relay.join(2.0)
         print("vastworker fleet: stopped", flush=True)
         return status
 
