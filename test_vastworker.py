@@ -5436,10 +5436,13 @@ def test_a_client_that_half_closed_before_the_stream_still_gets_all_of_it(start_
     fake = fake_model("vllm", token_delay=0.05)
     worker = model_worker(start_worker, "openai", fake, tmp_path)
     body = json.dumps({"prompt": "hi", "max_tokens": 5, "stream": True}).encode()
+    fake.held = threading.Event()  # the answer begins only once the half-close is surely in: before the stream
     with socket.create_connection(("127.0.0.1", worker.port), timeout=10) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         sock.shutdown(socket.SHUT_WR)  # as some clients send a request: it still reads the answer
+        fake.wait_for(lambda f: any(r[1] == "/v1/completions" for r in f.requests))
+        fake.held.set()
         answer = read_until_close(sock)
     assert answer.count(b"data: {") == 6 and b"data: [DONE]" in answer, answer
     assert fake.aborted == []

@@ -51,6 +51,7 @@ class FakeModelServer:
         self.loading = flavor == "llamacpp"
         self.requests = []  # (method, path, JSON body or None, client port), in arrival order
         self.gate = None  # a threading.Semaphore: when set, each token waits for a release()
+        self.held = None  # a threading.Event: when set, answers wait for it to be set before they begin
         self.timestamps = False  # each streamed OpenAI chunk carries "t", when it was sent (the benchmark's)
         self.aborted = []  # paths whose generation stopped because the client left
         self.interrupts = 0
@@ -247,6 +248,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         fake = self.fake
         path = urlsplit(self.path).path
         fake.record("requests", (method, self.path, payload, self.client_address[1]))
+        if fake.held is not None:
+            fake.held.wait(30)
         if fake.loading:
             return self.answer(503, {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})
         route = getattr(self, "%s_route" % (fake.flavor if fake.flavor in ("tgi", "comfyui") else "vllm"))
