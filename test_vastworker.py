@@ -3610,8 +3610,8 @@ def test_the_openai_python_client_works_through_the_worker_unchanged(start_worke
 LLAMA_SERVER = os.environ.get("VASTWORKER_LLAMA_SERVER")
 LLAMA_MODEL = os.environ.get("VASTWORKER_LLAMA_MODEL")
 needs_llama_server = pytest.mark.skipif(
-    not (LLAMA_SERVER and LLAMA_MODEL), reason="no real llama-server: .ci/run builds one (about 7 minutes, once) "
-    "and sets VASTWORKER_LLAMA_SERVER and VASTWORKER_LLAMA_MODEL; see bench/llama_server.py")
+    not (LLAMA_SERVER and LLAMA_MODEL), reason="no real llama-server (VASTWORKER_LLAMA_SERVER and _MODEL unset): "
+    ".ci/run builds one with bench/llama_server.py and runs these under its first Python only")
 
 
 @pytest.fixture
