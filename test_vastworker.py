@@ -5274,18 +5274,20 @@ def test_the_openai_backend_refuses_max_tokens_past_the_models_context(start_wor
     fake = fake_model("vllm", context=2048)
     worker = model_worker(start_worker, "openai", fake, tmp_path)
     sent = len(fake.requests)
+
+    def answer(path, payload):  # past a 429: the request before, counted as a whole queue-time of work,
+        return wait_until(lambda: (lambda got: got if got[0] != 429 else None)(  # is taken out only
+            worker.json("POST", path, payload)))  # after its answer is sent
+
     for field in ("max_tokens", "max_completion_tokens"):
-        def ask():  # a 429: the request before, counted as a whole queue-time of work, is not yet
-            answer = worker.json("POST", "/v1/chat/completions",  # taken out (after its answer is sent)
-                                 {"messages": [{"role": "user", "content": "hi"}], field: 10 ** 20})
-            return answer if answer[0] != 429 else None
-        status, data = wait_until(ask)
+        status, data = answer("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                       field: 10 ** 20})
         assert status == 400 and "%r is 100000000000000000000, more than the model's context of 2048" % field \
             in data["error"]["message"], data
     assert [request[:2] for request in fake.requests[sent:] if request[0] != "GET"] == []  # nothing sent
-    status, data = worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2047})
+    status, data = answer("/v1/completions", {"prompt": "hi", "max_tokens": 2047})
     assert status == 200, data
-    status, data = worker.json("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2048})  # 2049 in all:
+    status, data = answer("/v1/completions", {"prompt": "hi", "max_tokens": 2048})  # 2049 in all:
     assert status == 400 and data["error"]["message"].startswith(  # vLLM's own answer, as it gave it
         "This model's maximum context length is 2048 tokens. However, you requested 2049 tokens"), data
 
