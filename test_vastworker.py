@@ -2432,7 +2432,11 @@ def test_the_workers_metrics_count_exactly_what_happened(start_worker, write_bac
                                               "payload": {"amount": 1}})[0] == 401  # a replay
     assert worker.request("GET", "/nowhere/%d" % 7)[0] == 404
     assert worker.request("GET", "/metrics")[0] == 401  # a token is set: it is needed, even from here
-    status, headers, body = worker.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"})
+
+    def scrape():  # each request is counted once its answer is sent: the last may not be yet
+        answer = worker.request("GET", "/metrics", headers={"Authorization": "Bearer s3cret"})
+        return answer if re.search(rb'^vastworker_requests_total\{[^}]*code="404"[^}]*\} 1', answer[2], re.M) else None
+    status, headers, body = wait_until(scrape)
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     samples = parsed_metrics(prometheus_parser, body.decode(), tmp_path)
 
