@@ -205,10 +205,15 @@ DEFAULT_DETAILS = {
 }
 
 
+def default_detail(code):
+    """What a refusal with no detail of its own says."""
+    return DEFAULT_DETAILS.get(code, STATUS_PHRASES.get(code, "error"))
+
+
 def error_body(code, detail=None):
     """Our error body: short JSON in our own words, never a traceback."""
     if detail is None:
-        detail = DEFAULT_DETAILS.get(code, STATUS_PHRASES.get(code, "error"))
+        detail = default_detail(code)
     elif not isinstance(detail, (str, int, float, list, dict)):
         detail = str(detail)
     body = {"error": STATUS_PHRASES.get(code, "Unknown Error"), "detail": detail}
@@ -250,7 +255,7 @@ class Refusal(Exception):
     def message(self):
         """What the refusal says, as text: its detail, else the status's usual words."""
         if self.detail is None:
-            return DEFAULT_DETAILS.get(self.code, STATUS_PHRASES.get(self.code, "error"))
+            return default_detail(self.code)
         return self.detail if isinstance(self.detail, str) else json.dumps(self.detail, default=str)
 
     def body(self):
@@ -4547,6 +4552,12 @@ class ModelServer:
             return Refusal(503, "the model server is not answering yet (%s): still loading?" % failure, retry_after=5)
         return Refusal(502, "the model server failed: %s" % failure)
 
+    def broke_off(self, target, failure):
+        """Log an answer to `target` that the model server broke off, in full; what its client is
+        told (no address, no system error text)."""
+        Log.write("warning", "the model server %s broke off %s: %s" % (self.url, target, failure.logged()))
+        return "the model server broke off its answer: %s" % failure
+
     # -- what backends call ---------------------------------------------------------------------
     def forward(self, request, path=None, json=None, method=None, headers=None, timeout=None):
         """The model server's answer to `request`, for a handler to return.  The request goes to
@@ -4581,8 +4592,7 @@ class ModelServer:
                 data = b"".join(connection.pieces(framing, watch, timeout or self.timeout))
             except UpstreamFailed as exc:
                 connection.close()
-                Log.write("warning", "the model server %s broke off %s: %s" % (self.url, target, exc.logged()))
-                raise Refusal(502, "the model server broke off its answer: %s" % exc)
+                raise Refusal(502, self.broke_off(target, exc))
             except Cancelled:
                 connection.close()
                 raise
@@ -4612,8 +4622,7 @@ class ModelServer:
             if kept:
                 self._give_back(connection)
         except UpstreamFailed as exc:
-            Log.write("warning", "the model server %s broke off %s: %s" % (self.url, target, exc.logged()))
-            why = "the model server broke off its answer: %s" % exc
+            why = self.broke_off(target, exc)
             event = self.error_event(content_type, why)
             if event is None:
                 raise AbortStream(why)
@@ -6006,7 +6015,7 @@ class Doctor:
             print("     %s" % json.dumps(grant, sort_keys=True), flush=True)
 
     def public(self, worker):
-        url = worker.grants.own_url or public_url(self.environ, worker.port, "https" if worker.tls else "http")
+        url = public_url(self.environ, worker.port, "https" if worker.tls else "http")
         if not url:
             self.say("public url", True, "PUBLIC_IPADDR and VAST_TCP_PORT_%d are not set: the autoscaler is "
                                          "told no url to route to" % worker.port)
