@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -647,6 +648,46 @@ def test_a_client_socket_reads_heads_and_bodies_and_knows_when_its_client_left()
             client.read_head()
         client.abandon()  # the worker gives up on it: its client sees the connection end
         assert client.gone() and far.recv(10) == b""
+
+
+@pytest.mark.parametrize("use_epoll", [True, False] if hasattr(select, "epoll") else [False])
+def test_the_connection_pool_adds_threads_for_blocked_handlers_and_lets_them_go(use_epoll):
+    """In process, with epoll and with the poll() it falls back on: a connection is run only
+    once its client sends; handlers that block make the pool add threads for the next ones, and
+    once they are done the spare threads end."""
+    pool = vastworker.ConnectionPool(vastworker.OneShotPoller(use_epoll))
+    pool.SPARE = 0.3
+    release, ran = threading.Event(), []
+
+    class Handler:  # what the pool needs of a ConnectionHandler
+        def __init__(self, sock):
+            self.client = vastworker.ClientSocket(sock, 5)
+
+        def run(self):
+            self.client.sock.recv(100)
+            ran.append(self)
+            if len(ran) <= 2:
+                release.wait(10)
+
+    pairs = [socket.socketpair() for _ in range(3)]
+    handlers = [Handler(near) for near, _ in pairs]
+    for handler in handlers:
+        pool.wait_for(handler)
+    pairs[0][1].sendall(b"x")
+    wait_until(lambda: len(ran) == 1)
+    assert ran == [handlers[0]]  # the others have sent nothing
+    pairs[1][1].sendall(b"x")
+    pairs[2][1].sendall(b"x")
+    wait_until(lambda: len(ran) == 3)  # while the first two block
+    assert pool.threads == 3
+    release.set()
+    wait_until(lambda: pool.threads == 1, timeout=10, failure=lambda: "%d threads" % pool.threads)
+    pool.wait_for(handlers[2])  # waiting again, run again
+    pairs[2][1].sendall(b"y")
+    wait_until(lambda: len(ran) == 4)
+    for near, far in pairs:
+        near.close()
+        far.close()
 
 
 def test_dispatch_answers_a_request_in_process():
