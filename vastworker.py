@@ -530,6 +530,7 @@ class ConnectionHandler:
             sock = server.tls.wrap_socket(request, server_side=True, do_handshake_on_connect=False)
         self.client = ClientSocket(sock, server.timeout)
         self.greeted = server.tls is None  # the TLS handshake is done
+        self.greet_by = time.monotonic() + server.timeout  # when it must be
         server.deadlines.watch(self.client)
 
     def run(self):
@@ -537,8 +538,10 @@ class ConnectionHandler:
         client = self.client
         try:
             if not self.greeted:
-                client.handshake()
-                self.greeted = True
+                if not self.greet():
+                    return self.server.pool.wait_for(self, self.greet_by)
+                if not client.pending():  # greeted; the request is still to come
+                    return self.server.pool.wait_for(self)
             while self.handle_one():
                 if not client.buffer and not client.pending():
                     return self.server.pool.wait_for(self)
@@ -547,6 +550,25 @@ class ConnectionHandler:
         except BaseException:
             self.server.handle_error(self.request, self.client_address)
         self.close()
+
+    def greet(self):
+        """Take the TLS handshake as far as it goes without waiting for the client (a thread
+        waiting out each round trip would look blocked to the pool, which would add threads
+        for a burst of new connections); True once it is done."""
+        import ssl  # loaded already: the socket is an ssl.SSLSocket
+        sock = self.client.sock
+        sock.setblocking(False)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLWantWriteError:  # a full send buffer, unlikely this early: wait it out
+            sock.setblocking(True)
+            self.client.handshake()
+        finally:
+            sock.setblocking(True)
+        self.greeted = True
+        return True
 
     def close(self):
         server = self.server
@@ -752,8 +774,9 @@ class ConnectionPool:
     (bench/bench.py).  So one thread serves while the process keeps a core busy.  When
     connections wait while the process does not -- its threads wait on a model server, the
     backend's lock or a slow client -- threads are added, one for each waiting connection (at
-    most doubling); one ends every SHRINK s while the process keeps its core busy with more than
-    one, or while some thread has found nothing to do for SPARE s on end.  One always stays."""
+    most doubling); every SHRINK s, while the process keeps its core busy with more than one,
+    half the extra ones end, and one does while some thread has found nothing to do for SPARE s
+    on end.  One always stays."""
 
     TICK = 0.003  # how often the pool is looked at while it has work or more than one thread
     SHRINK = 0.05
@@ -771,11 +794,11 @@ class ConnectionPool:
         self._add_threads(1)
         threading.Thread(target=self._watch, name="connection pool", daemon=True).start()
 
-    def wait_for(self, handler):
+    def wait_for(self, handler, until=None):
         """Hold `handler` until its client sends something or closes, or its ClientSocket is cut
-        (its idle time is up, or it is evicted); then one of the pool's threads runs it."""
+        (its idle time is up, or `until`, or it is evicted); then one of the pool's threads runs it."""
         client = handler.client
-        client.idle()
+        client.idle(until)
         fd = client.fileno()
         self._parked[fd] = handler
         self._poller.arm(fd)
@@ -834,8 +857,8 @@ class ConnectionPool:
     def _watch(self):
         """Every TICK while there is work or more than one thread: when every thread is at work
         (none waits for clients) and connections wait while the process used under half a core,
-        add threads; when it used 90% or more with more than one, or some thread has waited for
-        clients at every look for SPARE s, ask one to end."""
+        add threads; when it used 90% or more with more than one, ask half the extra ones to
+        end; when some thread has waited for clients at every look for SPARE s, one."""
         shrunk = last_busy = time.monotonic()
         while True:
             if self.threads - self._surplus <= 1 and self._polling.locked():
@@ -845,7 +868,8 @@ class ConnectionPool:
             time.sleep(self.TICK)
             now = time.monotonic()
             busy = (time.process_time() - cpu_began) / (now - began)
-            extra = self.threads - self._surplus > 1
+            extra = self.threads - self._surplus - 1
+            ending = 0
             if self._polling.acquire(blocking=False):  # every thread is at work
                 try:
                     self._take_ready(0)
@@ -855,13 +879,14 @@ class ConnectionPool:
                 if busy < 0.5 and self._ready:
                     self._add_threads(min(len(self._ready), self.threads))
                     continue
-                shrink = extra and busy >= 0.9
-            else:
-                shrink = extra and now - last_busy >= self.SPARE
-            if shrink and now - shrunk >= self.SHRINK:
+                if busy >= 0.9:
+                    ending = (extra + 1) // 2
+            elif now - last_busy >= Waits.of(self.SPARE):
+                ending = min(extra, 1)
+            if ending and now - shrunk >= self.SHRINK:
                 shrunk = now
                 with self._lock:
-                    self._surplus += 1
+                    self._surplus += ending
 
 
 class OneShotPoller:
@@ -929,9 +954,10 @@ class ClientSocket:
         self.probed = False  # gone() sent its "100 Continue" probe
         self.left = False  # gone() found the client gone
 
-    def idle(self):
-        """Between requests: its time limit starts, after which the DeadlineWatcher cuts it."""
-        self.limit = self.deadline = time.monotonic() + self.timeout
+    def idle(self, until=None):
+        """Between requests: its time limit starts (or is `until`), after which the
+        DeadlineWatcher cuts it."""
+        self.limit = self.deadline = until or time.monotonic() + self.timeout
 
     def pending(self):
         """Bytes received and decrypted but not yet read (over TLS; none otherwise)."""
