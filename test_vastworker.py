@@ -628,7 +628,9 @@ def test_a_client_socket_reads_heads_and_bodies_and_knows_when_its_client_left()
     with near, far:
         client = vastworker.ClientSocket(near, 5)
         far.sendall(b"\r\nPOST /a HTTP/1.1\r\nHost: x\r\n\r\n3\r\nabc\r\n0\r\n\r\nrest")
-        assert client.read_head() == b"POST /a HTTP/1.1\r\nHost: x\r"  # a blank line before it skipped
+        client.receive()
+        assert client.take_head() == b"POST /a HTTP/1.1\r\nHost: x\r"  # a blank line before it skipped
+        assert client.head_by is None  # the head is whole: no time limit on it now
         budget = vastworker.BodyBudget(100)
         client.start_body()
         assert client.read_chunked(10, budget) == (b"abc", 3) and budget.held == 3
@@ -643,9 +645,13 @@ def test_a_client_socket_reads_heads_and_bodies_and_knows_when_its_client_left()
     near, far = socket.socketpair()
     with near, far:
         client = vastworker.ClientSocket(near, 5)
-        far.sendall(b"GET /" + b"x" * 70000)
-        with pytest.raises(vastworker.Refusal, match="request line is longer"):
-            client.read_head()
+        far.sendall(b"GET /x HTTP/1.1\r\nHost")
+        client.receive()
+        assert client.take_head() is None and client.head_by is not None  # part of a head: timed
+        far.sendall(b"x" * 70000)
+        with pytest.raises(vastworker.Refusal, match="headers are larger"):
+            while client.take_head() is None:
+                client.receive()
         client.abandon()  # the worker gives up on it: its client sees the connection end
         assert client.gone() and far.recv(10) == b""
 
@@ -777,6 +783,7 @@ def test_malformed_requests_get_a_json_error_and_close(hello, request_bytes, sta
 
 def test_stuck_connections_do_not_block_others(start_worker):
     worker = start_worker("helloworld", "--timeout", "2")
+    threads = len(os.listdir("/proc/%d/task" % worker.proc.pid))
     stuck = []
     for _ in range(40):
         sock = socket.create_connection(("127.0.0.1", worker.port))
@@ -787,6 +794,8 @@ def test_stuck_connections_do_not_block_others(start_worker):
         assert worker.request("POST", "/increment", {"amount": 1})[0] == 200
         assert worker.value() == 1
         assert time.monotonic() - started < 5  # not waiting for the stuck ones (2 s timeout)
+        # they wait in the pool's poller, not on a thread each
+        assert len(os.listdir("/proc/%d/task" % worker.proc.pid)) < threads + 5
         for sock in stuck:  # then each is answered 408 and closed after the timeout
             sock.settimeout(10)
             assert status_of(read_until_close(sock)) == 408

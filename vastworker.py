@@ -534,17 +534,29 @@ class ConnectionHandler:
         server.deadlines.watch(self.client)
 
     def run(self):
-        """Serve the requests that have come, then wait in the pool for the next one, or close."""
+        """Serve what the client has sent -- the pool runs this once it has sent something, or
+        closed -- then wait in the pool for what is still to come (the rest of a head, or the
+        next request), or close.  No thread waits for a head: one blocked on each client
+        trickling its head (a slowloris) made the pool add a thread for each."""
         client = self.client
         try:
-            if not self.greeted:
-                if not self.greet():
-                    return self.server.pool.wait_for(self, self.greet_by)
-                if not client.pending():  # greeted; the request is still to come
-                    return self.server.pool.wait_for(self)
-            while self.handle_one():
-                if not client.buffer and not client.pending():
-                    return self.server.pool.wait_for(self)
+            if not self.greeted and (not self.greet() or not client.pending()):
+                return self.server.pool.wait_for(self, None if self.greeted else self.greet_by)
+            client.receive()  # what the pool found the client had sent: this does not wait
+            while True:
+                head = client.take_head()
+                if head is not None:
+                    if not self.handle_one(head):
+                        break
+                elif client.pending():  # over TLS, bytes decrypted already, which no poller sees
+                    client.receive()
+                else:
+                    return self.server.pool.wait_for(self, client.head_by)
+        except Refusal as refusal:  # a head too large to read
+            self.refuse(refusal, None, None)
+        except socket.timeout:  # its time ran out while it waited, or it was evicted
+            if client.head_by is not None:  # in the middle of a head
+                self.refuse(client.timed_out("the request headers"), None, None)
         except (ConnectionClosed, OSError):
             pass
         except BaseException:
@@ -578,15 +590,8 @@ class ConnectionHandler:
         server.shutdown_request(self.request)
         server.connection_closed()
 
-    def handle_one(self):
-        """Serve one request; True when the connection may carry another."""
-        try:
-            raw_head = self.client.read_head()
-        except Refusal as refusal:
-            self.refuse(refusal, None, None)
-            return False
-        if raw_head is None:
-            return False
+    def handle_one(self, raw_head):
+        """Serve the request whose head this is; True when the connection may carry another."""
         server = self.server
         started = time.perf_counter()
         server.request_started()
@@ -953,6 +958,7 @@ class ClientSocket:
         self.writing = False
         self.probed = False  # gone() sent its "100 Continue" probe
         self.left = False  # gone() found the client gone
+        self.head_by = None  # part of a request head is in: when all of it must be
 
     def idle(self, until=None):
         """Between requests: its time limit starts (or is `until`), after which the
@@ -1013,7 +1019,8 @@ class ClientSocket:
         except OSError:
             pass
 
-    def _fill(self):
+    def receive(self):
+        """Read what the client has sent (waiting for it until `limit`) into the buffer."""
         self.deadline = self.limit
         data = self.sock.recv(262144)
         self.deadline = None
@@ -1054,33 +1061,24 @@ class ClientSocket:
             self.writing = False
             self.deadline = None
 
-    def read_head(self):
-        """The request line and headers (without the blank line), or None when the connection
-        ends, or stays idle between requests, or is evicted while idle."""
+    def take_head(self):
+        """The next request's head from what has been received (its lines, without the blank line
+        that ends it), or None while it is not all in; blank lines before it are skipped.  From
+        its first byte a head has `timeout` to come whole: `head_by`."""
         buffer = self.buffer
-        self.limit = time.monotonic() + self.timeout
-        idle = True
-        while True:
-            start = 0
-            while start < len(buffer) and buffer[start] in b"\r\n":  # blank lines before a request
-                start += 1
-            if start:
-                del buffer[:start]
-            if buffer:
-                if idle:  # the request's first bytes: now its head has `timeout` to arrive whole
-                    idle, self.limit = False, time.monotonic() + self.timeout
-                head = take_head(buffer)
-                if head is not None:
-                    return head
-                try:
-                    self._fill()
-                except socket.timeout:
-                    raise self.timed_out("the request headers")
-            else:
-                try:
-                    self._fill()
-                except (socket.timeout, ConnectionClosed):
-                    return None
+        start = 0
+        while start < len(buffer) and buffer[start] in b"\r\n":
+            start += 1
+        if start:
+            del buffer[:start]
+        if not buffer:
+            return None
+        if self.head_by is None:
+            self.head_by = time.monotonic() + self.timeout
+        head = take_head(buffer)
+        if head is not None:
+            self.head_by = None
+        return head
 
     def start_body(self):
         self.limit, self.paced = time.monotonic() + self.timeout, True
@@ -1127,7 +1125,7 @@ class ClientSocket:
                 raise budget.refusal()
             taken += size
         try:
-            for piece in chunked_pieces(self.buffer, self._fill, admit):
+            for piece in chunked_pieces(self.buffer, self.receive, admit):
                 body += piece
         except BaseException:
             budget.give_back(taken)  # all it took, though a chunk cut short was not all received
