@@ -115,9 +115,13 @@ def is_number(value):
 
 class Log:
     """Timestamped lines on stderr, one log for the process.  While serving, lines are queued and
-    a background thread writes them every 0.1 s (warnings and errors at once, in order): a write
-    per request would be a system call per request, and each one is a chance for the thread to
-    lose the GIL for milliseconds."""
+    a background thread writes them (warnings and errors at once, in order): a write per request
+    would be a system call per request, and each one is a chance for the thread to lose the GIL
+    for milliseconds.  Access lines are queued as tuples and formatted by that thread, in
+    batches: a request's own path spends 0.4 us on its line instead of 1.1, and GET's throughput
+    at 16 and 64 connections rose 6-14%.  It writes every 10 ms while lines come, since it holds
+    the GIL while it formats, and every request waits meanwhile: every 0.1 s, the batches doubled
+    GET's p99 (bench/bench.py).  With nothing to write, it looks every 0.1 s."""
 
     LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
     level = 20
@@ -132,29 +136,51 @@ class Log:
         """always: a line that is written at any level, at once (the one that says the worker is up)."""
         rank = cls.LEVELS[level]
         if always or rank >= cls.level:
-            now, stamp = int(time.time()), cls._stamp
-            if now != stamp[0]:
-                stamp = cls._stamp = (now, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)))
-            cls._pending.append("%s %s %s\n" % (stamp[1], cls.LABELS[level], message))
+            cls._pending.append("%s %s %s\n" % (cls._stamp_of(time.time()), cls.LABELS[level], message))
             if always or rank >= 30 or cls._flusher is None:
                 cls.flush()
 
     @classmethod
+    def access(cls, entry):
+        """An access line, (time.time(), client address, method, target, status, size, seconds
+        taken or None, note), at info level: the caller checks the level."""
+        cls._pending.append(entry)
+        if cls._flusher is None:
+            cls.flush()
+
+    @classmethod
+    def _access_line(cls, entry):
+        when, address, method, target, status, size, took, note = entry
+        return "%s INFO %s %s %s %s %s%s%s\n" % (cls._stamp_of(when), address, method, target, status, size,
+                                                 "" if took is None else " %.1fms" % (took * 1000), note)
+
+    @classmethod
+    def _stamp_of(cls, when):
+        """The timestamp of a line: formatted once a second, not once a line."""
+        second, stamp = cls._stamp
+        if int(when) != second:
+            second = int(when)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            cls._stamp = (second, stamp)
+        return stamp
+
+    @classmethod
     def flush(cls):
         with cls._writing:
-            lines = []
-            while cls._pending:
-                lines.append(cls._pending.popleft())
+            pending = cls._pending
+            lines = [pending.popleft() for _ in range(len(pending))]
             if lines:
-                sys.stderr.write("".join(lines))
+                sys.stderr.write("".join([line if line.__class__ is str else cls._access_line(line) for line in lines]))
                 sys.stderr.flush()  # Python 3.8 buffers a piped stderr: a log must be live
 
     @classmethod
-    def start_flusher(cls, interval=0.1):
+    def start_flusher(cls):
         def flush_forever():
+            wrote = False
             while True:
-                time.sleep(interval)
-                if cls._pending:
+                time.sleep(0.01 if wrote else 0.1)
+                wrote = bool(cls._pending)
+                if wrote:
                     cls.flush()
 
         cls._flusher = threading.Thread(target=flush_forever, name="log", daemon=True)
@@ -765,9 +791,8 @@ class ConnectionHandler:
         if Log.level <= 20:
             if "api_key=" in target:  # Vast's SDK sends the endpoint's key in the query: not for logs
                 target = _API_KEY_IN_QUERY.sub(r"\1(hidden)", target)
-            took = "" if started is None else " %.1fms" % ((time.perf_counter() - started) * 1000)
-            Log.write("info", "%s %s %s %s %s%s%s" % (self.client_address[0], method, target, status,
-                                                      size, took, printable(note) if note else ""))
+            Log.access((time.time(), self.client_address[0], method, target, status, size,
+                        None if started is None else time.perf_counter() - started, printable(note) if note else ""))
 
 
 class ConnectionPool:
