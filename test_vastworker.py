@@ -645,6 +645,7 @@ def test_a_client_socket_reads_heads_and_bodies_and_knows_when_its_client_left()
     near, far = socket.socketpair()
     with near, far:
         client = vastworker.ClientSocket(near, 5)
+        near.settimeout(5)  # no DeadlineWatcher here: should the refusal not come, the read ends
         far.sendall(b"GET /x HTTP/1.1\r\nHost")
         client.receive()
         assert client.take_head() is None and client.head_by is not None  # part of a head: timed

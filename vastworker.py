@@ -1098,11 +1098,11 @@ class ClientSocket:
             del buffer[:start]
         if not buffer:
             return None
-        if self.head_by is None:
-            self.head_by = time.monotonic() + self.timeout
         head = take_head(buffer)
         if head is not None:
             self.head_by = None
+        elif self.head_by is None:  # (a head that came whole, the usual one, is not timed at all)
+            self.head_by = time.monotonic() + self.timeout
         return head
 
     def start_body(self):
