@@ -1687,6 +1687,36 @@ def test_metrics_keep_what_arrives_between_a_snapshot_and_its_acknowledgement():
     assert metrics.snapshot() == {"cur_load": 1.0, "new_load": 1.0, "rej_load": 4.0, "cur_perf": 0.0,
                                   "num_requests_working": 1, "num_requests_recieved": 3}
 
+def test_metrics_counted_while_requests_start_and_end_never_show_less_than_nothing_in_flight():
+    metrics, seen = vastworker.Metrics(), []
+
+    def requests():
+        for status in (200, 429, 500) * 700:
+            metrics.started(1.5)
+            metrics.finished(1.5, status)
+
+    def read():
+        while not done.is_set() or not seen:
+            snapshot = metrics.snapshot()
+            seen.append((snapshot["cur_load"], snapshot["num_requests_working"], metrics.queued))
+    done, reader = threading.Event(), threading.Thread(target=read)
+    threads = [threading.Thread(target=requests) for _ in range(4)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch often, in the middle of counting too
+    try:
+        for thread in [reader] + threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        done.set()
+        reader.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert seen and all(load >= 0 and working >= 0 and queued >= 0 for load, working, queued in seen)
+    assert metrics.snapshot() == {"cur_load": 0.0, "num_requests_working": 0, "num_requests_recieved": 8400,
+                                  "new_load": 12600.0, "cur_perf": 4200.0, "rej_load": 4200.0}
+
+
 def test_the_ledger_follows_each_routed_request_to_its_end():
     ledger = vastworker.RequestLedger(limit=3)
     served, failed, cancelled, refused = (ledger.arrived({"request_idx": idx, "reqnum": idx}) for idx in (1, 2, 3, 4))
