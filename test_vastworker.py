@@ -1717,6 +1717,25 @@ def test_metrics_counted_while_requests_start_and_end_never_show_less_than_nothi
                                   "new_load": 12600.0, "cur_perf": 4200.0, "rej_load": 4200.0}
 
 
+def test_request_stats_count_each_answer_once_in_its_endpoint_bucket_and_wait():
+    stats = vastworker.RequestStats(["value"])
+    answers = [("GET", "/value", 200, 0.0004, 0.002), ("GET", "/value", 200, 0.02, None),
+               ("GET", "/value", 429, 31.0, 30.0), ("GET", "/nothing", 404, 0.0001, None)] * 100
+    for answer in answers:  # past 256: some are counted in before the scrape
+        stats.answer(*answer)
+    families = {name: samples for name, _, _, samples in stats.families()}
+    assert families["vastworker_requests_total"] == [
+        ({"endpoint": "(other)", "method": "GET", "code": "404"}, 100),
+        ({"endpoint": "value", "method": "GET", "code": "200"}, 200),
+        ({"endpoint": "value", "method": "GET", "code": "429"}, 100)]
+    durations = dict((labels["endpoint"], counts) for labels, counts in families["vastworker_request_duration_seconds"])
+    assert durations["value"][0] == 100 and durations["value"][3] == 100 and durations["value"][13] == 100
+    assert sum(durations["value"][:-1]) == 300 and durations["value"][-1] == pytest.approx(100 * 31.0204)
+    assert durations["(other)"][0] == 100 and sum(durations["(other)"][:-1]) == 100
+    [(_, waits)] = families["vastworker_queue_wait_seconds"]
+    assert waits[1] == 100 and waits[12] == 100 and sum(waits[:-1]) == 200 and waits[-1] == pytest.approx(100 * 30.002)
+
+
 def test_the_ledger_follows_each_routed_request_to_its_end():
     ledger = vastworker.RequestLedger(limit=3)
     served, failed, cancelled, refused = (ledger.arrived({"request_idx": idx, "reqnum": idx}) for idx in (1, 2, 3, 4))
@@ -4308,7 +4327,11 @@ def test_the_fleet_command_runs_a_stand_in_and_workers_and_leaves_nothing_behind
         os.kill(pids[1], signal.SIGKILL)  # a worker dies: the fleet says so
         fleet.wait_for(r"worker 2 \(pid %d\) was killed by SIGKILL" % pids[1])
         fleet.proc.send_signal(signal.SIGTERM)
-        assert fleet.proc.wait(30) == 0
+        try:
+            code = fleet.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            code = "still running 30 s after SIGTERM"
+        assert code == 0, "".join(fleet.lines)[-3000:]  # what it said, should a process not stop
         fleet.wait_for(r"vastworker fleet: stopped")
         assert [pid for pid in pids if os.path.exists("/proc/%d" % pid)] == []  # nothing left behind
     finally:
