@@ -2920,7 +2920,7 @@ class RequestStats:
         it took none).  Only queued here, one append (atomic, no lock), and counted in at the
         next scrape, or every 256: counting each as it came, under a lock, cost 10% of GET c16's
         throughput, and a queue of 4096 4.4%, its tuples walked by the garbage collector;
-        this, 1.7-2.9% (bench/metrics_cost.py)."""
+        this, 0.1% (bench/metrics_cost.py; 1.7-2.9% while settle() counted each in Python)."""
         self.pending.append(((path, method, status), seconds, waited))
         if len(self.pending) >= 256:
             self.settle()
