@@ -4654,6 +4654,46 @@ def test_signal_finishes_in_flight_requests_and_exits_0(start_worker, hold, sig)
         socket.create_connection(("127.0.0.1", worker.port), timeout=2).close()
 
 
+def test_a_signal_that_comes_while_the_log_is_being_written_neither_waits_for_it_nor_is_lost(capfd):
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    told = []
+    stop = vastworker.StopSignal(again=lambda: told.append(vastworker.Log.last_words("second signal")))
+    try:
+        with vastworker.Log._writing:  # the main thread is writing the log when the signals come
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.wait(5) and stop.is_set() and stop.signum == signal.SIGTERM
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_until(lambda: told)  # its handler ran, without the log's lock
+        assert stop.signum == signal.SIGTERM  # the first one stays
+        assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING second signal$", capfd.readouterr().err, re.M)
+    finally:
+        signal.signal(signal.SIGTERM, handlers[0])
+        signal.signal(signal.SIGINT, handlers[1])
+
+
+def test_a_second_signal_exits_at_once_with_status_1(start_worker, hold):
+    held = hold(non_daemon_thread=True)
+    worker = start_worker(held.backend, env=held.env)
+    outcome = []
+
+    def slow_request():
+        try:
+            outcome.append(worker.request("GET", "/hold"))
+        except OSError as exc:  # http.client.RemoteDisconnected is one
+            outcome.append(exc)
+
+    client = threading.Thread(target=slow_request)
+    client.start()
+    held.wait_started()  # and never released
+    worker.proc.send_signal(signal.SIGINT)
+    worker.wait_for_log(r"waiting up to 10 s for 1 request\(s\) in flight")
+    worker.proc.send_signal(signal.SIGINT)  # Ctrl-C again: quit now
+    assert worker.proc.wait(5) == 1
+    worker.wait_for_log(r"WARNING second signal: exiting now")
+    client.join(10)
+    assert isinstance(outcome[0], OSError)  # its request was cut off, not answered
+
+
 def test_grace_bounds_the_wait(start_worker, hold):
     held = hold(non_daemon_thread=True)
     worker = start_worker(held.backend, "--grace", "0.5", env=held.env)

@@ -144,7 +144,7 @@ class Log:
         """always: a line that is written at any level, at once (the one that says the worker is up)."""
         rank = cls.LEVELS[level]
         if always or rank >= cls.level:
-            cls._pending.append("%s %s %s\n" % (cls._stamp_of(time.time()), cls.LABELS[level], message))
+            cls._pending.append("%s %s %s\n" % (cls.stamp(time.time()), cls.LABELS[level], message))
             if always or rank >= 30 or cls._flusher is None:
                 cls.flush()
 
@@ -159,11 +159,11 @@ class Log:
     @classmethod
     def _access_line(cls, entry):
         when, address, method, target, status, size, took, note = entry
-        return "%s INFO %s %s %s %s %s%s%s\n" % (cls._stamp_of(when), address, method, target, status, size,
+        return "%s INFO %s %s %s %s %s%s%s\n" % (cls.stamp(when), address, method, target, status, size,
                                                  "" if took is None else " %.1fms" % (took * 1000), note)
 
     @classmethod
-    def _stamp_of(cls, when):
+    def stamp(cls, when):
         """The timestamp of a line: formatted once a second, not once a line."""
         second, stamp = cls._stamp
         if int(when) != second:
@@ -173,12 +173,28 @@ class Log:
         return stamp
 
     @classmethod
-    def flush(cls):
-        with cls._writing:
+    def flush(cls, wait=-1):
+        """Write what is queued; False, writing nothing, when the log stays busy for `wait` s."""
+        if not cls._writing.acquire(timeout=wait):
+            return False
+        try:
             lines = taken(cls._pending)
             if lines:
                 sys.stderr.write("".join([line if line.__class__ is str else cls._access_line(line) for line in lines]))
                 sys.stderr.flush()  # Python 3.8 buffers a piped stderr: a log must be live
+        finally:
+            cls._writing.release()
+        return True
+
+    @classmethod
+    def last_words(cls, message):
+        """A warning from a signal handler as the process exits: written with what is queued,
+        unless the log stays busy for 0.5 s (the code the signal interrupted may be writing it,
+        and waits for the handler): then alone, straight to the file descriptor."""
+        line = "%s WARNING %s\n" % (cls.stamp(time.time()), message)
+        cls._pending.append(line)
+        if not cls.flush(wait=0.5):
+            os.write(2, line.encode())
 
     @classmethod
     def start_flusher(cls):
@@ -200,6 +216,41 @@ class Log:
 
 
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class StopSignal:
+    """SIGTERM and SIGINT, as an event the main thread waits for: is_set(), wait(timeout), and
+    `signum`, the first one.  The handler takes no lock.  A Python signal handler runs on the
+    main thread between any two of its bytecodes, even inside a `with lock:` there, so a lock it
+    takes may be held by the code it interrupted: threading.Event.set() waits for the Event's own
+    lock, which the interrupted Event.wait() holds for a moment each round, and waits for ever.
+    So the handler notes the signal and writes a byte to a pipe that wait() selects on; a second
+    signal calls `again()` (after SIGINT, the Ctrl-C that quits at once), if given."""
+
+    def __init__(self, again=None):
+        self.signum = None
+        self._again = again
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            if self._again is not None:
+                self._again()
+            return
+        self.signum = signum
+        os.write(self._write, b".")  # (at most one byte is written: the pipe is never full)
+
+    def is_set(self):
+        return self.signum is not None
+
+    def wait(self, timeout):
+        """True once a signal has come (within `timeout` s, or before)."""
+        if self.signum is None:
+            select.select([self._read], [], [], timeout)
+        return self.signum is not None
 
 
 class Waits:
@@ -5921,18 +5972,13 @@ class Worker:
         """Serve until SIGTERM or SIGINT, then stop accepting, let in-flight requests finish (for
         up to --grace seconds), send a last status report and exit 0, whatever threads the
         backend left running."""
-        server, grace, stop = self.server, self.settings.grace, threading.Event()
+        server, grace = self.server, self.settings.grace
 
-        def on_signal(signum, frame):
-            if stop.is_set():
-                Log.write("warning", "second signal: exiting now")
-                os._exit(1)
-            if signum == signal.SIGINT:
-                Log.write("info", "stopping (Ctrl-C again to quit now)", always=True)
-            stop.set()
+        def exit_now():
+            Log.last_words("second signal: exiting now")
+            os._exit(1)
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        stop = StopSignal(again=exit_now)
         Log.start_flusher()
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                   name="accept", daemon=True)
@@ -5949,6 +5995,8 @@ class Worker:
             if not thread.is_alive():
                 Log.write("error", "the server loop ended unexpectedly")
                 break
+        if stop.signum == signal.SIGINT:
+            Log.write("info", "stopping (Ctrl-C again to quit now)", always=True)
         server.stopping = True
         self.state.stopping()
         if self.reporter is not None:  # before draining: route nothing more here
@@ -5981,7 +6029,7 @@ class Fleet:
         self.relays = {}  # name -> the thread relaying its output
         self.serving = {}  # name -> the line in which it said it serves, once it has
         self.said = threading.Condition()
-        self.stop = threading.Event()
+        self.stop = None  # run(): the StopSignal
 
     def run(self):
         import secrets
@@ -5992,8 +6040,7 @@ class Fleet:
         stand_in = "http://%s:%d" % (host, options.port)
         command = [sys.executable] + ["-I"] * sys.flags.isolated + ["-S"] * sys.flags.no_site + [
             os.path.join(HERE, "vastworker.py")]  # run as this one is
-        signal.signal(signal.SIGTERM, lambda signum, frame: self.stop.set())
-        signal.signal(signal.SIGINT, lambda signum, frame: self.stop.set())
+        self.stop = StopSignal()
         self.start("stand-in", command + ["autoscaler", "--host", options.host, "--port", str(options.port)],
                    dict(self.environ, MASTER_TOKEN=token), subprocess)
         if not self.wait_serving():
