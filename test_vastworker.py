@@ -4657,7 +4657,8 @@ def test_signal_finishes_in_flight_requests_and_exits_0(start_worker, hold, sig)
 def test_a_signal_that_comes_while_the_log_is_being_written_neither_waits_for_it_nor_is_lost(capfd):
     handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     told = []
-    stop = vastworker.StopSignal(again=lambda: told.append(vastworker.Log.last_words("second signal")))
+    stop = vastworker.StopSignal()
+    stop.listen(again=lambda: told.append(vastworker.Log.last_words("second signal")))
     try:
         with vastworker.Log._writing:  # the main thread is writing the log when the signals come
             os.kill(os.getpid(), signal.SIGTERM)

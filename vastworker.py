@@ -224,14 +224,19 @@ class StopSignal:
     main thread between any two of its bytecodes, even inside a `with lock:` there, so a lock it
     takes may be held by the code it interrupted: threading.Event.set() waits for the Event's own
     lock, which the interrupted Event.wait() holds for a moment each round, and waits for ever.
-    So the handler notes the signal and writes a byte to a pipe that wait() selects on; a second
-    signal calls `again()` (after SIGINT, the Ctrl-C that quits at once), if given."""
+    So the handler notes the signal and writes a byte to a pipe that wait() selects on.  The pipe
+    is made at once, the handlers installed by listen(), from the main thread."""
 
-    def __init__(self, again=None):
+    def __init__(self):
         self.signum = None
-        self._again = again
+        self._again = None
         self._read, self._write = os.pipe()
         os.set_blocking(self._write, False)
+
+    def listen(self, again=None):
+        """Take SIGTERM and SIGINT from now on; a second signal calls `again()`, if given (after
+        SIGINT, the Ctrl-C that quits at once)."""
+        self._again = again
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
@@ -5739,6 +5744,7 @@ class Worker:
         self.current = CurrentRequest()  # what flask.request reads
         self.postbox = Postbox()  # what notify posts through
         self.ledger = RequestLedger()  # the routed requests, for the status reports
+        self.stop = StopSignal()  # run() listens for it
         self.stats = None  # build(): the RequestStats /metrics shows
         self.health = None  # build(): the model server's HealthCheck, if there is one
         self.backend = None  # build(): the Backend
@@ -5978,7 +5984,8 @@ class Worker:
             Log.last_words("second signal: exiting now")
             os._exit(1)
 
-        stop = StopSignal(again=exit_now)
+        stop = self.stop
+        stop.listen(again=exit_now)
         Log.start_flusher()
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                                   name="accept", daemon=True)
@@ -6029,7 +6036,7 @@ class Fleet:
         self.relays = {}  # name -> the thread relaying its output
         self.serving = {}  # name -> the line in which it said it serves, once it has
         self.said = threading.Condition()
-        self.stop = None  # run(): the StopSignal
+        self.stop = StopSignal()  # run() listens for it
 
     def run(self):
         import secrets
@@ -6040,7 +6047,7 @@ class Fleet:
         stand_in = "http://%s:%d" % (host, options.port)
         command = [sys.executable] + ["-I"] * sys.flags.isolated + ["-S"] * sys.flags.no_site + [
             os.path.join(HERE, "vastworker.py")]  # run as this one is
-        self.stop = StopSignal()
+        self.stop.listen()
         self.start("stand-in", command + ["autoscaler", "--host", options.host, "--port", str(options.port)],
                    dict(self.environ, MASTER_TOKEN=token), subprocess)
         if not self.wait_serving():
