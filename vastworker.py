@@ -144,7 +144,7 @@ class Log:
         """always: a line that is written at any level, at once (the one that says the worker is up)."""
         rank = cls.LEVELS[level]
         if always or rank >= cls.level:
-            cls._pending.append("%s %s %s\n" % (cls.stamp(time.time()), cls.LABELS[level], message))
+            cls._pending.append(cls._line(level, message))
             if always or rank >= 30 or cls._flusher is None:
                 cls.flush()
 
@@ -155,6 +155,10 @@ class Log:
         cls._pending.append(entry)
         if cls._flusher is None:
             cls.flush()
+
+    @classmethod
+    def _line(cls, level, message):
+        return "%s %s %s\n" % (cls.stamp(time.time()), cls.LABELS[level], message)
 
     @classmethod
     def _access_line(cls, entry):
@@ -191,7 +195,7 @@ class Log:
         """A warning from a signal handler as the process exits: written with what is queued,
         unless the log stays busy for 0.5 s (the code the signal interrupted may be writing it,
         and waits for the handler): then alone, straight to the file descriptor."""
-        line = "%s WARNING %s\n" % (cls.stamp(time.time()), message)
+        line = cls._line("warning", message)
         cls._pending.append(line)
         if not cls.flush(wait=0.5):
             os.write(2, line.encode())
@@ -2823,24 +2827,25 @@ class Metrics:
     @property
     def working(self):
         """num_requests_working: the requests (and sessions) in flight."""
-        with self._lock:
-            self._count_in()
-            return self._working
+        return self._now()[0]
 
     @property
     def in_flight(self):
         """cur_load: the workload of the requests in flight and of the open sessions."""
-        with self._lock:
-            self._count_in()
-            return self._in_flight / 1000
+        return self._now()[1] / 1000
 
     @property
     def queued(self):
         """The workload a new request waits behind: the requests in flight, not the sessions
         (as Vast's worker leaves sessions out of its wait)."""
+        _, in_flight, in_sessions = self._now()
+        return (in_flight - in_sessions) / 1000
+
+    def _now(self):
+        """(requests in flight, their workload, of that the open sessions'), all counted in."""
         with self._lock:
             self._count_in()
-            return (self._in_flight - self._in_sessions) / 1000
+            return self._working, self._in_flight, self._in_sessions
 
     def _count_in(self):
         """Count the queued starts and ends in, holding the lock.  The ends are taken first: a
