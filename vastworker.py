@@ -1895,6 +1895,7 @@ class Request:
         self._cached_json = (_MISSING, _MISSING)
         self.client_socket = connection.client  # whether its client has left: see ClientSocket.gone()
         self.auth = None  # the verified grant from the autoscaler, when the request carried one
+        self.waited = None  # how long it waited for the backend's lock (None: it took none)
 
     @lazy
     def headers(self):
@@ -2111,7 +2112,6 @@ class CurrentRequest(threading.local):
     call and the streaming of its response."""
 
     request = None
-    waited = None  # how long the request waited for the backend's lock (None: it took none)
 
 
 class RequestProxy:
@@ -3865,9 +3865,9 @@ class BackendApp:
         could not be saved -- is a Refusal, answered here and nowhere else.  The response is None
         when the client left while the request waited: the handler never ran."""
         request = Request(head, body, connection)
-        self.current.request, self.current.waited = request, None
+        self.current.request = request
         workload = record = session = None
-        asked = (request.method, request.path, time.perf_counter())  # for the request's statistics
+        asked = (request, time.perf_counter())  # for the request's statistics
         try:
             handler = self.handlers.get((request.method, request.path))
             if handler is None:  # a worker endpoint, OPTIONS, or nothing
@@ -3987,7 +3987,7 @@ class BackendApp:
                 return self.run_handler(handler, request, record)
             waiting = time.perf_counter()
             taken = self.lock.acquire(self.queue_time, lambda: not request.is_disconnected())
-            self.current.waited = time.perf_counter() - waiting
+            request.waited = time.perf_counter() - waiting
             if not taken:
                 if request.is_disconnected():
                     raise Cancelled()
@@ -4025,9 +4025,9 @@ class BackendApp:
     def finish(self, ticket, status):
         """The response has been sent (or the client left: status 499): account for it."""
         self.current.request = None
-        workload, record, session, connection, (method, path, started) = ticket
+        workload, record, session, connection, (request, started) = ticket
         if self.stats is not None:
-            self.stats.answer(method, path, status, time.perf_counter() - started, self.current.waited)
+            self.stats.answer(request.method, request.path, status, time.perf_counter() - started, request.waited)
         if workload is not None:
             self.metrics.finished(workload, status)
         if record is not None:
