@@ -10,13 +10,18 @@ endpoint (not for aiohttp, whose event loop a blocking handler would stall), the
 POST over TLS (vastworker and aiohttp, with a self-signed certificate; needs wrk and openssl), and
 8 MB JSON uploads and answers, each with its ratio to the references' figures.
 
-    python3 bench/bench.py [--seconds 5] [--concurrency 1,16,64,256] [--no-flask] [--no-aiohttp]
+    python3 bench/bench.py [--seconds 3] [--rounds 3] [--concurrency 1,16,64,256] [--no-flask] [--no-aiohttp]
+
+Each load cell is run --rounds times against every server, the servers taking turns (the order
+reversed each round), and the table shows the median of the rounds; with aiohttp, the ratio of
+each round is printed too.
 
 Flask is only needed for its column (python3 -m pip install flask); aiohttp is installed by the
 benchmark itself into a venv in ~/.cache/vastworker, and left out, saying why, when it cannot be.
 """
 
 import argparse
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -235,8 +240,10 @@ def wrk_ms(output, percentile):
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def builtin_load(cores, port, path, method, concurrency, seconds):
-    """The fallback load generator, run as a separate (pinned) process: keep-alive clients."""
+def builtin_load(cores, port, path, method, concurrency, seconds, scheme="http"):
+    """The fallback load generator, run as a separate (pinned) process: keep-alive clients
+    (plain HTTP only)."""
+    assert scheme == "http", "the built-in client speaks plain HTTP only"
     command = [sys.executable, os.path.abspath(__file__), "--load-worker",
                json.dumps([port, path, method, concurrency, seconds])]
     result = json.loads(subprocess.run(cores.load(command), stdout=subprocess.PIPE, check=True,
@@ -351,6 +358,98 @@ def aiohttp_python():
         return None
 
 
+def load_rounds(servers, cells, rounds, seconds, run_load, cores, problems, scheme="http"):
+    """{kind: {label: [Load, one per round]}}: each (method, path, concurrency) cell run against
+    every server in turn, after a 1 s warm-up, `rounds` times, the servers' order reversed each
+    round.  A ratio then compares runs made seconds apart: this machine is shared, and run one
+    server after the other its speed drifted between the two by as much as the ratio sought
+    (GET c16 on the same code: 35k one hour, 17k the next).  Failures, and increments
+    acknowledged but not counted, go to `problems`."""
+    results = {server.kind: {} for server in servers}
+    for round_number in range(rounds):
+        for method, path, concurrency in cells:
+            label = "%s%s %s c%d" % ("TLS " if scheme == "https" else "", method, path, concurrency)
+            for server in servers if round_number % 2 == 0 else servers[::-1]:
+                before = server.get_value() if method == "POST" and scheme == "http" else None
+                run_load(cores, server.port, path, method, concurrency, 1, scheme)
+                result = run_load(cores, server.port, path, method, concurrency, seconds, scheme)
+                results[server.kind].setdefault(label, []).append(result)
+                if result.failures:
+                    problems.append("%s %s: %d failed responses" % (server.kind, label, result.failures))
+                if before is not None and server.get_value() - before < result.requests:
+                    problems.append("%s %s: %d increments acknowledged, %d counted"
+                                    % (server.kind, label, result.requests, server.get_value() - before))
+    return results
+
+
+def load_rows(loads, with_p50=True):
+    """The table's rows for one server's load cells: the median over the rounds of each figure."""
+    rows = {}
+    for label, runs in loads.items():
+        rows[label + " req/s"] = ("req/s", statistics.median(run.rate for run in runs), True)
+        if with_p50:
+            rows[label + " p50"] = ("ms", statistics.median(run.p50 for run in runs), False)
+        rows[label + " p99"] = ("ms", statistics.median(run.p99 for run in runs), False)
+    return rows
+
+
+def startup_rows(kind, cores, python):
+    """Start-up: the median of 5 fresh processes, from exec to the first 200; for vastworker,
+    also as start_server.sh runs it (python3 -m, the bytecode cached), and its idle memory so."""
+    startups = []
+    for _ in range(5):
+        with Server(kind, HELLOWORLD, cores, python=python) as server:
+            startups.append(server.startup_ms)
+    rows = {"start to first 200": ("ms", statistics.median(startups), False)}
+    if kind == "vastworker":
+        subprocess.run([sys.executable, "-m", "py_compile", VASTWORKER], check=True)
+        startups = []
+        for _ in range(5):
+            with Server("vastworker -m", HELLOWORLD, cores) as server:
+                startups.append(server.startup_ms)
+                idle = server.rss_mb  # no compiler scratch memory: the bytecode is cached
+        rows["start to first 200, python3 -m vastworker"] = ("ms", statistics.median(startups), False)
+        rows["memory idle, python3 -m vastworker"] = ("MB", idle, False)
+    return rows
+
+
+def io_rows(kind, cores, seconds, run_load, problems):
+    """A 50 ms I/O-bound endpoint at c64, its handlers in parallel and (vastworker) serialised."""
+    rows = {}
+    with tempfile.TemporaryDirectory() as directory:
+        # aiohttp would run the blocking 50 ms handler on its event loop: not comparable
+        variants = [] if kind == "aiohttp" else [("parallel", "allow_parallel_requests = True")]
+        if kind == "vastworker":
+            variants.append(("serialised", ""))
+        for name, parallel in variants:
+            backend = os.path.join(directory, name)
+            os.mkdir(backend)
+            with open(os.path.join(backend, "backend.py"), "w") as file:
+                file.write(IO_BACKEND.format(parallel=parallel))
+            extra = ["--queue-time", "60"] if kind == "vastworker" else []
+            with Server(kind, backend, cores, extra, probe="/wait") as server:
+                # a serialised warm-up at c64 would leave 3 s of queued requests behind it
+                run_load(cores, server.port, "/wait", "GET", 64 if name == "parallel" else 1, 1)
+                result = run_load(cores, server.port, "/wait", "GET", 64, seconds)
+            rows["50 ms I/O c64 %s req/s" % name] = ("req/s", result.rate, True)
+            rows["50 ms I/O c64 %s p99" % name] = ("ms", result.p99, False)
+            if result.failures:
+                problems.append("%s 50 ms I/O %s: %d failed responses" % (kind, name, result.failures))
+    return rows
+
+
+def large_rows(kind, cores, python):
+    """8 MB JSON uploads and answers, and the memory the uploads take."""
+    with tempfile.TemporaryDirectory() as directory:
+        with open(os.path.join(directory, "backend.py"), "w") as file:
+            file.write(LARGE_BACKEND)
+        with Server(kind, directory, cores, probe="/ping", python=python) as server:
+            upload, download, peak = large_bodies(cores, server.port, server.proc.pid)
+    return {"8 MB JSON upload, median of 11": ("ms", upload, False),
+            "8 MB JSON answer, median of 11": ("ms", download, False),
+            "8 MB JSON uploads: peak memory over idle": ("MB", peak, False)}
+
+
 def ratio(ours, theirs, higher_is_better=True):
     if not theirs or not ours:
         return "-"
@@ -359,7 +458,10 @@ def ratio(ours, theirs, higher_is_better=True):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=int, default=5, help="length of each load run (default 5)")
+    parser.add_argument("--seconds", type=int, default=3, help="length of each load run (default 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="runs of each load cell per server, the servers taking turns; the table shows "
+                             "the median (default 3)")
     parser.add_argument("--concurrency", default="1,16,64,256", help="client counts (default 1,16,64,256)")
     parser.add_argument("--no-flask", action="store_true", help="skip the Flask reference")
     parser.add_argument("--no-aiohttp", action="store_true", help="skip the aiohttp reference (Vast's current framework)")
@@ -391,93 +493,45 @@ def main():
     concurrencies = [int(c) for c in options.concurrency.split(",")]
     keys = tempfile.TemporaryDirectory()
     tls = tls_files(keys.name) if use_wrk else None  # the built-in client speaks plain HTTP only
-    print("machine: %d cores, %s; Python %s; load generator: %s; %d s per run after a 1 s warm-up"
-          % (os.cpu_count(), cores.description, sys.version.split()[0],
-             "wrk" if use_wrk else "built-in keep-alive client", options.seconds))
+    print("machine: %d cores, %s; Python %s; load generator: %s; %d s per run after a 1 s warm-up, "
+          "%d round(s), the servers taking turns in each" % (os.cpu_count(), cores.description, sys.version.split()[0],
+                                                          "wrk" if use_wrk else "built-in keep-alive client",
+                                                          options.seconds, options.rounds))
 
-    rows = []  # (label, unit, {kind: value}, higher_is_better)
     problems = []
+    figures = {kind: startup_rows(kind, cores, python_with_aiohttp) for kind in kinds}  # kind: {label: (unit, value, higher is better)}
+    cells = [(method, path, concurrency) for method, path in (("GET", "/value"), ("POST", "/increment"))
+             for concurrency in concurrencies]
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(Server(kind, HELLOWORLD, cores, python=python_with_aiohttp)) for kind in kinds]
+        for server in servers:
+            figures[server.kind]["memory idle"] = ("MB", server.rss_mb, False)
+        loads = load_rounds(servers, cells, options.rounds, options.seconds, run_load, cores, problems)
+        all_loads = {kind: dict(runs) for kind, runs in loads.items()}
+        for server in servers:
+            figures[server.kind].update(load_rows(loads[server.kind]))
+            figures[server.kind]["memory after load"] = ("MB", server.rss_mb, False)
+    if tls:  # vastworker and aiohttp: the original served plain HTTP behind Vast's proxy
+        with contextlib.ExitStack() as stack:
+            servers = [stack.enter_context(Server(kind, HELLOWORLD, cores, python=python_with_aiohttp, tls=tls))
+                       for kind in kinds if kind != "flask"]
+            loads = load_rounds(servers, [cell for cell in cells if cell[2] > 1], options.rounds, options.seconds,
+                                run_load, cores, problems, "https")
+        for server in servers:
+            figures[server.kind].update(load_rows(loads[server.kind], with_p50=False))
+            all_loads[server.kind].update(loads[server.kind])
     for kind in kinds:
-        # start-up: median of 5 fresh processes, from exec to the first 200
-        startups = []
-        for _ in range(5):
-            with Server(kind, HELLOWORLD, cores, python=python_with_aiohttp) as server:
-                startups.append(server.startup_ms)
-        rows_for = {"start to first 200": ("ms", statistics.median(startups), False)}
-        if kind == "vastworker":
-            subprocess.run([sys.executable, "-m", "py_compile", VASTWORKER], check=True)
-            startups = []
-            for _ in range(5):
-                with Server("vastworker -m", HELLOWORLD, cores) as server:
-                    startups.append(server.startup_ms)
-                    idle = server.rss_mb  # no compiler scratch memory: the bytecode is cached
-            rows_for["start to first 200, python3 -m vastworker"] = ("ms", statistics.median(startups), False)
-            rows_for["memory idle, python3 -m vastworker"] = ("MB", idle, False)
-        with Server(kind, HELLOWORLD, cores, python=python_with_aiohttp) as server:
-            rows_for["memory idle"] = ("MB", server.rss_mb, False)
-            for method, path in (("GET", "/value"), ("POST", "/increment")):
-                for concurrency in concurrencies:
-                    before = server.get_value() if method == "POST" else None
-                    run_load(cores, server.port, path, method, concurrency, 1)  # warm-up
-                    result = run_load(cores, server.port, path, method, concurrency, options.seconds)
-                    label = "%s %s c%d" % (method, path, concurrency)
-                    rows_for[label + " req/s"] = ("req/s", result.rate, True)
-                    rows_for[label + " p50"] = ("ms", result.p50, False)
-                    rows_for[label + " p99"] = ("ms", result.p99, False)
-                    if result.failures:
-                        problems.append("%s %s: %d failed responses" % (kind, label, result.failures))
-                    if method == "POST":
-                        counted = server.get_value() - before
-                        if counted < result.requests:
-                            problems.append("%s %s: %d increments acknowledged, %d counted"
-                                            % (kind, label, result.requests, counted))
-            rows_for["memory after load"] = ("MB", server.rss_mb, False)
-        if tls and kind != "flask":  # the original served plain HTTP behind Vast's proxy
-            with Server(kind, HELLOWORLD, cores, python=python_with_aiohttp, tls=tls) as server:
-                for method, path in (("GET", "/value"), ("POST", "/increment")):
-                    for concurrency in [c for c in concurrencies if c > 1]:
-                        run_load(cores, server.port, path, method, concurrency, 1, "https")
-                        result = run_load(cores, server.port, path, method, concurrency, options.seconds, "https")
-                        label = "TLS %s %s c%d" % (method, path, concurrency)
-                        rows_for[label + " req/s"] = ("req/s", result.rate, True)
-                        rows_for[label + " p99"] = ("ms", result.p99, False)
-                        if result.failures:
-                            problems.append("%s %s: %d failed responses" % (kind, label, result.failures))
-        with tempfile.TemporaryDirectory() as directory:
-            # aiohttp would run the blocking 50 ms handler on its event loop: not comparable
-            variants = [] if kind == "aiohttp" else [("parallel", "allow_parallel_requests = True")]
-            if kind == "vastworker":
-                variants.append(("serialised", ""))
-            for name, parallel in variants:
-                backend = os.path.join(directory, name)
-                os.mkdir(backend)
-                with open(os.path.join(backend, "backend.py"), "w") as file:
-                    file.write(IO_BACKEND.format(parallel=parallel))
-                extra = ["--queue-time", "60"] if kind == "vastworker" else []
-                with Server(kind, backend, cores, extra, probe="/wait") as server:
-                    # a serialised warm-up at c64 would leave 3 s of queued requests behind it
-                    run_load(cores, server.port, "/wait", "GET", 64 if name == "parallel" else 1, 1)
-                    result = run_load(cores, server.port, "/wait", "GET", 64, options.seconds)
-                rows_for["50 ms I/O c64 %s req/s" % name] = ("req/s", result.rate, True)
-                rows_for["50 ms I/O c64 %s p99" % name] = ("ms", result.p99, False)
-                if result.failures:
-                    problems.append("%s 50 ms I/O %s: %d failed responses" % (kind, name, result.failures))
-        with tempfile.TemporaryDirectory() as directory:
-            with open(os.path.join(directory, "backend.py"), "w") as file:
-                file.write(LARGE_BACKEND)
-            with Server(kind, directory, cores, probe="/ping", python=python_with_aiohttp) as server:
-                upload, download, peak = large_bodies(cores, server.port, server.proc.pid)
-            rows_for["8 MB JSON upload, median of 11"] = ("ms", upload, False)
-            rows_for["8 MB JSON answer, median of 11"] = ("ms", download, False)
-            rows_for["8 MB JSON uploads: peak memory over idle"] = ("MB", peak, False)
-        for label, (unit, value, better) in rows_for.items():
+        figures[kind].update(io_rows(kind, cores, options.seconds, run_load, problems))
+        figures[kind].update(large_rows(kind, cores, python_with_aiohttp))
+    rows = []  # (label, unit, {kind: value}, higher_is_better), in vastworker's order
+    for kind in kinds:
+        for label, (unit, value, better) in figures[kind].items():
             for row in rows:
                 if row[0] == label:
                     row[2][kind] = value
                     break
             else:
                 rows.append((label, unit, {kind: value}, better))
-
     print()
     references = [kind for kind in ("aiohttp", "flask") if kind in kinds]
     names = {"aiohttp": "aiohttp", "flask": "Flask dev server"}
@@ -491,6 +545,12 @@ def main():
             cells += ["%.1f %s" % (theirs, unit) if theirs is not None else "-",
                       ratio(ours, theirs, better) if theirs is not None else "-"]
         print("| %s | %s |" % (label, " | ".join(cells)))
+    if "aiohttp" in kinds and options.rounds > 1:
+        print()
+        print("vastworker / aiohttp requests/s, round by round:")
+        for label, runs in all_loads["vastworker"].items():
+            print("  %-26s %s" % (label, "  ".join("%.2f" % (ours.rate / theirs.rate)
+                                                     for ours, theirs in zip(runs, all_loads["aiohttp"][label]))))
     print()
     print("ideal for the 50 ms endpoint at c64: 1280 req/s in parallel, 20 req/s serialised")
     print("failed, lost or wrong responses: %s" % ("; ".join(problems) if problems else "none"))
