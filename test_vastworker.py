@@ -667,6 +667,8 @@ def test_the_connection_pool_adds_threads_for_blocked_handlers_and_lets_them_go(
     release, ran = threading.Event(), []
 
     class Handler:  # what the pool needs of a ConnectionHandler
+        hello_due = False
+
         def __init__(self, sock):
             self.client = vastworker.ClientSocket(sock, 5)
 
@@ -695,6 +697,48 @@ def test_the_connection_pool_adds_threads_for_blocked_handlers_and_lets_them_go(
     for near, far in pairs:
         near.close()
         far.close()
+
+
+class ScriptedPoller:
+    """The pool's poller, scripted: once `go` is set, each wait() of a pool thread returns the
+    next batch of file descriptors; with none left, a wait that may block blocks for good."""
+
+    def __init__(self, batches):
+        self.batches, self.go = collections.deque(batches), threading.Event()
+
+    def arm(self, fd):
+        pass
+
+    def wait(self, timeout):
+        if threading.current_thread().name == "connections":  # not the pool's watcher
+            self.go.wait()
+            if self.batches:
+                return self.batches.popleft()
+        if timeout is None:
+            threading.Event().wait()
+        return []
+
+
+@pytest.mark.parametrize("batches, expected", [
+    ([[1, 11, 12, 13, 2, 3, 4, 5]], [1, 2, 11, 3, 4, 12, 5, 13]),  # GREET_EVERY requests, a handshake, ...
+    ([[1, 11, 12], [2], []], [1, 2, 11, 12]),  # a request that came while handshakes waited goes first
+    ([[11, 12]], [11, 12]),  # handshakes alone do not wait for requests
+])
+def test_the_pool_runs_tls_handshakes_between_requests_not_ahead_of_them(batches, expected):
+    """In process: connections due for a handshake's costly step (11 and up, here) run one
+    after every GREET_EVERY (2, here) requests, and only after the requests that came while
+    they waited; a thread with no request to run takes a handshake."""
+    poller = ScriptedPoller(batches)
+    pool = vastworker.ConnectionPool(poller)
+    pool.TICK = 60  # the watcher adds no thread meanwhile: one thread runs them all, in order
+    pool.GREET_EVERY = 2
+    ran = []
+    for fd in sorted({fd for batch in batches for fd in batch}):
+        client = types.SimpleNamespace(idle=lambda until: None, fileno=lambda fd=fd: fd, deadline=None)
+        pool.wait_for(types.SimpleNamespace(client=client, hello_due=fd > 10, run=lambda fd=fd: ran.append(fd)))
+    poller.go.set()
+    wait_until(lambda: len(ran) == len(expected))
+    assert ran == expected
 
 
 def test_dispatch_answers_a_request_in_process():
