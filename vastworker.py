@@ -874,7 +874,7 @@ class ConnectionPool:
     A TLS handshake's first step (the server's signature) costs what 10-16 requests do, so
     while requests wait, a thread runs one handshake after every GREET_EVERY connections: run in
     arrival order, a burst of 256 new clients made the requests of those already connected wait
-    (TLS c256 p99 63-79 ms, against 18-22 ms so), and under steady load a newcomer's handshake
+    (TLS c256 p99 63-79 ms, against 20-22 ms so), and under steady load a newcomer's handshake
     waited behind every request queued (16 ms, against 3.5 ms so)."""
 
     GREET_EVERY = 16
