@@ -1761,6 +1761,33 @@ def test_metrics_counted_while_requests_start_and_end_never_show_less_than_nothi
                                   "new_load": 12600.0, "cur_perf": 4200.0, "rej_load": 4200.0}
 
 
+def test_a_session_ending_never_shows_less_than_nothing_queued():
+    """A session's end leaves the workload in flight and the sessions' share of it at once:
+    between the two, admission saw -2 queued."""
+    metrics, seen = vastworker.Metrics(), []
+
+    def sessions():
+        for reqnum in range(3000):
+            metrics.started(2.0, {"reqnum": reqnum}, session=True)
+            metrics.finished(2.0, 200, session=True)
+
+    def read():
+        while not done.is_set() or not seen:
+            seen.append(metrics.queued)
+    done, reader, opener = threading.Event(), threading.Thread(target=read), threading.Thread(target=sessions)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        reader.start()
+        opener.start()
+        opener.join()
+        done.set()
+        reader.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert min(seen) == 0.0 and metrics.queued == 0.0 and metrics.in_flight == 0.0
+
+
 def test_request_stats_count_each_answer_once_in_its_endpoint_bucket_and_wait():
     stats = vastworker.RequestStats(["value"])
     answers = [("GET", "/value", 200, 0.0004, 0.002), ("GET", "/value", 200, 0.02, None),

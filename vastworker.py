@@ -2912,10 +2912,12 @@ class Metrics:
         """It ended with `status`: served (below 400), rejected (429, 503) or failed."""
         units = round(workload * 1000)
         ended = self._ends[0 if status < 400 else 1 if status in (429, 503) else 2]
-        ended.append(units)
-        if session:
+        if session:  # under the lock: no reader sees it leave the workload but not the sessions'
             with self._lock:
+                ended.append(units)
                 self._in_sessions -= units
+        else:
+            ended.append(units)
         if len(ended) >= 256:
             with self._lock:
                 self._count_in()
